@@ -1,0 +1,34 @@
+import subprocess
+import sys
+from pathlib import Path
+
+from fluxion_dist.model.tokenizer import ByteTokenizer, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_byte_tokenizer_round_trips_utf8():
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo ✓")
+    assert ids[0] == tok.BOS and max(ids) < tok.vocab_size
+    assert tok.decode(ids) == "héllo ✓"
+
+
+def test_hf_tokenizer_json_is_used_when_present(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"[UNK]": 0, "long": 1, "context": 2, "kv": 3}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path, eos_token_id=3)
+    assert tok.encode("long context kv zzz") == [1, 2, 3, 0]
+    assert tok.vocab_size == 4 and tok.eos_token_id == 3
+    assert isinstance(load_tokenizer(None, None), ByteTokenizer)
+
+
+def test_demo_prints_generated_text():
+    out = subprocess.run([sys.executable, "-m", "fluxion_dist.cli", "demo",
+                          str(ROOT / "cluster_configs/deploy_cpu_demo.yaml"), "--max-tokens", "8"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("-> 8 tokens") == 3
