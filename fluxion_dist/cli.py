@@ -1,14 +1,17 @@
-"""The ``fluxion-dist`` command line: validate a deployment YAML, run the demo."""
+"""The ``fluxion-dist`` command line: validate, serve, status, shutdown, demo."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import signal
 import sys
+import threading
 import time
 
 import yaml
 
-from fluxion_dist.config import config_to_dict, load_config
+from fluxion_dist.config import DeployConfig, config_to_dict, load_config
 from fluxion_dist.errors import FluxionError
 
 DEMO_PROMPTS = (
@@ -19,36 +22,102 @@ DEMO_PROMPTS = (
 
 
 def _validate(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = _load(args)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Prefill + greedy decode of a few prompts in one process, on the deployment's model."""
-    from fluxion_dist.model.generate import greedy_generate
-    from fluxion_dist.model.loader import load_from_config
-
+def _load(args: argparse.Namespace) -> DeployConfig:
     cfg = load_config(args.config)
-    model, tok = load_from_config(cfg.model)
-    for prompt in DEMO_PROMPTS:
-        t0 = time.perf_counter()
-        ids = greedy_generate(model, tok.encode(prompt), args.max_tokens, tok.eos_token_id)
-        dt = time.perf_counter() - t0
-        print(f"prompt: {prompt!r}\n  -> {len(ids)} tokens in {dt * 1e3:.0f} ms: {tok.decode(ids)!r}  ids={ids[:12]}")
+    if args.address:
+        cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, address=args.address))
+    if args.port is not None:
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=args.port))
+    return cfg
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fluxion_dist.server import deploy
+    from fluxion_dist.server.ray_cluster import connect
+
+    cfg = _load(args)
+    started_here = connect(cfg.cluster)
+    try:
+        deployment = deploy.deploy(cfg, detached=not started_here)
+    except BaseException:
+        if not started_here:
+            deploy.shutdown(cfg)  # leave no half-deployment behind in a shared cluster
+        raise
+    print(f"fluxion-dist is serving {cfg.server.served_model_name} at {deployment.endpoint}/v1", flush=True)
+    if not started_here:
+        return 0
+    # This process owns the local Ray cluster: serve until interrupted, then take it down.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    deploy.shutdown(cfg)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fluxion_dist.server import deploy
+    from fluxion_dist.server.ray_cluster import connect
+
+    cfg = _load(args)
+    connect(cfg.cluster)
+    state = deploy.status(cfg)
+    print(yaml.safe_dump(state, sort_keys=False), end="")
+    return 0 if all(s.get("healthy") for s in state.values()) else 1
+
+
+def _shutdown(args: argparse.Namespace) -> int:
+    from fluxion_dist.server import deploy
+    from fluxion_dist.server.ray_cluster import connect
+
+    cfg = _load(args)
+    connect(cfg.cluster)
+    killed = deploy.shutdown(cfg)
+    print(f"stopped {len(killed)} actor(s): {', '.join(killed) or 'none were running'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Start a local cluster, deploy the YAML, send a few requests over HTTP, print the replies."""
+    from fluxion_dist.server import deploy
+    from fluxion_dist.server.demo_client import run_demo_requests
+    from fluxion_dist.server.ray_cluster import connect
+
+    cfg = _load(args)
+    cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, address="local"))
+    t0 = time.perf_counter()
+    connect(cfg.cluster)
+    deployment = deploy.deploy(cfg, detached=False)
+    print(f"deployed {cfg.prefill.num_workers} prefill + {cfg.decode.num_workers} decode worker(s) "
+          f"in {time.perf_counter() - t0:.1f}s; API at {deployment.endpoint}/v1", flush=True)
+    try:
+        run_demo_requests(deployment.endpoint, cfg.server, DEMO_PROMPTS, args.max_tokens)
+    finally:
+        deploy.shutdown(cfg)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fluxion-dist", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("validate", help="check a deployment YAML; print the resolved config or the error")
-    v.add_argument("config")
-    v.set_defaults(func=_validate)
-    d = sub.add_parser("demo", help="run the deployment's model on a few prompts and print the output")
-    d.add_argument("config")
-    d.add_argument("--max-tokens", type=int, default=24)
-    d.set_defaults(func=_demo)
+    for name, func, text in (
+            ("validate", _validate, "check a deployment YAML; print the resolved config or the error"),
+            ("serve", _serve, "deploy the YAML on a Ray cluster and serve the OpenAI-compatible API"),
+            ("status", _status, "health of every actor of the deployment"),
+            ("shutdown", _shutdown, "stop every actor of the deployment"),
+            ("demo", _demo, "local cluster + deployment + a few requests, printed; then shut down")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("config")
+        c.add_argument("--address", help="override cluster.address ('auto' joins the running cluster)")
+        c.add_argument("--port", type=int, help="override server.port (0: any free port)")
+        c.set_defaults(func=func)
+        if name == "demo":
+            c.add_argument("--max-tokens", type=int, default=24)
     return p
 
 

@@ -26,9 +26,10 @@ def test_hf_tokenizer_json_is_used_when_present(tmp_path):
     assert isinstance(load_tokenizer(None, None), ByteTokenizer)
 
 
-def test_demo_prints_generated_text():
+def test_demo_serves_requests_through_the_deployment():
     out = subprocess.run([sys.executable, "-m", "fluxion_dist.cli", "demo",
-                          str(ROOT / "cluster_configs/deploy_cpu_demo.yaml"), "--max-tokens", "8"],
-                         capture_output=True, text=True, timeout=120)
+                          str(ROOT / "cluster_configs/deploy_cpu_demo.yaml"), "--max-tokens", "8", "--port", "0"],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("-> 8 tokens") == 3
+    assert "GET /health -> True" in out.stdout
+    assert out.stdout.count("[stream]") == 1 and out.stdout.count("(8 tokens") == 2

@@ -12,15 +12,17 @@ from fluxion_dist.model.decoder import PrefillOutput
 class DenseKVCache:
     """Per sequence and layer, the growing K/V ``[T, Hkv, d]``; attends over all of it."""
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, kv_dtype: torch.dtype | None = None) -> None:
         self.num_layers = num_layers
+        self.kv_dtype = kv_dtype  # bf16 reproduces what a host KV store keeps
         self.keys: list[list[torch.Tensor]] = []  # [seq][layer]
         self.values: list[list[torch.Tensor]] = []
 
     def add_sequence(self, prefill: PrefillOutput) -> int:
         """Adopt a prompt's K/V; returns the sequence's slot in the batch."""
-        self.keys.append(list(prefill.keys))
-        self.values.append(list(prefill.values))
+        cast = (lambda t: t) if self.kv_dtype is None else (lambda t: t.to(self.kv_dtype))
+        self.keys.append([cast(k) for k in prefill.keys])
+        self.values.append([cast(v) for v in prefill.values])
         return len(self.keys) - 1
 
     def seq_len(self, seq: int) -> int:

@@ -10,12 +10,17 @@ from fluxion_dist.model.dense_cache import DenseKVCache
 
 
 def greedy_generate(model: CausalLM, prompt: list[int], max_new_tokens: int,
-                    eos_token_id: int | None = None, attend: AttentionHook | None = None) -> list[int]:
-    """Prefill ``prompt`` then decode greedily; stops at ``eos_token_id`` (included in the output)."""
+                    eos_token_id: int | None = None, attend: AttentionHook | None = None,
+                    kv_dtype: torch.dtype | None = None) -> list[int]:
+    """Prefill ``prompt`` then decode greedily; stops at ``eos_token_id`` (included in the output).
+
+    ``kv_dtype=torch.bfloat16`` keeps the cache as the host KV store does, so the result is the
+    service's output token for token.
+    """
     tokens = torch.tensor(prompt, dtype=torch.long)
     pre = model.prefill(tokens)
     if attend is None:
-        cache = DenseKVCache(model.arch.num_hidden_layers)
+        cache = DenseKVCache(model.arch.num_hidden_layers, kv_dtype)
         cache.add_sequence(pre)
         attend = cache
     out = [int(pre.logits[-1].argmax())]

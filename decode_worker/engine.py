@@ -1,0 +1,115 @@
+"""Continuous batching over host-resident KV: sequences join and leave between decode steps.
+
+The engine is synchronous and knows nothing of Ray or UCX: the actor feeds it sequences
+whose prompt KV already sits in the store, calls :meth:`step` in a worker thread, and
+forwards each step's events to the streams that wait for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from decode_worker.host_kv_attention import HostKVAttention, PagedSequence
+from fluxion_dist.model.decoder import CausalLM
+from fluxion_dist.sampling import Sampler, SamplingParams
+
+
+class PagedKV(Protocol):
+    """What the engine needs of a KV store: the arena, and a request's pages per layer."""
+
+    pages: np.ndarray  # uint16 [P, Hkv, 2, 16, d]
+    kmin: np.ndarray  # uint16 [P, Hkv, d]
+    kmax: np.ndarray
+
+    def block_tables(self, request_id: str) -> list[list[int]]: ...
+
+    def ensure_tokens(self, request_id: str, num_tokens: int) -> None:
+        """Grow the request's pages to hold ``num_tokens``; raises ``StoreFull`` if it cannot."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    request_id: str
+    token: int | None  # None when the request ends without a new token (an error)
+    finish_reason: str | None = None  # "stop" | "length" | "error"
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Running:
+    request_id: str
+    seq: PagedSequence
+    sampler: Sampler
+    last_token: int
+    generated: int = 1  # the prefill's first token counts
+    eos: int | None = None
+
+
+class DecodeEngine:
+    def __init__(self, model: CausalLM, kv: PagedKV, max_batch_size: int) -> None:
+        self.model, self.kv, self.max_batch_size = model, kv, max_batch_size
+        self._waiting: list[_Running] = []
+        self._running: list[_Running] = []
+
+    @property
+    def num_active(self) -> int:
+        return len(self._waiting) + len(self._running)
+
+    def add(self, request_id: str, prompt_len: int, first_token: int, params: SamplingParams,
+            eos_token_id: int | None) -> TokenEvent | None:
+        """Admit a request whose prompt KV is in the store; returns an event if it is already done."""
+        if first_token == eos_token_id and not params.ignore_eos:
+            return TokenEvent(request_id, None, "stop")
+        if params.max_tokens <= 1:
+            return TokenEvent(request_id, None, "length")
+        seq = PagedSequence(self.kv.block_tables(request_id), seq_len=prompt_len, prompt_len=prompt_len)
+        self._waiting.append(_Running(request_id, seq, Sampler(params), first_token,
+                                      eos=None if params.ignore_eos else eos_token_id))
+        return None
+
+    def abort(self, request_id: str) -> bool:
+        for queue in (self._waiting, self._running):
+            for r in queue:
+                if r.request_id == request_id:
+                    queue.remove(r)
+                    return True
+        return False
+
+    def step(self) -> list[TokenEvent]:
+        """One decode step for up to ``max_batch_size`` sequences; empty when idle."""
+        while self._waiting and len(self._running) < self.max_batch_size:
+            self._running.append(self._waiting.pop(0))
+        events: list[TokenEvent] = []
+        batch: list[_Running] = []
+        for r in list(self._running):
+            try:
+                self.kv.ensure_tokens(r.request_id, r.seq.seq_len + 1)
+            except Exception as e:  # a full store ends this request only, never the step
+                self._running.remove(r)
+                events.append(TokenEvent(r.request_id, None, "error", f"{type(e).__name__}: {e}"))
+                continue
+            r.seq.block_tables = self.kv.block_tables(r.request_id)
+            batch.append(r)
+        if not batch:
+            return events
+        hook = HostKVAttention(self.kv.pages, self.kv.kmin, self.kv.kmax, [r.seq for r in batch])
+        logits = self.model.decode_step(torch.tensor([r.last_token for r in batch]),
+                                        torch.tensor([r.seq.seq_len for r in batch]), hook)
+        for i, r in enumerate(batch):
+            r.seq.seq_len += 1
+            tok = r.sampler(logits[i])
+            r.last_token = tok
+            r.generated += 1
+            finish = None
+            if tok == r.eos:
+                finish = "stop"
+            elif r.generated >= r.sampler.params.max_tokens:
+                finish = "length"
+            if finish:
+                self._running.remove(r)
+            events.append(TokenEvent(r.request_id, tok, finish))
+        return events

@@ -1,0 +1,140 @@
+"""The router's side of a request: pick workers, admit, prefill, stream decode, clean up.
+
+A request's life cycle here:
+1. pick the decode worker with room for the prompt plus ``max_tokens`` in its KV store and
+   the fewest active sequences; ``admit`` reserves its pages (a full store -> HTTP 429);
+2. pick the prefill worker with the fewest requests in flight; it computes the prompt's KV
+   and pushes it layer by layer over UCX into those pages, and returns the first token;
+3. stream the remaining tokens from the decode worker's streaming generator;
+4. on any exit (done, client gone, worker died) tell the decode worker to drop the request,
+   which frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import AsyncIterator
+
+import ray
+from prometheus_client import CollectorRegistry, Counter as PCounter, Gauge, Histogram, generate_latest
+from ray.exceptions import RayActorError, RayTaskError
+
+from fluxion_dist.sampling import SamplingParams
+from fluxion_dist.server.errors import AdmissionRefused, WorkerFailed
+from kv_store.errors import RemoteStoreFull, StoreFull
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.ttft = Histogram("fluxion_ttft_seconds", "time to first token", registry=self.registry, buckets=buckets)
+        self.tpot = Histogram("fluxion_tpot_seconds", "time per output token after the first",
+                              registry=self.registry, buckets=buckets)
+        self.queue = Histogram("fluxion_queue_seconds", "admission + worker choice time",
+                               registry=self.registry, buckets=buckets)
+        self.requests = PCounter("fluxion_requests", "finished requests by outcome", ["outcome"],
+                                 registry=self.registry)
+        self.kv_occupancy = Gauge("fluxion_kv_occupancy_ratio", "decode KV store pages in use",
+                                  ["worker"], registry=self.registry)
+
+
+class RayBackend:
+    def __init__(self, prefill: dict[str, ray.actor.ActorHandle], decode: dict[str, ray.actor.ActorHandle]) -> None:
+        self.prefill, self.decode = prefill, decode
+        self._prefill_inflight: Counter[str] = Counter()
+        self.metrics = RouterMetrics()
+
+    async def _loads(self) -> dict[str, dict]:
+        names = list(self.decode)
+        results = await asyncio.gather(*(self.decode[n].load.remote() for n in names), return_exceptions=True)
+        return {n: r for n, r in zip(names, results) if isinstance(r, dict)}
+
+    async def _admit(self, request_id: str, prompt_len: int, max_tokens: int) -> tuple[str, bytes]:
+        loads = await self._loads()
+        if not loads:
+            raise WorkerFailed("no decode worker is reachable")
+        for name, load in loads.items():
+            self.metrics.kv_occupancy.labels(name).set(load["used_pages"] / max(load["total_pages"], 1))
+        # The store's own admission decides capacity; loads only order the candidates.
+        order = sorted(loads, key=lambda n: (-loads[n]["free_pages"], loads[n]["active"]))
+        last: Exception | None = None
+        for name in order:
+            try:
+                address = await self.decode[name].admit.remote(request_id, prompt_len, max_tokens)
+                return name, address
+            except RayTaskError as e:
+                if not isinstance(e.cause, StoreFull):
+                    raise WorkerFailed(f"decode worker {name} refused the request: {_reason(e)}") from None
+                last = e.cause
+            except RayActorError as e:
+                last = WorkerFailed(f"decode worker {name} is unavailable: {_reason(e)}")
+        if isinstance(last, StoreFull):
+            raise AdmissionRefused(f"KV stores are full: {last}")
+        raise last or WorkerFailed("no decode worker admitted the request")
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[int]:
+        t0 = time.perf_counter()
+        decode_name, address = await self._admit(request_id, len(prompt), params.max_tokens)
+        prefill_name = min(self.prefill, key=lambda n: self._prefill_inflight[n])
+        self.metrics.queue.observe(time.perf_counter() - t0)
+        outcome = "error"
+        try:
+            self._prefill_inflight[prefill_name] += 1
+            try:
+                first = await self.prefill[prefill_name].prefill.remote(
+                    request_id, prompt, address, params.temperature, params.top_p, params.seed)
+            except RayTaskError as e:
+                if isinstance(e.cause, RemoteStoreFull):  # another request took the room since admit
+                    raise AdmissionRefused(f"KV stores are full: {e.cause}") from None
+                raise WorkerFailed(f"prefill worker {prefill_name} failed: {_reason(e)}") from None
+            except RayActorError as e:
+                raise WorkerFailed(f"prefill worker {prefill_name} failed: {_reason(e)}") from None
+            finally:
+                self._prefill_inflight[prefill_name] -= 1
+            t_first = time.perf_counter()
+            self.metrics.ttft.observe(t_first - t0)
+            yield first
+            n = 1
+            gen = self.decode[decode_name].generate.options(num_returns="streaming").remote(
+                request_id, first, _params_dict(params))
+            try:
+                async for ref in gen:
+                    yield await ref
+                    n += 1
+            except (RayActorError, RayTaskError) as e:
+                raise WorkerFailed(f"decode worker {decode_name} failed: {_reason(e)}") from None
+            if n > 1:
+                self.metrics.tpot.observe((time.perf_counter() - t_first) / (n - 1))
+            outcome = "ok"
+        finally:
+            self.metrics.requests.labels(outcome).inc()
+            try:  # frees the pages whatever happened; a dead worker's restart frees them too
+                await asyncio.wait_for(self.decode[decode_name].abort.remote(request_id), 10)
+            except Exception:
+                pass
+
+    async def health(self) -> dict:
+        actors = {**self.prefill, **self.decode}
+        results = await asyncio.gather(*(a.health.remote() for a in actors.values()), return_exceptions=True)
+        workers = {n: (r if isinstance(r, dict) else {"healthy": False, "error": _reason(r)})
+                   for n, r in zip(actors, results)}
+        return {"healthy": all(w.get("healthy") for w in workers.values()), "workers": workers}
+
+    def metrics_text(self) -> bytes:
+        return generate_latest(self.metrics.registry)
+
+
+def _params_dict(p: SamplingParams) -> dict:
+    return {"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p, "seed": p.seed,
+            "ignore_eos": p.ignore_eos}
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, RayTaskError):
+        return f"{type(e.cause).__name__}: {e.cause}" if e.cause is not None else str(e).splitlines()[0]
+    if isinstance(e, RayActorError):
+        return "the worker process died"
+    return f"{type(e).__name__}: {e}"

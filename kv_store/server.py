@@ -1,0 +1,173 @@
+"""Decode side of the KV transfer: lands a prefill node's KV in this node's store.
+
+A request's life here:
+
+1. A sender connects: HELLO (its connection id and UCX address) on the worker tag; the
+   server makes an endpoint back and answers WELCOME.
+2. OFFER announces the request (tokens, geometry, byte counts). The frame is checked,
+   then pages for every layer are reserved at once. No room: REFUSE(store_full) goes
+   back, nothing is held, and the sender has not sent a byte of bulk. Otherwise ACCEPT
+   carries the run lengths of each layer's pages; poll() says TRANSFERRING.
+3. Each LAYER frame lists the segments (page counts) of the three raw messages per
+   segment that follow (KV pages, kmin, kmax). Receives are posted straight into the
+   arena views: no staging buffer.
+4. DONE: once every layer has landed the request is committed (READY, ready lease
+   started), COMMITTED goes back, poll() says SUCCESS. The decoder then ``claim``s it.
+5. Anything else ends the connection: a frame that fails its checks, a protocol
+   breach, a peer silent past ``peer_timeout_s``, BYE. Its endpoint is aborted first,
+   which cancels receives still posted into pages; only then are the pages of its
+   unfinished requests freed, and they poll FAILED. Other connections carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+
+from kv_store import wire
+from kv_store.config import TransportConfig
+from kv_store.errors import (MessageTruncated, OperationCanceled, PeerLost, ProtocolError,
+                             TransferTimeout, TransportError, WireError)
+from kv_store.handle import KVHandle
+from kv_store.inbound import InboundConnection
+from kv_store.store import KVStore
+from kv_store.transfer import TransferState, TransferStatus
+from kv_store.transport_base import HELLO_TAG, Fabric, reply_tag, valid_conn_id
+
+log = logging.getLogger(__name__)
+
+_HISTORY = 4096  # finished transfers remembered for poll()
+
+
+class KVServer:
+    """Receives KV into ``store`` from any number of senders. Sync API, any thread."""
+
+    def __init__(self, store: KVStore, fabric: Fabric, config: TransportConfig) -> None:
+        self.store = store
+        self.config = config
+        self._fabric = fabric
+        self._loop = fabric.loop
+        self._conns: dict[int, InboundConnection] = {}
+        self._status: OrderedDict[str, TransferStatus] = OrderedDict()
+        self._status_lock = threading.Lock()
+        self._closing = False
+        # One buffer for the life of the server: a canceled worker-level receive may still
+        # reference it inside UCX.
+        self._hello_buf = bytearray(wire.MAX_FRAME_BYTES)
+        self._tasks = self._loop.run(self._start())
+
+    async def _start(self) -> list[asyncio.Task]:
+        return [self._loop.spawn(self._accept_loop(), "KV server accept loop"),
+                self._loop.spawn(self._watchdog(), "KV server watchdog")]
+
+    # ------------------------------------------------------------ worker-facing
+
+    def address(self) -> bytes:
+        return self._fabric.address()
+
+    def poll(self, request_id: str) -> TransferState:
+        status = self.status(request_id)
+        return TransferState.PENDING if status is None else status.poll()
+
+    @property
+    def num_connections(self) -> int:
+        return len(self._conns)
+
+    def status(self, request_id: str) -> TransferStatus | None:
+        with self._status_lock:
+            return self._status.get(request_id)
+
+    def wait(self, request_id: str, timeout_s: float) -> KVHandle:
+        """Block until the request is READY here (tests and tools; workers poll)."""
+        deadline = time.monotonic() + timeout_s
+        while (status := self.status(request_id)) is None:
+            if time.monotonic() > deadline:
+                raise TransferTimeout(f"no transfer of {request_id!r} announced in {timeout_s} s")
+            time.sleep(0.005)
+        status.wait(max(0.0, deadline - time.monotonic()))
+        return self.store.handle(request_id)
+
+    def close(self) -> None:
+        self._loop.run(self._close(), timeout_s=30)
+
+    async def _close(self) -> None:
+        self._closing = True
+        for conn in list(self._conns.values()):
+            conn.send(wire.Bye("server shutting down"))
+        await asyncio.sleep(0.05)  # let the BYEs leave before the endpoints go
+        for conn in list(self._conns.values()):
+            conn.fail(PeerLost("server shutting down"), graceful=True)
+        for conn in list(self._conns.values()):
+            if conn.task is not None:
+                await asyncio.wait([conn.task], timeout=self.config.peer_timeout_s)
+        for task in self._tasks:
+            task.cancel()
+
+    # ------------------------------------------------------------ loop side
+
+    def _forget(self, conn_id: int) -> None:
+        self._conns.pop(conn_id, None)
+
+    def _record(self, status: TransferStatus) -> None:
+        with self._status_lock:
+            self._status[status.request_id] = status
+            self._status.move_to_end(status.request_id)
+            while len(self._status) > _HISTORY:
+                oldest = next(iter(self._status))
+                if not self._status[oldest].done:
+                    break
+                del self._status[oldest]
+
+    async def _accept_loop(self) -> None:
+        buf = self._hello_buf
+        while not self._closing:
+            buf[:wire.PREFIX.size] = bytes(wire.PREFIX.size)
+            try:
+                await self._fabric.recv_any(buf, HELLO_TAG)
+            except MessageTruncated:
+                log.warning("rejected a hello frame larger than %d bytes", wire.MAX_FRAME_BYTES)
+                continue
+            except OperationCanceled:
+                return
+            try:
+                hello = wire.decode(buf)
+                if not isinstance(hello, wire.Hello):
+                    raise ProtocolError(f"expected HELLO, got {type(hello).__name__}")
+            except (WireError, ProtocolError) as e:
+                log.warning("rejected a hello frame: %s", e)
+                continue
+            await self._open(hello)
+
+    async def _open(self, hello: wire.Hello) -> None:
+        try:
+            ep = await self._fabric.connect(hello.address)
+        except TransportError as e:
+            log.warning("cannot reach the sender of connection %#x: %r", hello.conn_id, e)
+            return
+        if not valid_conn_id(hello.conn_id) or hello.conn_id in self._conns or self._closing:
+            detail = "shutting down" if self._closing else f"connection id {hello.conn_id:#x} refused"
+            frame = wire.encode(wire.Welcome(hello.conn_id, False, detail))
+            with_timeout = asyncio.wait_for(ep.send(frame, reply_tag(hello.conn_id)), 1.0)
+            await asyncio.gather(with_timeout, return_exceptions=True)
+            ep.abort()
+            return
+        conn = InboundConnection(self.store, self._loop, self.config, hello.conn_id, ep,
+                                 record=self._record, on_closed=self._forget)
+        self._conns[hello.conn_id] = conn
+        conn.task = self._loop.spawn(conn.run(), f"KV connection {hello.conn_id:#x}")
+        log.info("KV connection %#x open", hello.conn_id)
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            now = time.monotonic()
+            for conn in list(self._conns.values()):
+                silent = now - conn.last_seen
+                if silent > self.config.peer_timeout_s:
+                    conn.fail(PeerLost(f"sender silent for {silent:.1f} s"))
+                else:
+                    conn.send(wire.Ping())
+            self.store.reap_expired()

@@ -1,0 +1,61 @@
+"""The prefill worker: a Ray actor that turns a prompt into its KV cache on the decode node.
+
+A request's life cycle on this side:
+1. the router calls ``prefill(request_id, prompt, decode_address, ...)`` after the chosen
+   decode worker has reserved pages for the prompt (its address says where to push);
+2. the model runs over the prompt in a worker thread; as each layer's post-RoPE K/V come
+   out they are packed into the paged bf16 layout with their block metadata, written into
+   this node's host KV store, and handed to the event loop, which pushes them over UCX
+   while the next layer computes (up to ``transport.layers_in_flight`` on the wire);
+3. when the last layer is acknowledged the local pages are freed and the first token
+   (sampled from the last position's logits) is returned to the router;
+4. any failure (model error, the decode peer gone, a timeout) frees the local pages,
+   aborts the transfer on the peer and raises to the router, which fails only this request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+
+from fluxion_dist.config import config_from_dict
+from fluxion_dist.model.loader import load_from_config
+from fluxion_dist.sampling import Sampler, SamplingParams
+from prefill_worker.kv_pusher import KVPusher
+
+log = logging.getLogger(__name__)
+
+
+class PrefillWorker:
+    def __init__(self, config: dict, name: str) -> None:
+        self.cfg = config_from_dict(config)
+        self.name = name
+        self.model, _ = load_from_config(self.cfg.model)
+        self.pusher = KVPusher(self.cfg, self.model.arch)
+        self.served = 0
+
+    async def prefill(self, request_id: str, prompt: list[int], decode_address: bytes,
+                      temperature: float, top_p: float, seed: int | None) -> int:
+        t0 = time.perf_counter()
+        transfer = await self.pusher.open(request_id, len(prompt), decode_address)
+        try:
+            # Runs on the compute thread: the sender queues each layer and returns at once, so
+            # layer i is on the wire while layer i + 1 computes.
+            def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+                self.pusher.write_and_push(transfer, layer, k, v)
+
+            out = await asyncio.to_thread(self.model.prefill, torch.tensor(prompt, dtype=torch.long), on_layer)
+            await self.pusher.complete(transfer, self.cfg.transport.timeout_s)
+        except BaseException as e:
+            self.pusher.cancel(transfer, f"prefill failed: {type(e).__name__}")
+            raise
+        self.served += 1
+        log.info("%s: prefilled %s (%d tokens) in %.1f ms", self.name, request_id, len(prompt),
+                 (time.perf_counter() - t0) * 1e3)
+        return Sampler(SamplingParams(temperature=temperature, top_p=top_p, seed=seed))(out.logits[-1])
+
+    async def health(self) -> dict:
+        return {"healthy": True, "served": self.served, **self.pusher.stats()}
