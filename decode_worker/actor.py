@@ -108,7 +108,9 @@ class DecodeWorker:
             await asyncio.sleep(0)  # let admissions and aborts in between steps
 
     async def load(self) -> dict:
-        return {"active": self.engine.num_active, **self.kv.occupancy()}
+        # Dense attention over the host KV reads all of it; sparse policies report their own share.
+        return {"active": self.engine.num_active, "policy": self.cfg.decode.sparse.policy, "budget_used": 1.0,
+                **self.kv.occupancy()}
 
     async def health(self) -> dict:
         self._start()

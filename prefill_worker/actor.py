@@ -8,7 +8,8 @@ A request's life cycle on this side:
    this node's host KV store, and handed to the event loop, which pushes them over UCX
    while the next layer computes (up to ``transport.layers_in_flight`` on the wire);
 3. when the last layer is acknowledged the local pages are freed and the first token
-   (sampled from the last position's logits) is returned to the router;
+   (sampled from the last position's logits) is returned to the router, with the bytes
+   pushed and the time from offer to commit;
 4. any failure (model error, the decode peer gone, a timeout) frees the local pages,
    aborts the transfer on the peer and raises to the router, which fails only this request.
 """
@@ -38,7 +39,8 @@ class PrefillWorker:
         self.served = 0
 
     async def prefill(self, request_id: str, prompt: list[int], decode_address: bytes,
-                      temperature: float, top_p: float, seed: int | None) -> int:
+                      temperature: float, top_p: float, seed: int | None) -> dict:
+        """Returns ``{"token": first token, "kv_bytes": bytes pushed, "transfer_s": offer to commit}``."""
         t0 = time.perf_counter()
         transfer = await self.pusher.open(request_id, len(prompt), decode_address)
         try:
@@ -53,9 +55,10 @@ class PrefillWorker:
             self.pusher.cancel(transfer, f"prefill failed: {type(e).__name__}")
             raise
         self.served += 1
-        log.info("%s: prefilled %s (%d tokens) in %.1f ms", self.name, request_id, len(prompt),
-                 (time.perf_counter() - t0) * 1e3)
-        return Sampler(SamplingParams(temperature=temperature, top_p=top_p, seed=seed))(out.logits[-1])
+        elapsed = time.perf_counter() - t0
+        log.info("%s: prefilled %s (%d tokens) in %.1f ms", self.name, request_id, len(prompt), elapsed * 1e3)
+        token = Sampler(SamplingParams(temperature=temperature, top_p=top_p, seed=seed))(out.logits[-1])
+        return {"token": token, "kv_bytes": transfer.bytes_sent, "transfer_s": elapsed}
 
     async def health(self) -> dict:
         return {"healthy": True, "served": self.served, **self.pusher.stats()}

@@ -189,6 +189,10 @@ def test_metrics_and_health(service):
     cfg, _, client = service
     _complete(client, cfg, "metrics", max_tokens=3)
     text = client.get("/metrics").text
-    assert "fluxion_ttft_seconds_bucket" in text and "fluxion_requests_total" in text
+    for name in ("fluxion_ttft_seconds_bucket", "fluxion_tpot_seconds_bucket", "fluxion_queue_seconds_bucket",
+                 "fluxion_requests_total", "fluxion_kv_transferred_bytes_total", "fluxion_kv_transfer_seconds_bucket",
+                 "fluxion_kv_occupancy_ratio", "fluxion_sparse_budget_used_ratio"):
+        assert name in text, name
+    assert "fluxion_kv_transferred_bytes_total 0.0" not in text
     health = client.get("/health").json()
     assert health["healthy"] and len(health["workers"]) == 2

@@ -74,6 +74,8 @@ class PrefillConfig:
     num_cpus: float = field(default=1.0, metadata=doc("CPUs reserved per prefill actor", ge=0))
     num_gpus: float = field(default=0.0, metadata=doc("GPUs per prefill actor (0: runs on CPU)", ge=0))
     max_restarts: int = field(default=3, metadata=doc("Ray restarts of a dead actor", ge=0))
+    node_resource: str | None = field(default=None, metadata=doc(
+        "custom Ray resource that marks prefill nodes (see cluster_configs/ray_*.yaml); unset: any node"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,8 @@ class DecodeConfig:
     num_workers: int = field(default=1, metadata=doc("decode actors", ge=1))
     num_cpus: float = field(default=1.0, metadata=doc("CPUs reserved per decode actor", ge=0))
     num_gpus: float = field(default=0.0, metadata=doc("GPUs per decode actor (0: runs on CPU)", ge=0))
+    node_resource: str | None = field(default=None, metadata=doc(
+        "custom Ray resource that marks decode nodes (see cluster_configs/ray_*.yaml); unset: any node"))
     max_batch_size: int = field(default=16, metadata=doc("sequences decoded together per step", ge=1))
     max_restarts: int = field(default=3, metadata=doc("Ray restarts of a dead actor", ge=0))
     sparse: SparseConfig = field(default_factory=SparseConfig, metadata=doc("decode attention policy"))

@@ -39,6 +39,12 @@ class RouterMetrics:
                                  registry=self.registry)
         self.kv_occupancy = Gauge("fluxion_kv_occupancy_ratio", "decode KV store pages in use",
                                   ["worker"], registry=self.registry)
+        self.kv_bytes = PCounter("fluxion_kv_transferred_bytes", "KV bytes pushed prefill -> decode",
+                                 registry=self.registry)
+        self.kv_transfer = Histogram("fluxion_kv_transfer_seconds", "prefill compute + KV push, offer to commit",
+                                     registry=self.registry, buckets=buckets)
+        self.budget = Gauge("fluxion_sparse_budget_used_ratio", "fraction of the KV decode attention read",
+                            ["worker", "policy"], registry=self.registry)
 
 
 class RayBackend:
@@ -58,6 +64,7 @@ class RayBackend:
             raise WorkerFailed("no decode worker is reachable")
         for name, load in loads.items():
             self.metrics.kv_occupancy.labels(name).set(load["used_pages"] / max(load["total_pages"], 1))
+            self.metrics.budget.labels(name, load["policy"]).set(load["budget_used"])
         # The store's own admission decides capacity; loads only order the candidates.
         order = sorted(loads, key=lambda n: (-loads[n]["free_pages"], loads[n]["active"]))
         last: Exception | None = None
@@ -84,7 +91,7 @@ class RayBackend:
         try:
             self._prefill_inflight[prefill_name] += 1
             try:
-                first = await self.prefill[prefill_name].prefill.remote(
+                done = await self.prefill[prefill_name].prefill.remote(
                     request_id, prompt, address, params.temperature, params.top_p, params.seed)
             except RayTaskError as e:
                 if isinstance(e.cause, RemoteStoreFull):  # another request took the room since admit
@@ -94,8 +101,11 @@ class RayBackend:
                 raise WorkerFailed(f"prefill worker {prefill_name} failed: {_reason(e)}") from None
             finally:
                 self._prefill_inflight[prefill_name] -= 1
+            first = done["token"]
             t_first = time.perf_counter()
             self.metrics.ttft.observe(t_first - t0)
+            self.metrics.kv_bytes.inc(done["kv_bytes"])
+            self.metrics.kv_transfer.observe(done["transfer_s"])
             yield first
             n = 1
             gen = self.decode[decode_name].generate.options(num_returns="streaming").remote(

@@ -1,0 +1,134 @@
+// Quest block scores for every query head of a batch, one launch per layer.
+//
+// -D HEAD_DIM, -D GROUP (query heads per KV head), -D BLOCK_TOKENS.
+//
+// A "row group" of HEAD_DIM/8 lanes owns one coarse block: each lane holds 8 channels of the
+// GROUP query vectors and reads 8 channels (16 bytes) of each page's kmin/kmax, so a warp
+// reads whole 256-byte metadata rows. Coarse levels (factor 4, 16) fold min-of-mins and
+// max-of-maxes over `factor` base pages in registers before the dot product; the bytes read
+// are the same at every level. All GROUP heads of a KV head share one read of the metadata.
+#include "common.cuh"
+
+#define SCORE_THREADS 128
+#define ROW_LANES (HEAD_DIM / 8)
+#define ROWS_PER_CTA (SCORE_THREADS / ROW_LANES)
+#define SCORE_PASSES 4  // row-group passes per CTA at factor 1 (the launcher agrees)
+
+static_assert(HEAD_DIM % 8 == 0 && ROW_LANES <= 32 && 32 % ROW_LANES == 0,
+              "HEAD_DIM must be 8 x a power of two, at most 256");
+static_assert(GROUP >= 1 && GROUP <= 16, "GROUP out of range");
+
+// Scores of one coarse block for the GROUP heads (every lane of the warp must call: the
+// dot products are summed across the row group with shuffles). Past the request's blocks
+// (live false) the score is -inf, so selection can never pick it.
+//
+// max(q*lo, q*hi) = q*(hi+lo)/2 + |q|*(hi-lo)/2: the sum and difference are shared by the
+// GROUP heads and |q| is a free operand modifier, so each (head, channel) costs two FMAs
+// and no select (which would keep 8*GROUP predicates live). q arrives pre-scaled by 1/2.
+__device__ __forceinline__ void score_row(const float (&qr)[GROUP][8], const float (&lo)[8],
+                                          const float (&hi)[8], bool live, bool write, int c,
+                                          int num_coarse, float* q_scores, float* h_scores) {
+    float mid[8], half[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) { mid[i] = hi[i] + lo[i]; half[i] = hi[i] - lo[i]; }
+    float best = FLUX_NEG_INF;
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+        float acc = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc = fmaf(qr[g][i], mid[i], fmaf(fabsf(qr[g][i]), half[i], acc));
+        acc = group_sum<ROW_LANES>(acc);
+        const float s = live ? acc : FLUX_NEG_INF;
+        best = fmaxf(best, s);
+        if (write && q_scores != nullptr) q_scores[(long long)g * num_coarse + c] = s;
+    }
+    if (write && h_scores != nullptr) h_scores[c] = best;
+}
+
+__global__ void __launch_bounds__(SCORE_THREADS) quest_scores(
+    const float* __restrict__ q,             // [B, Hkv*GROUP, HEAD_DIM]
+    const bf16_t* __restrict__ kmin,         // [P, Hkv, HEAD_DIM]
+    const bf16_t* __restrict__ kmax,         // [P, Hkv, HEAD_DIM]
+    const int* __restrict__ block_tables,    // [B, max_blocks]
+    const int* __restrict__ seq_lens,        // [B]
+    float* __restrict__ scores,              // [B, Hkv*GROUP, num_coarse], or null
+    float* __restrict__ kv_scores,           // [B, Hkv, num_coarse], or null
+    int num_kv_heads, int max_blocks, int num_coarse, int factor, int coarse_per_cta,
+    float scale)
+{
+    const int b = blockIdx.z;
+    const int kh = blockIdx.y;
+    const int lane = threadIdx.x & 31;
+    const int row = threadIdx.x / ROW_LANES;
+    const int ch = (lane % ROW_LANES) * 8;
+    const int hq = num_kv_heads * GROUP;
+
+    const int nb = min((seq_lens[b] + BLOCK_TOKENS - 1) / BLOCK_TOKENS, max_blocks);
+    const int nc = (nb + factor - 1) / factor;
+
+    // Scale folded into q: max(q*s*lo, q*s*hi) = s*max(q*lo, q*hi) for s > 0; the 1/2 is
+    // score_row's.
+    scale *= 0.5f;
+    float qr[GROUP][8];
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+        const float4* src = reinterpret_cast<const float4*>(
+            q + ((long long)b * hq + kh * GROUP + g) * HEAD_DIM + ch);
+        const float4 a = src[0], c = src[1];
+        qr[g][0] = a.x * scale; qr[g][1] = a.y * scale; qr[g][2] = a.z * scale; qr[g][3] = a.w * scale;
+        qr[g][4] = c.x * scale; qr[g][5] = c.y * scale; qr[g][6] = c.z * scale; qr[g][7] = c.w * scale;
+    }
+
+    const int c_begin = blockIdx.x * coarse_per_cta;
+    const int c_end = min(c_begin + coarse_per_cta, num_coarse);
+    float* const q_scores = scores != nullptr ? scores + ((long long)b * hq + kh * GROUP) * num_coarse : nullptr;
+    float* const h_scores = kv_scores != nullptr ? kv_scores + ((long long)b * num_kv_heads + kh) * num_coarse : nullptr;
+    const int* const table = block_tables + (long long)b * max_blocks;
+    const bool writer = (lane % ROW_LANES) == 0;
+
+    if (factor == 1) {
+        // Base level: issue the metadata loads of all passes before any arithmetic, so each
+        // thread has SCORE_PASSES x 32 bytes in flight (the kernel is bound by these reads).
+        uint4 lo_raw[SCORE_PASSES], hi_raw[SCORE_PASSES];
+#pragma unroll
+        for (int p = 0; p < SCORE_PASSES; ++p) {
+            const int c = c_begin + p * ROWS_PER_CTA + row;
+            lo_raw[p] = hi_raw[p] = make_uint4(0u, 0u, 0u, 0u);
+            if (c < nc && c < c_end) {
+                const long long off = ((long long)table[c] * num_kv_heads + kh) * HEAD_DIM + ch;
+                lo_raw[p] = __ldg(reinterpret_cast<const uint4*>(kmin + off));
+                hi_raw[p] = __ldg(reinterpret_cast<const uint4*>(kmax + off));
+            }
+        }
+#pragma unroll
+        for (int p = 0; p < SCORE_PASSES; ++p) {
+            const int c = c_begin + p * ROWS_PER_CTA + row;
+            float mn[8], mx[8];
+            unpack_bf16x8(lo_raw[p], mn);
+            unpack_bf16x8(hi_raw[p], mx);
+            score_row(qr, mn, mx, c < nc, c < c_end && writer, c, num_coarse, q_scores, h_scores);
+        }
+        return;
+    }
+
+    // Coarse levels: a row group folds `factor` pages into one box, one coarse block a pass.
+    for (int base = c_begin; base < c_end; base += ROWS_PER_CTA) {
+        const int c = base + row;
+        float mn[8], mx[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) { mn[i] = FLUX_POS_INF; mx[i] = FLUX_NEG_INF; }
+        if (c < nc) {
+            const int j_end = min((c + 1) * factor, nb);
+#pragma unroll 4
+            for (int j = c * factor; j < j_end; ++j) {
+                const long long off = ((long long)table[j] * num_kv_heads + kh) * HEAD_DIM + ch;
+                float lo[8], hi[8];
+                unpack_bf16x8(__ldg(reinterpret_cast<const uint4*>(kmin + off)), lo);
+                unpack_bf16x8(__ldg(reinterpret_cast<const uint4*>(kmax + off)), hi);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) { mn[i] = fminf(mn[i], lo[i]); mx[i] = fmaxf(mx[i], hi[i]); }
+            }
+        }
+        score_row(qr, mn, mx, c < nc, c < c_end && writer, c, num_coarse, q_scores, h_scores);
+    }
+}

@@ -1,0 +1,71 @@
+"""Quest block scores on the GPU (launcher for scoring.cu).
+
+Oracle: :func:`fluxion_dist.attention.reference.quest_scores` over
+:func:`~fluxion_dist.attention.reference.coarsen_metadata` for coarse levels, and
+:func:`~fluxion_dist.attention.reference.kv_head_scores` for the per-KV-head maximum.
+"""
+
+from __future__ import annotations
+
+import cupy as cp
+import numpy as np
+
+from fluxion_dist.kernels import loader
+from fluxion_dist.kernels.checks import BF16_BITS, expect, expect_aligned, positive_scale
+
+_THREADS = 128
+_SCORE_PASSES = 4  # SCORE_PASSES in scoring.cu: row-group passes per CTA at factor 1
+
+
+def quest_scores(q: cp.ndarray, kmin: cp.ndarray, kmax: cp.ndarray, block_tables: cp.ndarray,
+                 seq_lens: cp.ndarray, *, scale: float, factor: int = 1, query_scores: bool = True,
+                 out: tuple[cp.ndarray | None, cp.ndarray] | None = None,
+                 ) -> tuple[cp.ndarray | None, cp.ndarray]:
+    """Scores of every block at granularity ``factor`` x 16 tokens, for a batch; one launch.
+
+    q: float32 [B, Hq, d]; kmin, kmax: bf16 bits [P, Hkv, d] on the GPU, indexed by page;
+    block_tables: int32 [B, max_blocks]; seq_lens: int32 [B]. Coarse blocks take the
+    min-of-mins / max-of-maxes of ``factor`` consecutive logical blocks.
+
+    Returns ``(scores float32 [B, Hq, nc], kv_scores float32 [B, Hkv, nc])`` with
+    ``nc = ceil(max_blocks / factor)``; ``kv_scores`` is the max over each GQA group.
+    Entries past a request's own blocks are -inf. With ``query_scores=False`` only
+    ``kv_scores`` is written (selection per KV head needs nothing else) and ``scores`` is None.
+    """
+    expect("q", q, np.float32, (None, None, None))
+    bsz, hq, d = q.shape
+    expect("kmin", kmin, BF16_BITS, (None, None, d))
+    npages, hkv, _ = kmin.shape
+    expect("kmax", kmax, BF16_BITS, (npages, hkv, d))
+    expect("block_tables", block_tables, np.int32, (bsz, None))
+    expect("seq_lens", seq_lens, np.int32, (bsz,))
+    for name, a in (("q", q), ("kmin", kmin), ("kmax", kmax)):
+        expect_aligned(name, a)
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1; got {factor}")
+    max_blocks = block_tables.shape[1]
+    nc = -(-max_blocks // factor)
+    if out is None:
+        out = (cp.empty((bsz, hq, nc), cp.float32) if query_scores else None,
+               cp.empty((bsz, hkv, nc), cp.float32))
+    scores, kv_scores = out
+    if (scores is not None) != query_scores:
+        raise ValueError("out[0] must be an array exactly when query_scores is True")
+    if scores is not None:
+        expect("scores", scores, np.float32, (bsz, hq, nc))
+    expect("kv_scores", kv_scores, np.float32, (bsz, hkv, nc))
+    if bsz == 0 or nc == 0:
+        return scores, kv_scores
+
+    kernel = loader.get_kernel("scoring", "quest_scores", HEAD_DIM=d, GROUP=hq // hkv)
+    # At factor 1 each row group scores SCORE_PASSES blocks with all their loads in flight;
+    # a coarse block already loops over `factor` pages, so one pass (more would starve the grid).
+    coarse_per_cta = (_THREADS // (d // 8)) * (_SCORE_PASSES if factor == 1 else 1)
+    grid = (-(-nc // coarse_per_cta), hkv, bsz)
+    kernel(grid, (_THREADS,), (
+        q, kmin, kmax, block_tables, seq_lens, scores if scores is not None else np.uint64(0), kv_scores,
+        np.int32(hkv), np.int32(max_blocks), np.int32(nc), np.int32(factor),
+        np.int32(coarse_per_cta), np.float32(positive_scale(scale))))
+    return scores, kv_scores
