@@ -23,6 +23,7 @@ import time
 
 from decode_worker.engine import DecodeEngine, TokenEvent
 from fluxion_dist.config import config_from_dict
+from fluxion_dist.errors import ConfigError
 from fluxion_dist.model.loader import load_from_config
 from fluxion_dist.sampling import SamplingParams
 from decode_worker.kv_receiver import KVReceiver
@@ -36,7 +37,13 @@ class DecodeWorker:
         self.name = name
         self.model, self.tokenizer = load_from_config(self.cfg.model)
         self.kv = KVReceiver(self.cfg, self.model.arch)
-        self.engine = DecodeEngine(self.model, self.kv, self.cfg.decode.max_batch_size)
+        if self.cfg.decode.sparse.policy != "full":
+            raise ConfigError(f"decode.sparse.policy {self.cfg.decode.sparse.policy!r} is not served yet: "
+                              "the decode worker runs 'full' (dense attention over the host KV) until the "
+                              "hybrid operator lands")
+        # Ray sets OMP_NUM_THREADS to the actor's CPUs; cpu_threads 0 means all of them.
+        threads = self.cfg.decode.sparse.cpu_threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count())
+        self.engine = DecodeEngine(self.model, self.kv, self.cfg.decode.max_batch_size, threads)
         self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._lock: asyncio.Lock | None = None  # engine and store change only between steps
         self._wake: asyncio.Event | None = None

@@ -50,8 +50,9 @@ class _Running:
 
 
 class DecodeEngine:
-    def __init__(self, model: CausalLM, kv: PagedKV, max_batch_size: int) -> None:
+    def __init__(self, model: CausalLM, kv: PagedKV, max_batch_size: int, cpu_threads: int) -> None:
         self.model, self.kv, self.max_batch_size = model, kv, max_batch_size
+        self.cpu_threads = cpu_threads
         self._waiting: list[_Running] = []
         self._running: list[_Running] = []
 
@@ -96,7 +97,7 @@ class DecodeEngine:
             batch.append(r)
         if not batch:
             return events
-        hook = HostKVAttention(self.kv.pages, self.kv.kmin, self.kv.kmax, [r.seq for r in batch])
+        hook = HostKVAttention(self.kv.pages, self.kv.kmin, self.kv.kmax, [r.seq for r in batch], self.cpu_threads)
         logits = self.model.decode_step(torch.tensor([r.last_token for r in batch]),
                                         torch.tensor([r.seq.seq_len for r in batch]), hook)
         for i, r in enumerate(batch):

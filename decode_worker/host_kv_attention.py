@@ -2,19 +2,21 @@
 
 For each layer of a decode step it writes the new token's K/V (bf16) into its slot of the
 sequence's last page, keeps that page's Quest min/max metadata current, and attends over
-the sequence's pages in place. With policy ``full`` every block is read; sparse policies
-plug in through the same hook when the Fluxion operator lands.
+the sequence's pages in place with the CPU path's Cython kernel. With policy ``full`` every
+block is read; sparse policies plug in through the same hook when the Fluxion operator lands.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS
+from fluxion_dist.cpu.attention import sparse_partial_attention
 
 
 @dataclass(slots=True)
@@ -33,22 +35,15 @@ def _bf16(x: torch.Tensor) -> np.ndarray:
     return x.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
-def _pages_to_kv(pages: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[nb, Hkv, 2, 16, d]`` bf16 bits -> fp32 ``k, v [Hkv, n, d]``."""
-    t = torch.from_numpy(pages.view(np.int16)).view(torch.bfloat16).float()
-    nb, hkv, _, bt, d = t.shape
-    kv = t.permute(2, 1, 0, 3, 4).reshape(2, hkv, nb * bt, d)[:, :, :n]
-    return kv[0], kv[1]
-
-
 class HostKVAttention:
     """An ``AttentionHook`` over a batch of :class:`PagedSequence` in one arena."""
 
     def __init__(self, pages: np.ndarray, kmin: np.ndarray, kmax: np.ndarray,
-                 batch: list[PagedSequence]) -> None:
+                 batch: list[PagedSequence], num_threads: int) -> None:
         if pages.ndim != 5 or pages.dtype != np.uint16 or pages.shape[2:4] != (2, BLOCK_TOKENS):
             raise ValueError(f"arena must be uint16 [P, Hkv, 2, {BLOCK_TOKENS}, d]; got {pages.dtype} {pages.shape}")
         self.pages, self.kmin, self.kmax, self.batch = pages, kmin, kmax, batch
+        self.num_threads = num_threads
 
     def _append(self, layer: int, seq: PagedSequence, k: torch.Tensor, v: torch.Tensor) -> None:
         pos = seq.seq_len
@@ -70,14 +65,20 @@ class HostKVAttention:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[0] != len(self.batch):
             raise ValueError(f"batch of {q.shape[0]} queries for {len(self.batch)} sequences")
-        outs = []
         for b, seq in enumerate(self.batch):
             self._append(layer, seq, k[b], v[b])
-            n = seq.seq_len + 1
-            table = seq.block_tables[layer][:seq.pages_needed(n)]
-            kk, vv = _pages_to_kv(self.pages[table], n)
-            g = q.shape[1] // kk.shape[0]
-            o = F.scaled_dot_product_attention(
-                q[b].float()[:, None], kk.repeat_interleave(g, 0), vv.repeat_interleave(g, 0))
-            outs.append(o[:, 0])
-        return torch.stack(outs).to(q.dtype)
+        seq_lens = np.array([seq.seq_len + 1 for seq in self.batch], dtype=np.int32)
+        nblocks = -(-seq_lens // BLOCK_TOKENS)
+        tables = np.zeros((len(self.batch), int(nblocks.max())), dtype=np.int32)
+        for b, seq in enumerate(self.batch):
+            tables[b, :nblocks[b]] = seq.block_tables[layer][:nblocks[b]]
+        # Dense: every block of every (sequence, KV head), read in place by the CPU kernel.
+        hkv = self.pages.shape[1]
+        rows = np.repeat(nblocks, hkv)
+        indptr = np.zeros(rows.size + 1, dtype=np.int32)
+        np.cumsum(rows, out=indptr[1:])
+        blocks = np.concatenate([np.arange(n, dtype=np.int32) for n in rows])
+        qf = q.detach().float().contiguous().numpy()
+        part = sparse_partial_attention(qf, self.pages, tables, seq_lens, indptr, blocks,
+                                        1.0 / math.sqrt(q.shape[-1]), num_threads=self.num_threads)
+        return torch.from_numpy(part.o / part.l[..., None]).to(q.dtype)
