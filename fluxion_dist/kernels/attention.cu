@@ -5,9 +5,9 @@
 // Grid: (chunk index, request * KV head). A CTA takes `chunk` consecutive entries of one
 // selection list and computes one partial (o, m, l) for the GROUP query heads of that KV
 // head (split-K over blocks keeps the GPU busy when a layer has few KV heads and short
-// lists). With one chunk per row the partial is the output. Otherwise chunk partials go to
-// scratch and the last CTA of the row to arrive (an arrival counter, left at zero again)
-// merges them: no second launch, and the partials it reads are still in L2.
+// lists). With one chunk per row the partial is the output; otherwise the chunk partials
+// go to scratch and merge.cu folds them (one CTA per row, warps across the partials: a
+// merge inside this kernel's last CTA was a serial chain of loads, and slower).
 //
 // Each warp owns whole blocks. A block's K and V rows are read straight from where they lie:
 // a slot of the GPU block cache, or the request's page in the arena, which may be pinned host
@@ -52,14 +52,12 @@ __global__ void __launch_bounds__(ATTN_THREADS) sparse_attention_chunks(
     float* __restrict__ o_part,              // [num_chunks, B*Hq, HEAD_DIM] (num_chunks > 1)
     float* __restrict__ m_part,              // [num_chunks, B*Hq]
     float* __restrict__ l_part,              // [num_chunks, B*Hq]
-    unsigned int* __restrict__ arrivals,     // [B*Hkv], zero at launch and left zero
     int batch, int num_kv_heads, int max_blocks, int chunk, int num_chunks, float scale_log2)
 {
     __shared__ __align__(16) float sm_q[GROUP][HEAD_DIM];
     __shared__ float sm_o[ATTN_WARPS][GROUP][HEAD_DIM];
     __shared__ float sm_m[ATTN_WARPS][GROUP];
     __shared__ float sm_l[ATTN_WARPS][GROUP];
-    __shared__ bool sm_last;
 
     const int row = blockIdx.y;
     const int b = row / num_kv_heads, kh = row % num_kv_heads;
@@ -71,6 +69,14 @@ __global__ void __launch_bounds__(ATTN_THREADS) sparse_attention_chunks(
     const int sub = lane / ROW_LANES;        // which token row of a load this lane reads
     const int ch = (lane % ROW_LANES) * 8;
 
+    // q is fetched before the list bounds are known, so the two loads overlap.
+    constexpr int Q_PER_THREAD = (GROUP * HEAD_DIM + ATTN_THREADS - 1) / ATTN_THREADS;
+    float qv[Q_PER_THREAD];
+#pragma unroll
+    for (int j = 0; j < Q_PER_THREAD; ++j) {
+        const int idx = threadIdx.x + j * ATTN_THREADS;
+        qv[j] = idx < GROUP * HEAD_DIM ? q[head0 * HEAD_DIM + idx] : 0.f;
+    }
     const int list_end = sel_indptr[row + 1];
     const int start = sel_indptr[row] + blockIdx.x * chunk;
     const int end = min(list_end, start + chunk);
@@ -79,8 +85,11 @@ __global__ void __launch_bounds__(ATTN_THREADS) sparse_attention_chunks(
         const int seq_len = seq_lens[b];
         // q lives in shared memory: in registers it would cost 8*GROUP of them per lane, and
         // the K/V runs in flight matter more (GROUP = 8 would spill).
-        for (int idx = threadIdx.x; idx < GROUP * HEAD_DIM; idx += ATTN_THREADS)
-            sm_q[idx / HEAD_DIM][idx % HEAD_DIM] = q[head0 * HEAD_DIM + idx] * scale_log2;
+#pragma unroll
+        for (int j = 0; j < Q_PER_THREAD; ++j) {
+            const int idx = threadIdx.x + j * ATTN_THREADS;
+            if (idx < GROUP * HEAD_DIM) sm_q[idx / HEAD_DIM][idx % HEAD_DIM] = qv[j] * scale_log2;
+        }
         __syncthreads();
 
         // m is uniform over the warp; l and o are this lane's share (its token rows, channels).
@@ -209,37 +218,4 @@ __global__ void __launch_bounds__(ATTN_THREADS) sparse_attention_chunks(
         m_part[blockIdx.x * rows_total + head0 + threadIdx.x] = FLUX_NEG_INF;
         l_part[blockIdx.x * rows_total + head0 + threadIdx.x] = 0.f;
     }
-    if (!split) return;
-
-    // Arrival: publish this chunk, count it; the row's last CTA merges every chunk.
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) sm_last = atomicAdd(&arrivals[row], 1u) == (unsigned int)(num_chunks - 1);
-    __syncthreads();
-    if (!sm_last) return;
-    __threadfence();
-    for (int idx = threadIdx.x; idx < GROUP * HEAD_DIM; idx += ATTN_THREADS) {
-        const int g = idx / HEAD_DIM, c = idx % HEAD_DIM;
-        const long long rg = head0 + g;
-        float mm = FLUX_NEG_INF;
-        for (int p = 0; p < num_chunks; ++p) mm = fmaxf(mm, __ldcg(m_part + p * rows_total + rg));
-        float acc = 0.f, ll = 0.f;
-        if (mm != FLUX_NEG_INF) {
-            // Loads do not depend on each other: unrolled, several partials are in flight.
-#pragma unroll 4
-            for (int p = 0; p < num_chunks; ++p) {
-                const float mp = __ldcg(m_part + p * rows_total + rg);
-                const float lp = __ldcg(l_part + p * rows_total + rg);
-                const float op = __ldcg(o_part + (p * rows_total + rg) * HEAD_DIM + c);
-                if (mp != FLUX_NEG_INF) {  // an empty chunk's o was never written
-                    const float wt = exp2f((mp - mm) * FLUX_LOG2E);
-                    acc = fmaf(wt, op, acc);
-                    ll = fmaf(wt, lp, ll);
-                }
-            }
-        }
-        o_out[rg * HEAD_DIM + c] = acc;
-        if (c == 0) { m_out[rg] = mm; l_out[rg] = ll; }
-    }
-    if (threadIdx.x == 0) arrivals[row] = 0u;
 }

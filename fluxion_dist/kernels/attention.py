@@ -5,13 +5,11 @@ KERNEL_API.md: the selected blocks of each (request, KV head) are read where the
 slot of the GPU block cache or the request's page in the arena (device memory, or pinned
 host memory through UVA: see :mod:`fluxion_dist.kernels.uva`), and the result is the
 unnormalised partial ``(o, m, l)`` that :mod:`fluxion_dist.kernels.merge` combines exactly
-with any other partial. One launch: split-K chunks are merged by the kernel's last CTA per
-row (see :mod:`fluxion_dist.kernels.counters`).
+with any other partial. Split-K chunk partials are folded by the same merge kernel.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import cupy as cp
@@ -20,22 +18,21 @@ import numpy as np
 from fluxion_dist.attention.layout import BLOCK_TOKENS
 from fluxion_dist.kernels import loader
 from fluxion_dist.kernels.checks import BF16_BITS, expect, expect_aligned, positive_scale
-from fluxion_dist.kernels.counters import stream_counters
+from fluxion_dist.kernels.device import sm_count
+from fluxion_dist.kernels.merge import merge_states
 
 _WARPS = 4
-_CTAS_PER_SM = 4  # grid target: enough CTAs that every SM has several blocks in flight
+# Grid target: one wave. ~190 registers a thread (GROUP 4, d 128) leave room for 2 CTAs per
+# SM; measured on the H100 (bench --sweep), one wave beat more, smaller chunks, whose extra
+# partials cost more to merge than they gained in parallelism.
+_CTAS_PER_SM = 2
 _MAX_CHUNK = 256
 
 
-@functools.cache
-def _sm_count(device: int) -> int:
-    return cp.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
-
-
-def chunk_size(rows: int, max_row_blocks: int, sm_count: int) -> int:
+def chunk_size(rows: int, max_row_blocks: int, sms: int) -> int:
     """List entries per CTA: split long lists until the grid fills the GPU, but give each
     warp at least one block."""
-    want = math.ceil(rows * max_row_blocks / (sm_count * _CTAS_PER_SM))
+    want = math.ceil(rows * max_row_blocks / (sms * _CTAS_PER_SM))
     return min(_MAX_CHUNK, max(_WARPS, -(-want // _WARPS) * _WARPS))
 
 
@@ -94,18 +91,16 @@ def sparse_partial_attention(
 
     rows = bsz * hkv
     if chunk is None:
-        chunk = chunk_size(rows, max_row_blocks, _sm_count(q.device.id))
+        chunk = chunk_size(rows, max_row_blocks, sm_count(q.device.id))
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1; got {chunk}")
     num_chunks = max(1, -(-max_row_blocks // chunk))
     null = np.uint64(0)
     if num_chunks == 1:
-        parts = (null, null, null, null)
+        parts = (null, null, null)
     else:
-        # Scratch for the chunk partials; the last CTA of each row merges them in place of a
-        # second launch, counting arrivals in the stream's zeroed counters.
         parts = (cp.empty((num_chunks, bsz, hq, d), cp.float32), cp.empty((num_chunks, bsz, hq), cp.float32),
-                 cp.empty((num_chunks, bsz, hq), cp.float32), stream_counters(rows))
+                 cp.empty((num_chunks, bsz, hq), cp.float32))
     kernel = loader.get_kernel("attention", "sparse_attention_chunks", HEAD_DIM=d, GROUP=hq // hkv)
     kernel((num_chunks, rows), (_WARPS * 32,), (
         q, kv_pages, cache_pool if cache_pool is not None else null, block_tables, seq_lens,
@@ -113,4 +108,6 @@ def sparse_partial_attention(
         o, m, l, *parts,
         np.int32(bsz), np.int32(hkv), np.int32(block_tables.shape[1]), np.int32(chunk),
         np.int32(num_chunks), np.float32(positive_scale(scale) * math.log2(math.e))))
+    if num_chunks > 1:
+        merge_states(*parts, out=(o, m, l))
     return o, m, l

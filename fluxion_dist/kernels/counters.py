@@ -1,9 +1,11 @@
 """Arrival counters for kernels whose last CTA finishes the job ("last block" reduction).
 
-A split-K attention row, or a selection launch, ends with one CTA that sees every other
-CTA's result: each CTA bumps a counter after publishing, and the one that brings it to the
-grid's count does the final step and sets the counter back to zero. That saves a second
-kernel launch (a few microseconds a layer) but needs zeroed counters at launch time.
+A selection launch ends with one CTA that sees every other CTA's result (it packs all rows
+into the CSR lists): each CTA bumps a counter after publishing, and the one that brings it
+to the grid's count does the final step and sets the counter back to zero. That saves a
+second kernel launch but needs zeroed counters at launch time. (A last-CTA merge of
+split-K attention chunks was tried and dropped: one CTA folding tens of partials is a
+serial chain of loads, slower than merge.cu's separate, parallel launch.)
 
 Counters are kept per (device, stream): launches on one stream never overlap, and every
 launch leaves its counters at zero, so the buffer is always ready for the next launch on

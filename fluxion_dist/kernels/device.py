@@ -1,4 +1,5 @@
-"""Whether the CuPy kernels can run here, and if not, why (for skips and fallbacks).
+"""Device facts for the launchers, and whether the CuPy kernels can run here at all (and if
+not, why: for skips and fallbacks).
 
 CuPy may import on a machine with no usable GPU and fail only at the first device call, so
 this makes one small device round trip.
@@ -7,6 +8,14 @@ this makes one small device round trip.
 from __future__ import annotations
 
 import functools
+
+
+@functools.cache
+def sm_count(device: int) -> int:
+    """Multiprocessors of a device: the launchers size their grids by it."""
+    import cupy
+
+    return cupy.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
 
 
 @functools.cache

@@ -18,8 +18,7 @@ import numpy as np
 from fluxion_dist.kernels import loader
 from fluxion_dist.kernels.checks import BF16_BITS, expect, expect_inner_contiguous
 
-_THREADS = 128
-_ROWS_PER_CTA = _THREADS // 32
+_THREADS = 256  # MERGE_THREADS: one CTA per row, its warps split the partials
 
 _STATE, _F32, _BF16 = 0, 1, 2
 
@@ -77,9 +76,9 @@ def _launch(o, m, l, mode, out_o, out_m, out_l, out_bf16) -> None:
         return
     null = np.uint64(0)
     kernel = loader.get_kernel("merge", "merge_partials", HEAD_DIM=d)
-    kernel((-(-rows // _ROWS_PER_CTA),), (_THREADS,), (
+    kernel((rows,), (_THREADS,), (
         o, m, l, np.int32(num),
         np.int64(expect_inner_contiguous("o", o)), np.int64(expect_inner_contiguous("m", m)),
-        np.int64(expect_inner_contiguous("l", l)), np.int32(rows), np.int32(mode),
+        np.int64(expect_inner_contiguous("l", l)), np.int32(mode),
         out_o if out_o is not None else null, out_m if out_m is not None else null,
         out_l if out_l is not None else null, out_bf16 if out_bf16 is not None else null))

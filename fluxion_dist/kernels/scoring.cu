@@ -12,7 +12,7 @@
 #define SCORE_THREADS 128
 #define ROW_LANES (HEAD_DIM / 8)
 #define ROWS_PER_CTA (SCORE_THREADS / ROW_LANES)
-#define SCORE_PASSES 4  // row-group passes per CTA at factor 1 (the launcher agrees)
+#define SCORE_PASSES 4  // coarse blocks per row group per tile at factor 1 (the launcher agrees)
 
 static_assert(HEAD_DIM % 8 == 0 && ROW_LANES <= 32 && 32 % ROW_LANES == 0,
               "HEAD_DIM must be 8 x a power of two, at most 256");
@@ -53,8 +53,7 @@ __global__ void __launch_bounds__(SCORE_THREADS) quest_scores(
     const int* __restrict__ seq_lens,        // [B]
     float* __restrict__ scores,              // [B, Hkv*GROUP, num_coarse], or null
     float* __restrict__ kv_scores,           // [B, Hkv, num_coarse], or null
-    int num_kv_heads, int max_blocks, int num_coarse, int factor, int coarse_per_cta,
-    float scale)
+    int num_kv_heads, int max_blocks, int num_coarse, int factor, float scale)
 {
     const int b = blockIdx.z;
     const int kh = blockIdx.y;
@@ -79,41 +78,52 @@ __global__ void __launch_bounds__(SCORE_THREADS) quest_scores(
         qr[g][4] = c.x * scale; qr[g][5] = c.y * scale; qr[g][6] = c.z * scale; qr[g][7] = c.w * scale;
     }
 
-    const int c_begin = blockIdx.x * coarse_per_cta;
-    const int c_end = min(c_begin + coarse_per_cta, num_coarse);
     float* const q_scores = scores != nullptr ? scores + ((long long)b * hq + kh * GROUP) * num_coarse : nullptr;
     float* const h_scores = kv_scores != nullptr ? kv_scores + ((long long)b * num_kv_heads + kh) * num_coarse : nullptr;
     const int* const table = block_tables + (long long)b * max_blocks;
     const bool writer = (lane % ROW_LANES) == 0;
 
     if (factor == 1) {
-        // Base level: issue the metadata loads of all passes before any arithmetic, so each
-        // thread has SCORE_PASSES x 32 bytes in flight (the kernel is bound by these reads).
-        uint4 lo_raw[SCORE_PASSES], hi_raw[SCORE_PASSES];
+        // Base level: CTAs stride over tiles of SCORE_PASSES x ROWS_PER_CTA blocks, and the
+        // next tile's metadata is requested before the current one is scored, so the loads
+        // of one tile overlap the arithmetic of the last (a CTA per tile spent most of its
+        // life waiting on q, then the table, then the metadata).
+        constexpr int TILE = SCORE_PASSES * ROWS_PER_CTA;
+        const int num_tiles = (num_coarse + TILE - 1) / TILE;
+        auto fetch = [&](int tile, uint4 (&lo)[SCORE_PASSES], uint4 (&hi)[SCORE_PASSES]) {
 #pragma unroll
-        for (int p = 0; p < SCORE_PASSES; ++p) {
-            const int c = c_begin + p * ROWS_PER_CTA + row;
-            lo_raw[p] = hi_raw[p] = make_uint4(0u, 0u, 0u, 0u);
-            if (c < nc && c < c_end) {
-                const long long off = ((long long)table[c] * num_kv_heads + kh) * HEAD_DIM + ch;
-                lo_raw[p] = __ldg(reinterpret_cast<const uint4*>(kmin + off));
-                hi_raw[p] = __ldg(reinterpret_cast<const uint4*>(kmax + off));
+            for (int p = 0; p < SCORE_PASSES; ++p) {
+                const int c = tile * TILE + p * ROWS_PER_CTA + row;
+                lo[p] = hi[p] = make_uint4(0u, 0u, 0u, 0u);
+                if (tile < num_tiles && c < nc) {
+                    const long long off = ((long long)table[c] * num_kv_heads + kh) * HEAD_DIM + ch;
+                    lo[p] = __ldg(reinterpret_cast<const uint4*>(kmin + off));
+                    hi[p] = __ldg(reinterpret_cast<const uint4*>(kmax + off));
+                }
             }
-        }
+        };
+        uint4 lo_cur[SCORE_PASSES], hi_cur[SCORE_PASSES];
+        fetch(blockIdx.x, lo_cur, hi_cur);
+        for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+            uint4 lo_nxt[SCORE_PASSES], hi_nxt[SCORE_PASSES];
+            fetch(tile + gridDim.x, lo_nxt, hi_nxt);
 #pragma unroll
-        for (int p = 0; p < SCORE_PASSES; ++p) {
-            const int c = c_begin + p * ROWS_PER_CTA + row;
-            float mn[8], mx[8];
-            unpack_bf16x8(lo_raw[p], mn);
-            unpack_bf16x8(hi_raw[p], mx);
-            score_row(qr, mn, mx, c < nc, c < c_end && writer, c, num_coarse, q_scores, h_scores);
+            for (int p = 0; p < SCORE_PASSES; ++p) {
+                const int c = tile * TILE + p * ROWS_PER_CTA + row;
+                float lo[8], hi[8];
+                unpack_bf16x8(lo_cur[p], lo);
+                unpack_bf16x8(hi_cur[p], hi);
+                score_row(qr, lo, hi, c < nc, c < num_coarse && writer, c, num_coarse, q_scores, h_scores);
+                lo_cur[p] = lo_nxt[p];
+                hi_cur[p] = hi_nxt[p];
+            }
         }
         return;
     }
 
-    // Coarse levels: a row group folds `factor` pages into one box, one coarse block a pass.
-    for (int base = c_begin; base < c_end; base += ROWS_PER_CTA) {
-        const int c = base + row;
+    // Coarse levels: a row group folds `factor` pages into one box; one coarse block each.
+    {
+        const int c = blockIdx.x * ROWS_PER_CTA + row;
         float mn[8], mx[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) { mn[i] = FLUX_POS_INF; mx[i] = FLUX_NEG_INF; }
@@ -129,6 +139,6 @@ __global__ void __launch_bounds__(SCORE_THREADS) quest_scores(
                 for (int i = 0; i < 8; ++i) { mn[i] = fminf(mn[i], lo[i]); mx[i] = fmaxf(mx[i], hi[i]); }
             }
         }
-        score_row(qr, mn, mx, c < nc, c < c_end && writer, c, num_coarse, q_scores, h_scores);
+        score_row(qr, mn, mx, c < nc, c < num_coarse && writer, c, num_coarse, q_scores, h_scores);
     }
 }

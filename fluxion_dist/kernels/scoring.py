@@ -7,14 +7,17 @@ Oracle: :func:`fluxion_dist.attention.reference.quest_scores` over
 
 from __future__ import annotations
 
+
 import cupy as cp
 import numpy as np
 
 from fluxion_dist.kernels import loader
+from fluxion_dist.kernels.device import sm_count
 from fluxion_dist.kernels.checks import BF16_BITS, expect, expect_aligned, positive_scale
 
 _THREADS = 128
-_SCORE_PASSES = 4  # SCORE_PASSES in scoring.cu: row-group passes per CTA at factor 1
+_SCORE_PASSES = 4  # SCORE_PASSES in scoring.cu: blocks per row group per tile at factor 1
+_CTAS_PER_SM = 4  # base level: resident CTAs per SM the strided grid aims for
 
 
 def quest_scores(q: cp.ndarray, kmin: cp.ndarray, kmax: cp.ndarray, block_tables: cp.ndarray,
@@ -60,12 +63,16 @@ def quest_scores(q: cp.ndarray, kmin: cp.ndarray, kmax: cp.ndarray, block_tables
         return scores, kv_scores
 
     kernel = loader.get_kernel("scoring", "quest_scores", HEAD_DIM=d, GROUP=hq // hkv)
-    # At factor 1 each row group scores SCORE_PASSES blocks with all their loads in flight;
-    # a coarse block already loops over `factor` pages, so one pass (more would starve the grid).
-    coarse_per_cta = (_THREADS // (d // 8)) * (_SCORE_PASSES if factor == 1 else 1)
-    grid = (-(-nc // coarse_per_cta), hkv, bsz)
+    rows_per_cta = _THREADS // (d // 8)
+    if factor == 1:
+        # CTAs stride over tiles, prefetching the next: about _CTAS_PER_SM per SM in all.
+        tiles = -(-nc // (rows_per_cta * _SCORE_PASSES))
+        per_row = max(1, sm_count(q.device.id) * _CTAS_PER_SM // (hkv * bsz))
+        grid = (min(tiles, per_row), hkv, bsz)
+    else:
+        grid = (-(-nc // rows_per_cta), hkv, bsz)
     kernel(grid, (_THREADS,), (
         q, kmin, kmax, block_tables, seq_lens, scores if scores is not None else np.uint64(0), kv_scores,
         np.int32(hkv), np.int32(max_blocks), np.int32(nc), np.int32(factor),
-        np.int32(coarse_per_cta), np.float32(positive_scale(scale))))
+        np.float32(positive_scale(scale))))
     return scores, kv_scores

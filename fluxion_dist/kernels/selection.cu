@@ -17,6 +17,7 @@
 #define RADIX_BINS 256
 #define HIST_COPIES 4  // warps spread their atomics over copies (padded apart in banks)
 #define MASS_ONE 1099511627776.0f  // 2^40
+#define LOAD_UNROLL 8  // global loads a thread keeps in flight at once
 
 #include "block_reduce.cuh"
 
@@ -89,12 +90,26 @@ __device__ void find_digit(SelectShared& sh, unsigned long long remaining) {
 __device__ int select_row(SelectShared& sh, unsigned int* keys, const float* row, int n, int nb,
                           int factor, bool by_mass, int k, float p, int* dst, int cap) {
     const int tid = threadIdx.x, lane = tid & 31, copy = (tid >> 5) % HIST_COPIES;
+    // All of a thread's loads are issued before the first store: the scores sit in L2 and
+    // one round trip, not eight in a row, is what this costs.
     unsigned int klo = 0xffffffffu, khi = 0u;
-    for (int i = tid; i < n; i += SELECT_THREADS) {
-        const unsigned int key = order_key(row[i]);
-        keys[i] = key;
-        klo = min(klo, key);
-        khi = max(khi, key);
+    for (int base = 0; base < n; base += LOAD_UNROLL * SELECT_THREADS) {
+        float v[LOAD_UNROLL];
+#pragma unroll
+        for (int j = 0; j < LOAD_UNROLL; ++j) {
+            const int i = base + j * SELECT_THREADS + tid;
+            v[j] = i < n ? row[i] : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < LOAD_UNROLL; ++j) {
+            const int i = base + j * SELECT_THREADS + tid;
+            if (i < n) {
+                const unsigned int key = order_key(v[j]);
+                keys[i] = key;
+                klo = min(klo, key);
+                khi = max(khi, key);
+            }
+        }
     }
     block_min_max(klo, khi, sh.red_lo, sh.red_hi);  // its barrier also publishes keys[]
     const float smax = key_value(khi);
@@ -202,13 +217,27 @@ __device__ void pack_csr(SelectShared& sh, unsigned int* offs, const int* counts
     }
     if (threadIdx.x == 0) { offs[rows] = (unsigned int)carry; indptr[rows] = (int)carry; }
     __syncthreads();
-    for (unsigned int idx = threadIdx.x; idx < (unsigned int)carry; idx += SELECT_THREADS) {
-        int lo = 0, hi = rows;  // offs[lo] <= idx < offs[hi]
-        while (hi - lo > 1) {
-            const int mid = (lo + hi) >> 1;
-            if (offs[mid] <= idx) lo = mid; else hi = mid;
+    const unsigned int total = (unsigned int)carry;
+    for (unsigned int base = 0; base < total; base += LOAD_UNROLL * SELECT_THREADS) {
+        int v[LOAD_UNROLL];
+#pragma unroll
+        for (int j = 0; j < LOAD_UNROLL; ++j) {
+            const unsigned int idx = base + j * SELECT_THREADS + threadIdx.x;
+            v[j] = 0;
+            if (idx < total) {
+                int lo = 0, hi = rows;  // offs[lo] <= idx < offs[hi]
+                while (hi - lo > 1) {
+                    const int mid = (lo + hi) >> 1;
+                    if (offs[mid] <= idx) lo = mid; else hi = mid;
+                }
+                v[j] = __ldcg(rows_out + (long long)lo * cap + (idx - offs[lo]));
+            }
         }
-        blocks_out[idx] = __ldcg(rows_out + (long long)lo * cap + (idx - offs[lo]));
+#pragma unroll
+        for (int j = 0; j < LOAD_UNROLL; ++j) {
+            const unsigned int idx = base + j * SELECT_THREADS + threadIdx.x;
+            if (idx < total) blocks_out[idx] = v[j];
+        }
     }
 }
 
