@@ -1,0 +1,32 @@
+"""The Fluxion hybrid decode-attention operator: CPU and GPU on one step, merged exactly.
+
+One concept per module:
+
+- ``cost_model``: :class:`CostModel` (rates per path, frozen), :func:`calibrate` (measured at
+  start-up: Cython CPU rate here; UVA, cached and copy rates on a GPU), ``CostModel.from_rates``;
+- ``scheduler``: :func:`split_layer` -> :class:`Split` (CPU CSR, GPU CSR + ``sel_slot``);
+- ``block_cache``: :class:`BlockCacheTable` (AsyncTLS incremental cache bookkeeping) -> ``CachePlan``;
+- ``gpu_path``: the GPU side's contract and its CPU stand-in ``EmulatedGpuPath`` (tests);
+- ``gpu_backend`` / ``gpu_calibration``: the CuPy implementations (import only with a GPU);
+- ``merge``: host-side exact merge of partials;
+- ``operator``: :class:`HybridAttention` (persistent) and its per-step ``StepHook``, the
+  model's ``attend`` hook, with ``StepReport`` / ``LayerReport``.
+
+Nothing here imports CuPy at module level.
+"""
+
+from fluxion_dist.hybrid.block_cache import BlockCacheError, BlockCacheTable, CachePlan
+from fluxion_dist.hybrid.cost_model import CostModel, CostModelError, calibrate, measure_cpu
+from fluxion_dist.hybrid.gpu_path import EmulatedGpuPath, GpuPath, LayerInputs, MergedLayer
+from fluxion_dist.hybrid.merge import EmptyAttentionError, merge_batch_partials
+from fluxion_dist.hybrid.operator import (HostArena, HybridAttention, HybridAttentionError, HybridOptions,
+                                          LayerReport, PagedSequenceView, StepHook, StepReport)
+from fluxion_dist.hybrid.scheduler import SPLIT_MODES, Split, SplitMode, balanced_cpu_blocks, split_layer
+
+__all__ = [
+    "BlockCacheError", "BlockCacheTable", "CachePlan", "CostModel", "CostModelError", "EmptyAttentionError",
+    "EmulatedGpuPath", "GpuPath", "HostArena", "HybridAttention", "HybridAttentionError", "HybridOptions",
+    "LayerInputs", "LayerReport", "MergedLayer", "PagedSequenceView", "SPLIT_MODES", "Split", "SplitMode",
+    "StepHook", "StepReport", "balanced_cpu_blocks", "calibrate", "measure_cpu", "merge_batch_partials",
+    "split_layer",
+]
