@@ -8,7 +8,8 @@ A request's life cycle on this side:
 3. ``generate`` (a Ray streaming generator) waits for the transfer, adds the sequence to the
    engine, and yields each token the batching loop produces for it;
 4. the loop runs one decode step at a time in a worker thread over every running sequence:
-   requests join and leave between steps; each step grows a sequence's pages by one token;
+   requests join and leave between steps; each step appends one token's K/V to a sequence's
+   pages and attends with the hybrid operator the config's ``decode.sparse.policy`` names;
 5. the request ends on its stop condition, an ``abort`` (client gone, router cleanup) or an
    error; every path frees its pages, so the store's occupancy returns to zero.
 If the engine itself breaks (an exception out of a step), the process exits so Ray restarts it.
@@ -21,12 +22,13 @@ import logging
 import os
 import time
 
+from decode_worker.attention_setup import build_attention
 from decode_worker.engine import DecodeEngine, TokenEvent
+from decode_worker.kv_receiver import KVReceiver
 from fluxion_dist.config import config_from_dict
-from fluxion_dist.errors import ConfigError
+from fluxion_dist.hybrid import HostArena
 from fluxion_dist.model.loader import load_from_config
 from fluxion_dist.sampling import SamplingParams
-from decode_worker.kv_receiver import KVReceiver
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +39,8 @@ class DecodeWorker:
         self.name = name
         self.model, self.tokenizer = load_from_config(self.cfg.model)
         self.kv = KVReceiver(self.cfg, self.model.arch)
-        if self.cfg.decode.sparse.policy != "full":
-            raise ConfigError(f"decode.sparse.policy {self.cfg.decode.sparse.policy!r} is not served yet: "
-                              "the decode worker runs 'full' (dense attention over the host KV) until the "
-                              "hybrid operator lands")
-        # Ray sets OMP_NUM_THREADS to the actor's CPUs; cpu_threads 0 means all of them.
-        threads = self.cfg.decode.sparse.cpu_threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count())
-        self.engine = DecodeEngine(self.model, self.kv, self.cfg.decode.max_batch_size, threads)
+        attention = build_attention(self.cfg, self.model.arch, HostArena(self.kv.pages, self.kv.kmin, self.kv.kmax))
+        self.engine = DecodeEngine(self.model, self.kv, self.cfg.decode.max_batch_size, attention)
         self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._lock: asyncio.Lock | None = None  # engine and store change only between steps
         self._wake: asyncio.Event | None = None
@@ -115,9 +112,8 @@ class DecodeWorker:
             await asyncio.sleep(0)  # let admissions and aborts in between steps
 
     async def load(self) -> dict:
-        # Dense attention over the host KV reads all of it; sparse policies report their own share.
-        return {"active": self.engine.num_active, "policy": self.cfg.decode.sparse.policy, "budget_used": 1.0,
-                **self.kv.occupancy()}
+        return {"active": self.engine.num_active, "policy": self.cfg.decode.sparse.policy,
+                "budget_used": self.engine.budget_used, **self.kv.occupancy()}
 
     async def health(self) -> dict:
         self._start()

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from decode_worker.host_kv_attention import HostKVAttention, PagedSequence
+from fluxion_dist.hybrid import HybridAttention
 from fluxion_dist.model.decoder import CausalLM
 from fluxion_dist.sampling import Sampler, SamplingParams
 
@@ -29,6 +29,14 @@ class PagedKV(Protocol):
 
     def ensure_tokens(self, request_id: str, num_tokens: int) -> None:
         """Grow the request's pages to hold ``num_tokens``; raises ``StoreFull`` if it cannot."""
+
+
+@dataclass(slots=True)
+class PagedSequence:
+    """Where one sequence's KV lies in the arena: per layer, its pages in token order."""
+
+    block_tables: list[list[int]]
+    seq_len: int  # tokens whose K/V are already in the pages
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +58,10 @@ class _Running:
 
 
 class DecodeEngine:
-    def __init__(self, model: CausalLM, kv: PagedKV, max_batch_size: int, cpu_threads: int) -> None:
+    def __init__(self, model: CausalLM, kv: PagedKV, max_batch_size: int, attention: HybridAttention) -> None:
         self.model, self.kv, self.max_batch_size = model, kv, max_batch_size
-        self.cpu_threads = cpu_threads
+        self.attention = attention
+        self.budget_used = 0.0  # of the last step, as the attention operator reports it
         self._waiting: list[_Running] = []
         self._running: list[_Running] = []
 
@@ -67,7 +76,7 @@ class DecodeEngine:
             return TokenEvent(request_id, None, "stop")
         if params.max_tokens <= 1:
             return TokenEvent(request_id, None, "length")
-        seq = PagedSequence(self.kv.block_tables(request_id), seq_len=prompt_len, prompt_len=prompt_len)
+        seq = PagedSequence(self.kv.block_tables(request_id), seq_len=prompt_len)
         self._waiting.append(_Running(request_id, seq, Sampler(params), first_token,
                                       eos=None if params.ignore_eos else eos_token_id))
         return None
@@ -77,8 +86,13 @@ class DecodeEngine:
             for r in queue:
                 if r.request_id == request_id:
                     queue.remove(r)
+                    self._forget(r)
                     return True
         return False
+
+    def _forget(self, r: _Running) -> None:
+        """The operator drops the sequence's predictor state and any cached copy of its pages."""
+        self.attention.release(r.request_id, [p for table in r.seq.block_tables for p in table])
 
     def step(self) -> list[TokenEvent]:
         """One decode step for up to ``max_batch_size`` sequences; empty when idle."""
@@ -91,15 +105,17 @@ class DecodeEngine:
                 self.kv.ensure_tokens(r.request_id, r.seq.seq_len + 1)
             except Exception as e:  # a full store ends this request only, never the step
                 self._running.remove(r)
+                self._forget(r)
                 events.append(TokenEvent(r.request_id, None, "error", f"{type(e).__name__}: {e}"))
                 continue
             r.seq.block_tables = self.kv.block_tables(r.request_id)
             batch.append(r)
         if not batch:
             return events
-        hook = HostKVAttention(self.kv.pages, self.kv.kmin, self.kv.kmax, [r.seq for r in batch], self.cpu_threads)
+        hook = self.attention.step([r.seq for r in batch], [r.request_id for r in batch])
         logits = self.model.decode_step(torch.tensor([r.last_token for r in batch]),
                                         torch.tensor([r.seq.seq_len for r in batch]), hook)
+        self.budget_used = hook.report().budget_used
         for i, r in enumerate(batch):
             r.seq.seq_len += 1
             tok = r.sampler(logits[i])
@@ -112,5 +128,6 @@ class DecodeEngine:
                 finish = "length"
             if finish:
                 self._running.remove(r)
+                self._forget(r)
             events.append(TokenEvent(r.request_id, tok, finish))
         return events

@@ -7,6 +7,8 @@ import torch
 
 from decode_worker.engine import DecodeEngine
 from decode_worker.sequence_pages import SequencePages
+from fluxion_dist.config.schema import SparseConfig
+from fluxion_dist.hybrid import CostModel, HostArena, HybridAttention, HybridOptions
 from fluxion_dist.model.generate import greedy_generate
 from fluxion_dist.model.tiny import TINY_ARCH, tiny_model
 from fluxion_dist.sampling import SamplingParams
@@ -22,6 +24,14 @@ def pages():
     store.close()
 
 
+def _engine(model, sp, max_batch_size, policy="full", budget=0.05, mass_target=0.95):
+    op = HybridAttention(HostArena(sp.pages, sp.kmin, sp.kmax),
+                         SparseConfig(policy=policy, budget=budget, mass_target=mass_target),
+                         CostModel.cpu_only(TINY_ARCH.head_dim, 10.0),
+                         HybridOptions(num_layers=TINY_ARCH.num_hidden_layers, cpu_threads=2, device="cpu"))
+    return DecodeEngine(model, sp, max_batch_size, op)
+
+
 def _admit(model, sp, engine, rid, prompt, max_tokens):
     pre = model.prefill(torch.tensor(prompt))
     sp.admit(rid, len(prompt), max_tokens)
@@ -32,9 +42,10 @@ def _admit(model, sp, engine, rid, prompt, max_tokens):
     return first
 
 
-def test_batched_decode_equals_single_process_and_frees_pages(pages):
+@pytest.mark.parametrize("policy, budget, mass", [("full", 0.05, 0.95), ("fluxion", 1.0, 1.0), ("cpu_only", 1.0, 0.95)])
+def test_batched_decode_equals_single_process_and_frees_pages(pages, policy, budget, mass):
     model = tiny_model(seed=2)
-    engine = DecodeEngine(model, pages, max_batch_size=3, cpu_threads=2)
+    engine = _engine(model, pages, 3, policy, budget, mass)
     prompts = {f"r{n}": [(i * 7 + n) % 256 for i in range(n)] for n in (1, 15, 16, 17, 50)}
     lengths = {rid: 10 + i * 5 for i, rid in enumerate(prompts)}
     got = {rid: [_admit(model, pages, engine, rid, p, lengths[rid])] for rid, p in list(prompts.items())[:3]}
@@ -57,7 +68,7 @@ def test_batched_decode_equals_single_process_and_frees_pages(pages):
 
 def test_abort_mid_decode_and_admission_refusal(pages):
     model = tiny_model(seed=3)
-    engine = DecodeEngine(model, pages, max_batch_size=4, cpu_threads=1)
+    engine = _engine(model, pages, 4)
     _admit(model, pages, engine, "a", list(range(40)), 30)
     engine.step()
     assert engine.abort("a") and not engine.abort("a")
