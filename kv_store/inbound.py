@@ -100,7 +100,6 @@ class InboundConnection:
     async def run(self) -> None:
         buf = bytearray(wire.MAX_FRAME_BYTES)
         try:
-            self.send(wire.Welcome(self.conn_id, True, ""))
             while True:
                 # A short message must not be read with the previous frame's prefix.
                 buf[:wire.PREFIX.size] = bytes(wire.PREFIX.size)

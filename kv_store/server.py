@@ -156,6 +156,7 @@ class KVServer:
             return
         conn = InboundConnection(self.store, self._loop, self.config, hello.conn_id, ep,
                                  record=self._record, on_closed=self._forget)
+        conn.send(wire.Welcome(hello.conn_id, True, ""))  # before the watchdog's first PING
         self._conns[hello.conn_id] = conn
         conn.task = self._loop.spawn(conn.run(), f"KV connection {hello.conn_id:#x}")
         log.info("KV connection %#x open", hello.conn_id)

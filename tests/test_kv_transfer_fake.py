@@ -1,0 +1,335 @@
+"""The transfer protocol over the in-process fake fabric: byte-exact pushes and every fault."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kv_store import (KVGeometry, KVSender, KVServer, KVStore, PeerLost, RefusalReason,
+                      RemoteStoreFull, StoreConfig, TransferAborted, TransferRefused,
+                      TransferState, TransportConfig, pack_layer, wire)
+from kv_store.fake_transport import FakeHub
+from kv_store.transport_base import HELLO_TAG, ctrl_tag, reply_tag
+
+G = KVGeometry(num_layers=3, num_kv_heads=2, head_dim=16)
+# Timeouts short enough for quick fault tests, long enough for a loaded 2-core CI machine.
+TC = TransportConfig(heartbeat_s=0.1, peer_timeout_s=1.0, connect_timeout_s=5.0)
+
+
+def make_store(pages: int, geometry: KVGeometry = G, **kw) -> KVStore:
+    per_page = geometry.page_bytes + geometry.meta_page_bytes
+    return KVStore(StoreConfig(geometry, capacity_bytes=pages * per_page, pin="off", **kw))
+
+
+def write_request(store: KVStore, rid: str, num_tokens: int, seed: int, *, layers=None):
+    """Reserve and write ``layers`` (default all) of a random request; return its LayerKVs."""
+    rng = np.random.default_rng(seed)
+    shape = (num_tokens, store.geometry.num_kv_heads, store.geometry.head_dim)
+    kvs = [pack_layer(rng.standard_normal(shape, dtype=np.float32),
+                      rng.standard_normal(shape, dtype=np.float32))
+           for _ in range(store.geometry.num_layers)]
+    store.reserve(rid, num_tokens, ttl_s=60)
+    for layer in (range(store.geometry.num_layers) if layers is None else layers):
+        store.write_layer(rid, layer, kvs[layer])
+    return kvs
+
+
+def assert_same(store: KVStore, rid: str, kvs) -> None:
+    for layer, kv in enumerate(kvs):
+        for got, want in zip(store.get(rid, layer), kv):
+            np.testing.assert_array_equal(got, want)
+
+
+def eventually(cond, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def hub():
+    h = FakeHub()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def pair(hub):
+    dst = make_store(400)
+    server = KVServer(dst, hub.fabric(), TC)
+    src = make_store(400)
+    sender = KVSender(src, hub.fabric(), TC)
+    peer = sender.connect(server.address())
+    yield src, dst, sender, peer, server
+    sender.close()
+    server.close()
+
+
+@pytest.mark.parametrize("num_tokens", [1, 17, 300])
+def test_layer_by_layer_push_is_byte_exact(pair, num_tokens):
+    src, dst, sender, peer, server = pair
+    rng = np.random.default_rng(num_tokens)
+    shape = (num_tokens, G.num_kv_heads, G.head_dim)
+    src.reserve("r", num_tokens, ttl_s=60)
+    t = sender.begin(peer, "r")
+    assert t.poll() in (TransferState.PENDING, TransferState.TRANSFERRING)
+    for layer in range(G.num_layers):  # pushed as produced, some before ACCEPT is back
+        src.write_layer_kv("r", layer, rng.standard_normal(shape), rng.standard_normal(shape))
+        t.push_layer(layer)
+    t.finish()
+    t.wait(5)
+    assert server.poll("r") is TransferState.SUCCESS
+    src.commit("r")
+    assert_same(dst, "r", [src.get("r", layer) for layer in range(G.num_layers)])
+    assert t.bytes_sent == G.kv_bytes(num_tokens) + G.meta_bytes(num_tokens)
+    assert dst.stats().bytes_in == t.bytes_sent
+
+
+def _fragment(store: KVStore, hole: int, count: int) -> None:
+    """Leave ``count`` free holes of ``hole`` pages between held pages."""
+    for i in range(2 * count):
+        store.reserve(f"pad{i}", hole * 16 // store.geometry.num_layers or 1, ttl_s=600)
+    for i in range(0, 2 * count, 2):
+        store.abort(f"pad{i}")
+
+
+def test_fragmented_stores_split_layers_into_segments(hub):
+    src, dst = make_store(240), make_store(240)
+    _fragment(dst, hole=3, count=40)   # forty 3-page holes fill the receiver's free space
+    _fragment(src, hole=6, count=20)   # twenty 6-page holes on the sender: other boundaries
+    server = KVServer(dst, hub.fabric(), TC)
+    sender = KVSender(src, hub.fabric(), TC)
+    kvs = write_request(src, "r", 200, seed=3)  # 13 pages per layer
+    sender.push(sender.connect(server.address()), "r").wait(5)
+    assert max(len(r) for r in dst.handle("r").runs) > 1 and max(len(r) for r in src.handle("r").runs) > 1
+    assert_same(dst, "r", kvs)
+    sender.close()
+    server.close()
+
+
+def test_store_full_is_refused_before_any_bulk(hub):
+    dst = make_store(10)
+    server = KVServer(dst, hub.fabric(), TC)
+    src = make_store(100)
+    sender = KVSender(src, hub.fabric(), TC)
+    write_request(src, "big", 100, seed=1)  # 3 layers x 7 pages > 10
+    peer = sender.connect(server.address())
+    t = sender.push(peer, "big")
+    with pytest.raises(RemoteStoreFull) as e:
+        t.wait(5)
+    assert e.value.reason is RefusalReason.STORE_FULL
+    assert t.bytes_sent == 0 and src.stats().bytes_out == 0
+    s = dst.stats()
+    assert s.used_pages == 0 and s.bytes_in == 0 and s.alloc_failures == 1
+    assert server.poll("big") is TransferState.FAILED
+    write_request(src, "small", 40, seed=2)  # 3 x 3 pages: fits; the connection still works
+    sender.push(peer, "small").wait(5)
+    sender.close()
+    server.close()
+
+
+def test_geometry_mismatch_and_duplicate_are_refused(pair, hub):
+    src, dst, sender, peer, server = pair
+    kvs = write_request(src, "r", 20, seed=0)
+    sender.push(peer, "r").wait(5)
+    with pytest.raises(TransferRefused) as e:
+        sender.push(peer, "r").wait(5)
+    assert e.value.reason is RefusalReason.DUPLICATE_REQUEST
+    assert server.poll("r") is TransferState.SUCCESS  # the stored copy is untouched
+    assert_same(dst, "r", kvs)
+    other = make_store(50, KVGeometry(num_layers=3, num_kv_heads=4, head_dim=16))
+    other_sender = KVSender(other, hub.fabric(), TC)
+    write_request(other, "g", 20, seed=0)
+    with pytest.raises(TransferRefused) as e:
+        other_sender.push(other_sender.connect(server.address()), "g").wait(5)
+    assert e.value.reason is RefusalReason.GEOMETRY_MISMATCH
+    other_sender.close()
+
+
+def test_sender_dying_mid_transfer_frees_its_pages(hub):
+    dst = make_store(100)
+    server = KVServer(dst, hub.fabric(), TC)
+    src = make_store(100)
+    fabric = hub.fabric()
+    sender = KVSender(src, fabric, TC)
+    write_request(src, "r", 100, seed=0, layers=[0])
+    t = sender.begin(sender.connect(server.address()), "r")
+    t.push_layer(0)
+    eventually(lambda: dst.stats().bytes_in > 0)  # layer 0 landed, pages reserved
+    assert dst.stats().used_pages == 3 * 7
+    fabric.kill()
+    eventually(lambda: server.poll("r") is TransferState.FAILED)
+    assert isinstance(server.status("r").error, PeerLost)
+    assert dst.stats().used_pages == 0 and server.num_connections == 0
+    # The server carries on with the next sender.
+    src2 = make_store(100)
+    sender2 = KVSender(src2, hub.fabric(), TC)
+    kvs = write_request(src2, "r", 100, seed=1)
+    sender2.push(sender2.connect(server.address()), "r").wait(5)
+    assert_same(dst, "r", kvs)
+    sender2.close()
+    server.close()
+
+
+def test_receiver_dying_fails_the_sender_transfer(hub):
+    server_fabric = hub.fabric()
+    server = KVServer(make_store(100), server_fabric, TC)
+    src = make_store(100)
+    sender = KVSender(src, hub.fabric(), TC)
+    write_request(src, "r", 50, seed=0)
+    peer = sender.connect(server.address())
+    server_fabric.kill()
+    t = sender.push(peer, "r")
+    with pytest.raises(PeerLost):
+        t.wait(5)
+    assert not peer.alive
+
+
+def test_sender_abort_frees_receiver_pages(pair):
+    src, dst, sender, peer, server = pair
+    write_request(src, "r", 64, seed=0, layers=[0])
+    t = sender.begin(peer, "r")
+    t.push_layer(0)
+    eventually(lambda: dst.stats().bytes_in > 0)
+    t.abort("prefill failed")
+    with pytest.raises(TransferAborted):
+        t.wait(1)
+    eventually(lambda: server.poll("r") is TransferState.FAILED)
+    assert isinstance(server.status("r").error, TransferAborted)
+    assert dst.stats().used_pages == 0 and server.num_connections == 1
+
+
+def test_unclaimed_request_is_reclaimed_when_its_lease_ends(hub):
+    dst = make_store(100, ready_ttl_s=0.2)
+    server = KVServer(dst, hub.fabric(), TC)
+    src = make_store(100)
+    sender = KVSender(src, hub.fabric(), TC)
+    peer = sender.connect(server.address())
+    for rid in ("claimed", "forgotten"):
+        write_request(src, rid, 30, seed=0)
+        sender.push(peer, rid).wait(5)
+    dst.claim("claimed")
+    eventually(lambda: "forgotten" not in dst)
+    assert "claimed" in dst and dst.stats().leases_expired == 1
+    sender.close()
+    server.close()
+
+
+def test_many_concurrent_transfers_from_two_senders(hub):
+    dst = make_store(2000)
+    server = KVServer(dst, hub.fabric(), TransportConfig(heartbeat_s=0.1, peer_timeout_s=1.0,
+                                                         max_inflight_layers=2))
+    expected, transfers = {}, []
+    for s in range(2):
+        src = make_store(600)
+        sender = KVSender(src, hub.fabric(), TC)
+        peer = sender.connect(server.address())
+        for i in range(5):
+            rid = f"s{s}-r{i}"
+            expected[rid] = write_request(src, rid, 17 + 31 * i, seed=10 * s + i)
+            transfers.append(sender.push(peer, rid))
+    for t in transfers:
+        t.wait(10)
+    for rid, kvs in expected.items():
+        assert_same(dst, rid, kvs)
+    server.close()
+
+
+# ---------------------------------------------------------------- bad frames
+
+
+@pytest.fixture(scope="module")
+def lone_server():
+    hub = FakeHub()
+    dst = make_store(200)
+    server = KVServer(dst, hub.fabric(), TC)
+    yield hub, dst, server
+    server.close()
+    hub.close()
+
+
+def _raw_connection(hub: FakeHub, server: KVServer):
+    """Connect by hand (HELLO, WELCOME) to put arbitrary frames on a live connection."""
+    fabric = hub.fabric()
+    conn_id = secrets.randbelow(2**31) + 1
+
+    async def go():
+        ep = await fabric.connect(server.address())
+        await ep.send(wire.encode(wire.Hello(conn_id, fabric.address())), HELLO_TAG)
+        buf = bytearray(wire.MAX_FRAME_BYTES)
+        await asyncio.wait_for(ep.recv(buf, reply_tag(conn_id)), 2)
+        assert wire.decode(buf) == wire.Welcome(conn_id, True, "")
+        return ep
+    return hub.loop.run(go()), conn_id
+
+
+def _server_still_serves(hub, server, dst, rid: str) -> None:
+    src = make_store(50)
+    sender = KVSender(src, hub.fabric(), TC)
+    kvs = write_request(src, rid, 40, seed=5)
+    sender.push(sender.connect(server.address()), rid).wait(5)
+    assert_same(dst, rid, kvs)
+    dst.claim(rid)
+    dst.release(rid)
+    sender.close()
+
+
+BAD_FRAMES = {
+    "empty": b"",
+    "garbage": b"\x00\xff" * 50,
+    "truncated": wire.encode(wire.Offer(1, "r", 10, 3, 2, 16, 16, "bf16", 1, 1))[:-3],
+    "oversize": b"\0" * (wire.MAX_FRAME_BYTES + 1),
+    "unknown transfer": wire.encode(wire.Layer(99, 0, [1], 0)),
+    "wrong direction": wire.encode(wire.Committed(1)),
+    "bad sizes": wire.encode(wire.Offer(1, "r", 10, 3, 2, 16, 16, "bf16", 1, 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FRAMES))
+def test_bad_frame_closes_only_its_connection(lone_server, name, caplog):
+    hub, dst, server = lone_server
+    ep, conn_id = _raw_connection(hub, server)
+    before = server.num_connections
+    with caplog.at_level(logging.INFO, logger="kv_store"):
+        hub.loop.run(ep.send(BAD_FRAMES[name], ctrl_tag(conn_id)))
+        if name == "bad sizes":  # a typed refusal, not a broken connection
+            eventually(lambda: server.poll("r") is TransferState.FAILED)
+            assert server.num_connections == before
+            assert "refused request 'r' (bad_request)" in caplog.text
+        else:
+            eventually(lambda: server.num_connections == before - 1)
+            assert f"closing KV connection {conn_id:#x}: " in caplog.text
+    assert dst.stats().used_pages == 0
+    _server_still_serves(hub, server, dst, f"after-{name}")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(min_size=1, max_size=200))
+def test_fuzzed_frames_close_the_connection_and_the_server_stays_up(lone_server, payload):
+    hub, dst, server = lone_server
+    ep, conn_id = _raw_connection(hub, server)
+    before = server.num_connections
+    hub.loop.run(ep.send(payload, ctrl_tag(conn_id)))
+    eventually(lambda: server.num_connections == before - 1)
+    assert dst.stats().used_pages == 0
+
+
+def test_bad_hello_frames_are_dropped(lone_server):
+    hub, dst, server = lone_server
+    fabric = hub.fabric()
+
+    async def send_hellos():
+        ep = await fabric.connect(server.address())
+        for junk in (b"nonsense", b"\0" * (wire.MAX_FRAME_BYTES + 10), wire.encode(wire.Ping()),
+                     wire.encode(wire.Hello(5, b"no-such-worker"))):
+            await ep.send(junk, HELLO_TAG)
+    hub.loop.run(send_hellos())
+    _server_still_serves(hub, server, dst, "after-hellos")

@@ -1,0 +1,157 @@
+"""Two processes on this machine move KV store-to-store over UCX (loopback): byte-exact,
+with a sender dying mid-transfer, a full store and a garbage frame."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import pytest
+
+pytest.importorskip("ucxx")
+
+from kv_store import KVGeometry, KVStore, StoreConfig, TransportConfig, wire  # noqa: E402
+
+import kv_peers  # noqa: E402
+
+G = KVGeometry(num_layers=4, num_kv_heads=2, head_dim=16)
+SERVER_PAGES = 600
+TC = TransportConfig(tls="sm,self", heartbeat_s=0.5, peer_timeout_s=5.0, connect_timeout_s=30.0)
+CTX = mp.get_context("spawn")
+
+
+def store_config(pages: int) -> StoreConfig:
+    return StoreConfig(G, capacity_bytes=pages * (G.page_bytes + G.meta_page_bytes), pin="off")
+
+
+def ask(pipe, msg, timeout_s: float = 60.0):
+    if msg is not None:
+        pipe.send(msg)
+    assert pipe.poll(timeout_s), f"no answer to {msg!r} in {timeout_s} s"
+    answer = pipe.recv()
+    assert not (isinstance(answer, tuple) and answer[0] == "crash"), answer[1]
+    return answer
+
+
+def expected_digest(num_tokens: int, seed: int) -> str:
+    store = KVStore(store_config(4 * (num_tokens // 16 + 1)))
+    store.reserve("r", num_tokens)
+    for layer, (k, v) in enumerate(kv_peers.random_kv(G, num_tokens, seed)):
+        store.write_layer_kv("r", layer, k, v)
+    store.commit("r")
+    return kv_peers.digest(store, "r")
+
+
+class Peer:
+    def __init__(self, target, *args) -> None:
+        self.pipe, child = CTX.Pipe()
+        self.proc = CTX.Process(target=target, args=(child, *args), daemon=True)
+        self.proc.start()
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                ask(self.pipe, ("stop",), 20)
+            except (AssertionError, EOFError, BrokenPipeError):
+                pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+def start_server(transport: TransportConfig, pages: int = SERVER_PAGES) -> tuple[Peer, bytes]:
+    server = Peer(kv_peers.server_main, store_config(pages), transport)
+    kind, address = ask(server.pipe, None)
+    assert kind == "address"
+    return server, address
+
+
+def start_sender(address: bytes, transport: TransportConfig = TC) -> Peer:
+    sender = Peer(kv_peers.sender_main, store_config(800), transport, address)
+    assert ask(sender.pipe, None) == ("connected",)
+    return sender
+
+
+@pytest.fixture(scope="module")
+def server():
+    peer, address = start_server(TC)
+    yield peer, address
+    peer.stop()
+
+
+@pytest.fixture(scope="module")
+def sender(server):
+    peer = start_sender(server[1])
+    yield peer
+    peer.stop()
+
+
+def used_pages(server_peer: Peer) -> int:
+    return ask(server_peer.pipe, ("stats",)).used_pages
+
+
+@pytest.mark.parametrize("num_tokens,seed", [(1000, 1), (17, 2), (1, 3)])
+def test_push_over_ucx_is_byte_exact(server, sender, num_tokens, seed):
+    srv, _ = server
+    rid = f"exact-{num_tokens}"
+    assert ask(sender.pipe, ("push", rid, num_tokens, seed, None)) == ("ok", "success")
+    assert ask(srv.pipe, ("wait", rid, 20)) == ("ok", expected_digest(num_tokens, seed))
+    assert ask(srv.pipe, ("release", rid)) == "ok"
+    assert used_pages(srv) == 0
+
+
+def test_full_store_is_refused_before_bulk(server, sender):
+    srv, _ = server
+    before = ask(srv.pipe, ("stats",))
+    # 4 layers x 188 pages > 600: refused whole.
+    assert ask(sender.pipe, ("push", "too-big", 3000, 4, None))[:2] == ("error", "RemoteStoreFull")
+    after = ask(srv.pipe, ("stats",))
+    assert after.bytes_in == before.bytes_in and after.used_pages == before.used_pages
+    assert after.alloc_failures == before.alloc_failures + 1
+    assert ask(srv.pipe, ("poll", "too-big")) == ("failed", "RemoteStoreFull")
+
+
+def test_sender_dying_mid_transfer_frees_pages_and_server_carries_on(server, sender):
+    srv, address = server
+    doomed = start_sender(address)
+    doomed.pipe.send(("push", "doomed", 2000, 5, 2))  # dies after pushing 2 of 4 layers
+    doomed.proc.join(30)
+    assert doomed.proc.exitcode == 3
+    deadline = time.monotonic() + 30
+    while ask(srv.pipe, ("poll", "doomed"))[0] != "failed":
+        assert time.monotonic() < deadline, "the dead sender's transfer never failed"
+        time.sleep(0.2)
+    assert ask(srv.pipe, ("poll", "doomed")) == ("failed", "PeerLost")
+    assert used_pages(srv) == 0
+    assert ask(sender.pipe, ("push", "after-death", 300, 6, None)) == ("ok", "success")
+    assert ask(srv.pipe, ("wait", "after-death", 20)) == ("ok", expected_digest(300, 6))
+    assert ask(srv.pipe, ("release", "after-death")) == "ok"
+
+
+def test_garbage_frame_closes_that_connection_only(server, sender):
+    srv, address = server
+    bad = start_sender(address)
+    frame = bytearray(wire.encode(wire.Offer(1, "x", 10, 4, 2, 16, 16, "bf16", 1, 1)))
+    frame[20] ^= 0xFF  # corrupt the body: checksum mismatch
+    assert ask(bad.pipe, ("raw_frame", bytes(frame))) == "sent"
+    assert ask(sender.pipe, ("push", "after-garbage", 64, 7, None)) == ("ok", "success")
+    assert ask(srv.pipe, ("wait", "after-garbage", 20)) == ("ok", expected_digest(64, 7))
+    # The corrupted connection is gone: its next push fails on the sender's side.
+    assert ask(bad.pipe, ("push", "on-closed", 64, 8, None))[:2] == ("error", "PeerLost")
+    assert ask(srv.pipe, ("release", "after-garbage")) == "ok"
+    bad.stop()
+
+
+def test_tcp_with_ucx_error_handling():
+    """Across hosts the transport runs over TCP; UCX's own peer error handling is on there."""
+    tcp = TransportConfig(tls="tcp,self", net_devices="lo", error_handling=True, heartbeat_s=0.5,
+                          peer_timeout_s=5.0, connect_timeout_s=30.0)
+    srv, address = start_server(tcp)
+    try:
+        snd = start_sender(address, tcp)
+        assert ask(snd.pipe, ("push", "tcp", 500, 9, None)) == ("ok", "success")
+        assert ask(srv.pipe, ("wait", "tcp", 20)) == ("ok", expected_digest(500, 9))
+        snd.stop()
+    finally:
+        srv.stop()
