@@ -11,9 +11,6 @@ from __future__ import annotations
 from fluxion_dist.attention.layout import BLOCK_TOKENS
 from kv_store import KVStore, StoreFull
 
-_OWNED_S = 10 * 365 * 86400.0  # a claimed sequence's decode pages are freed by release, not a lease
-
-
 def decode_entry(request_id: str) -> str:
     return f"{request_id}/decode"
 
@@ -49,7 +46,7 @@ class SequencePages:
         extra_id = decode_entry(request_id)
         if extra_id in self.store:
             extra = self.store.handle(extra_id)
-            self.store.renew(extra_id, _OWNED_S)
+            self.store.keep(extra_id)  # freed by release from now on, not by a lease
             for layer, table in enumerate(tables):
                 table.extend(map(int, extra.block_table(layer)))
         self._tables[request_id] = tables

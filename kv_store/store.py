@@ -220,6 +220,13 @@ class KVStore:
             self._leases.end(request_id)
             return entry.handle
 
+    def keep(self, request_id: str) -> None:
+        """End the lease of an entry in any state: its owner frees it explicitly from now on
+        (the decode pages a running sequence grows into are RESERVED, never committed)."""
+        with self._lock:
+            self._entry(request_id)
+            self._leases.end(request_id)
+
     def renew(self, request_id: str, ttl_s: float) -> None:
         with self._lock:
             self._entry(request_id)

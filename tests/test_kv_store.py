@@ -193,3 +193,14 @@ def test_typed_errors_survive_pickling():
         back = pickle.loads(pickle.dumps(err))
         assert type(back) is type(err) and str(back) == str(err)
     assert pickle.loads(pickle.dumps(StoreFull(10, 3))).needed_pages == 10
+
+
+def test_keep_ends_the_lease_of_a_reserved_entry():
+    clock = [0.0]
+    store = KVStore(StoreConfig(KVGeometry(2, 2, 16), 1 << 20, pin="off"), clock=lambda: clock[0])
+    store.reserve("grow", 40, ttl_s=1.0)
+    store.keep("grow")
+    clock[0] = 100.0
+    assert store.reap_expired() == [] and "grow" in store
+    store.abort("grow")
+    assert store.stats().used_pages == 0
