@@ -60,6 +60,17 @@ def _assert_kv_empty(cfg, timeout=15.0):
     assert all(ld["used_pages"] == 0 and ld["active"] == 0 for ld in loads), loads
 
 
+def _assert_serving_again(client, cfg, timeout=60.0):
+    """Ray restarts a killed worker; within the timeout a request must succeed again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = _complete(client, cfg, "after the restart", max_tokens=5)
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert r.status_code == 200, r.text
+
+
 def _complete(client, cfg, prompt, **kw):
     body = {"model": cfg.server.served_model_name, "prompt": prompt, "temperature": 0, **kw}
     return client.post("/v1/completions", json=body)
@@ -153,13 +164,7 @@ def test_decode_worker_killed_mid_request(service):
     ray.kill(_decode_workers(cfg)[0], no_restart=False)
     rest = list(events)
     assert "error" in rest[-1] and "decode worker" in rest[-1]["error"]["message"]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # Ray restarts the actor; the next request must succeed
-        r = _complete(client, cfg, "after the restart", max_tokens=5)
-        if r.status_code == 200:
-            break
-        time.sleep(0.5)
-    assert r.status_code == 200, r.text
+    _assert_serving_again(client, cfg)
     _assert_kv_empty(cfg)
 
 
@@ -175,13 +180,7 @@ def test_prefill_worker_killed_mid_request(service):
     assert r.status_code in (200, 503), r.text  # the kill may land after the prefill finished
     if r.status_code == 503:
         assert "prefill worker" in r.json()["error"]["message"]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        r = _complete(client, cfg, "after the prefill restart", max_tokens=5)
-        if r.status_code == 200:
-            break
-        time.sleep(0.5)
-    assert r.status_code == 200, r.text
+    _assert_serving_again(client, cfg)
     _assert_kv_empty(cfg)
 
 
