@@ -107,7 +107,6 @@ class ModelArch:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("architecture", "rope_scaling")}
         out["architectures"] = [name]
         out["model_type"] = self.architecture
-        out["torch_dtype"] = "float32"
         out["hidden_act"] = "silu"
         if self.rope_scaling is not None:
             out["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}

@@ -83,6 +83,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM
 def save_model(model: CausalLM, path: str | Path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(model.arch.to_hf(), indent=2))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    hf = model.arch.to_hf()
+    hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -127,7 +127,7 @@ class CausalLM(nn.Module):
         if tokens.ndim != 1 or tokens.numel() == 0:
             raise ValueError(f"prefill takes a non-empty 1-D token tensor; got shape {tuple(tokens.shape)}")
         g = self.arch.gqa_group
-        cos, sin = self.rotary.cos_sin(torch.arange(tokens.numel()))
+        cos, sin = self.rotary.cos_sin(torch.arange(tokens.numel(), device=tokens.device))
         h = self.model.embed_tokens(tokens)
         keys, values = [], []
         for i, layer in enumerate(self.model.layers):

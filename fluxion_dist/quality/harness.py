@@ -50,7 +50,9 @@ def dense_prefill(model: CausalLM, tokens: torch.Tensor) -> PrefillOutput:
     """``CausalLM.prefill`` with its positions made on the tokens' device.
 
     ``CausalLM.prefill`` builds its position ids on the CPU (``torch.arange`` without a
-    device), so it fails for a model on a GPU; the arithmetic here is the same.
+    device), so it fails for a model on a GPU; the arithmetic here is the same. Attention
+    gets a batch axis: 3-D float32 inputs send SDPA to its math kernel, which
+    materialises the [H, T, T] scores (32 GiB at 32k tokens) and ran out of memory on an H100.
     """
     arch = model.arch
     cos, sin = model.rotary.cos_sin(torch.arange(tokens.numel(), device=tokens.device))
@@ -61,8 +63,8 @@ def dense_prefill(model: CausalLM, tokens: torch.Tensor) -> PrefillOutput:
         keys.append(k)
         values.append(v)
         attn = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.repeat_interleave(arch.gqa_group, 1).transpose(0, 1),
-            v.repeat_interleave(arch.gqa_group, 1).transpose(0, 1), is_causal=True)
+            q.transpose(0, 1)[None], k.repeat_interleave(arch.gqa_group, 1).transpose(0, 1)[None],
+            v.repeat_interleave(arch.gqa_group, 1).transpose(0, 1)[None], is_causal=True)[0]
         h = h + layer.self_attn.o_proj(attn.transpose(0, 1).reshape(tokens.numel(), -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return PrefillOutput(model._logits(h), keys, values)

@@ -12,15 +12,15 @@ need exact long-range reads (retrieval) or a sum over the whole context
   ("C is B") interleaved with distractor chains; ``? var C`` -> ``B A N N``. The
   answer spells the hops, so each decode step makes one long-range lookup (a model
   this small cannot chain three lookups inside one token's forward pass).
-
-Every question ends with the token that the first answer token follows in the
-context (a name, or ``is``), so each lookup is an induction step: find the earlier
-occurrence, copy what came after it. Small models learn that circuit quickly; a
-question ending in a shared word (``value``, ``=``) first needs a two-back match.
 - ``aggregation``: candidate names scattered through the noise with different
   counts; ``? most frequent`` -> the most frequent one. Its evidence is spread over
   the whole context, so a head must attend to everything at once: the task that a
   fixed small budget reads only part of.
+
+Every retrieval question ends with the token that the first answer token follows in
+the context (a name, or ``is``), so each lookup is an induction step: find the earlier
+occurrence, copy what came after it. Small models learn that circuit quickly; a
+question ending in a shared word (``value``, ``=``) first needs a two-back match.
 
 Samples start with <bos>; each answer is followed by a ``.`` outside its span.
 """
@@ -67,7 +67,10 @@ class Sample:
 
 
 def _numbers(rng: np.random.Generator, n: int) -> np.ndarray:
-    return V.NUMBER_BASE + rng.integers(0, len(V.NUMBERS), n)
+    """``n`` distinct number tokens: a value's second token is found by its first, so a
+    first token that also occurs elsewhere in the context would make the copy ambiguous
+    (with repeats allowed, every kv error of the trained model at 16k was such a repeat)."""
+    return V.NUMBER_BASE + rng.choice(len(V.NUMBERS), n, replace=False)
 
 
 def _names(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -126,13 +129,14 @@ def var_tracking(rng: np.random.Generator, length: int, queries: int = 1, chains
         raise ValueError(f"var_tracking: {queries} queries need at least as many chains; got {chains}")
     hops = np.broadcast_to(np.asarray(hops), (chains,))
     names = _names(rng, int((hops + 1).sum()))
+    values = _numbers(rng, 2 * chains).reshape(chains, 2)
     statements: list[list[np.ndarray]] = []
     answers = []
     at = 0
     for c in range(chains):
         chain = names[at:at + hops[c] + 1]
         at += hops[c] + 1
-        value = _numbers(rng, 2)
+        value = values[c]
         stmts = [np.array([_T["var"], chain[0], *value, _DOT])]
         stmts += [np.array([_T["var"], chain[i], chain[i - 1], _DOT]) for i in range(1, len(chain))]
         statements.append(stmts)
@@ -167,13 +171,19 @@ def aggregation(rng: np.random.Generator, length: int, candidates: int = 5, dens
     return Sample("aggregation", tokens, base.spans)
 
 
-def copy(rng: np.random.Generator, length: int, chunk: int = 16) -> Sample:
-    """<bos> S S' with S' a prefix of S; answers are ``chunk``-token pieces of S' (its first token excluded)."""
-    half = (length - 1 + 1) // 2
+def copy(rng: np.random.Generator, length: int, chunk: int = 16, chunks: int = 4) -> Sample:
+    """<bos> S S' with S' a prefix of S; answers are up to ``chunks`` random ``chunk``-token pieces of S'.
+
+    A few pieces, not all of S': enough signal to form the lookup early, while at 16k
+    the other tasks' few answer tokens are not outweighed a hundred to one.
+    """
+    half = length // 2
     first = V.NUMBER_BASE + rng.integers(0, V.VOCAB_SIZE - V.NUMBER_BASE - _UNUSED, half)
     tokens = np.concatenate([[V.BOS], first, first[:length - 1 - half]]).astype(np.int64)
-    starts = range(half + 2, length, chunk)
-    return Sample("copy", tokens, tuple((a, min(a + chunk, length)) for a in starts))
+    # S'[0] follows S's last token, which nothing predicts: pieces start after it
+    starts = np.arange(half + 2, length, chunk)
+    starts = np.sort(rng.choice(starts, min(chunks, starts.size), replace=False))
+    return Sample("copy", tokens, tuple((int(a), min(int(a) + chunk, length)) for a in starts))
 
 
 def make_sample(task: TaskName, rng: np.random.Generator, length: int, *, queries: int = 1,

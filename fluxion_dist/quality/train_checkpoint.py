@@ -37,6 +37,7 @@ class TrainerState:
     train_seconds: float  # time spent in training steps over all calls: drives the curriculum
     seed: int
     budget_seconds: float
+    gate_seconds: float | None  # train_seconds when the short-context phase ended; None: not yet
 
 
 def named_param_order(model: CausalLM, optimizer: torch.optim.Optimizer) -> list[str]:
