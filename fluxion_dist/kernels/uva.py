@@ -20,7 +20,9 @@ from cupy_backends.cuda.api import runtime
 
 _HOST_REGISTER_PORTABLE = 1
 _HOST_REGISTER_MAPPED = 2
+_ERROR_INVALID_VALUE = 1  # what cudaHostRegister says of cudaHostAlloc'd memory
 _ERROR_ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
+_MEMORY_TYPE_HOST = 1  # cudaMemoryTypeHost: page-locked, by cudaHostAlloc or cudaHostRegister
 
 
 def _device_view(host_ptr: int, shape: tuple[int, ...], dtype: np.dtype, owner: object) -> cp.ndarray:
@@ -71,7 +73,9 @@ def map_host_array(array: np.ndarray) -> cp.ndarray:
         runtime.hostRegister(ptr, array.nbytes, _HOST_REGISTER_PORTABLE | _HOST_REGISTER_MAPPED)
         owns = True
     except runtime.CUDARuntimeError as err:
-        if err.status != _ERROR_ALREADY_REGISTERED:
+        already_pinned = (err.status in (_ERROR_ALREADY_REGISTERED, _ERROR_INVALID_VALUE)
+                          and runtime.pointerGetAttributes(ptr).type == _MEMORY_TYPE_HOST)
+        if not already_pinned:
             raise
         owns = False
     return _device_view(ptr, array.shape, array.dtype, _Registration(array, owns))
