@@ -42,12 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     started_here = connect(cfg.cluster)
-    try:
-        deployment = deploy.deploy(cfg, detached=not started_here)
-    except BaseException:
-        if not started_here:
-            deploy.shutdown(cfg)  # leave no half-deployment behind in a shared cluster
-        raise
+    deployment = deploy.deploy(cfg, detached=not started_here)
     print(f"fluxion-dist is serving {cfg.server.served_model_name} at {deployment.endpoint}/v1", flush=True)
     if not started_here:
         return 0

@@ -195,3 +195,19 @@ def test_metrics_and_health(service):
     assert "fluxion_kv_transferred_bytes_total 0.0" not in text
     health = client.get("/health").json()
     assert health["healthy"] and len(health["workers"]) == 2
+
+
+def test_second_deploy_is_refused_and_a_failed_one_leaves_nothing(service):
+    cfg, endpoint, client = service
+    with pytest.raises(deploy.DeployError, match="already exist"):
+        deploy.deploy(cfg, detached=False)
+    assert client.get("/health").json()["healthy"]  # the running deployment is untouched
+    port = int(endpoint.rsplit(":", 1)[1])
+    taken = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, namespace="fluxion-test-2"),
+                                server=dataclasses.replace(cfg.server, port=port),
+                                prefill=dataclasses.replace(cfg.prefill, num_cpus=0),
+                                decode=dataclasses.replace(cfg.decode, num_cpus=0))
+    with pytest.raises(deploy.DeployError, match=f"did not start on 127.0.0.1:{port}"):
+        deploy.deploy(taken, detached=False)
+    assert all(not s["healthy"] for s in deploy.status(taken).values())  # every actor it made is gone
+    assert client.get("/health").json()["healthy"]

@@ -50,31 +50,37 @@ def deploy(cfg: DeployConfig, *, detached: bool, timeout_s: float = 120.0) -> De
     env = {"env_vars": worker_env(cfg.transport)}
     common = {"namespace": cfg.cluster.namespace, "lifetime": "detached" if detached else None,
               "runtime_env": env}
+
     def placement(node_resource: str | None) -> dict:
         # One slot of the role's resource, as the cluster YAMLs count them: pins the actor to such nodes.
         return {"resources": {node_resource: 1}} if node_resource else {}
 
-    workers = []
-    for name in prefill_names:
-        workers.append(ray.remote(PrefillWorker).options(
-            name=name, num_cpus=cfg.prefill.num_cpus, num_gpus=cfg.prefill.num_gpus,
-            max_restarts=cfg.prefill.max_restarts, max_task_retries=0, **placement(cfg.prefill.node_resource),
-            **common).remote(as_dict, name))
-    for name in decode_names:
-        workers.append(ray.remote(DecodeWorker).options(
-            name=name, num_cpus=cfg.decode.num_cpus, num_gpus=cfg.decode.num_gpus,
-            max_restarts=cfg.decode.max_restarts, max_task_retries=0, max_concurrency=1000,
-            **placement(cfg.decode.node_resource), **common).remote(as_dict, name))
-    names = [*prefill_names, *decode_names]
-    _wait_healthy(dict(zip(names, workers)), timeout_s)
-    router = ray.remote(Router).options(name=router_name, num_cpus=0, max_restarts=0,
-                                        max_concurrency=1000, **common).remote(as_dict, prefill_names, decode_names)
+    actors: dict[str, ray.actor.ActorHandle] = {}
     try:
-        endpoint = ray.get(router.start.remote(), timeout=timeout_s)
-    except ray.exceptions.RayError as e:
-        raise DeployError(f"router {router_name} did not start on "
-                          f"{cfg.server.host}:{cfg.server.port}: {str(e).splitlines()[-1]}") from None
-    return Deployment(endpoint, {**dict(zip(names, workers)), router_name: router})
+        for name in prefill_names:
+            actors[name] = ray.remote(PrefillWorker).options(
+                name=name, num_cpus=cfg.prefill.num_cpus, num_gpus=cfg.prefill.num_gpus,
+                max_restarts=cfg.prefill.max_restarts, max_task_retries=0,
+                **placement(cfg.prefill.node_resource), **common).remote(as_dict, name)
+        for name in decode_names:
+            actors[name] = ray.remote(DecodeWorker).options(
+                name=name, num_cpus=cfg.decode.num_cpus, num_gpus=cfg.decode.num_gpus,
+                max_restarts=cfg.decode.max_restarts, max_task_retries=0, max_concurrency=1000,
+                **placement(cfg.decode.node_resource), **common).remote(as_dict, name)
+        _wait_healthy(actors, timeout_s)
+        router = ray.remote(Router).options(name=router_name, num_cpus=0, max_restarts=0, max_concurrency=1000,
+                                            **common).remote(as_dict, prefill_names, decode_names)
+        actors[router_name] = router
+        try:
+            endpoint = ray.get(router.start.remote(), timeout=timeout_s)
+        except ray.exceptions.RayError as e:
+            raise DeployError(f"router {router_name} did not start on "
+                              f"{cfg.server.host}:{cfg.server.port}: {str(e).splitlines()[-1]}") from None
+    except BaseException:
+        for actor in actors.values():  # leave no half-deployment behind (detached actors outlive us)
+            ray.kill(actor, no_restart=True)
+        raise
+    return Deployment(endpoint, actors)
 
 
 def _wait_healthy(actors: dict[str, ray.actor.ActorHandle], timeout_s: float) -> None:
