@@ -42,6 +42,7 @@ cdef extern from "block_attention.h" nogil:
     int fx_cpu_isa()
     void *fx_alloc(size_t bytes)
     void fx_prepare_q(const float *q, float *dst, int64_t heads, int d, float scale, int isa)
+    int64_t fx_work_floats(int g, int d)
     int64_t fx_attend_chunk(const fx_arena *a, const fx_row *r, const float *q2,
                             const int32_t *blocks, const uint16_t *masks, int64_t n,
                             float *o, float *m2, float *l, float *work, int isa, int prefetch)
@@ -134,6 +135,7 @@ def sparse_partial_attention(cnp.ndarray q, cnp.ndarray kv_pages, cnp.ndarray bl
     cdef float *out_l = <float *>cnp.PyArray_DATA(l)
     cdef float s2 = scale * FX_LOG2E
     cdef int64_t parts, cs, nc, ns, r, rr, c, k, n, j, slot, first_bad = -1
+    cdef bint oom
     cdef int64_t *row_c0
     cdef int64_t *ch_row
     cdef int64_t *ch_start
@@ -145,7 +147,7 @@ def sparse_partial_attention(cnp.ndarray q, cnp.ndarray kv_pages, cnp.ndarray bl
     cdef float *pm
     cdef float *pl
     cdef float *work
-    cdef int64_t wsize = gd + 16 * g
+    cdef int64_t wsize = fx_work_floats(g, d)
     cdef float *oo
     cdef float *mm
     cdef float *ll
@@ -157,81 +159,86 @@ def sparse_partial_attention(cnp.ndarray q, cnp.ndarray kv_pages, cnp.ndarray bl
         cs = (W + parts - 1) // parts
         if cs < 1:
             cs = 1
+        # Every row is cut into ceil(n / cs) <= n / cs + 1 chunks: at most R + parts in all.
         row_c0 = <int64_t *>malloc((R + 1) * sizeof(int64_t))
-        row_c0[0] = 0
-        ns = 0
-        for r in range(R):
-            n = indptr[r + 1] - indptr[r]
-            k = (n + cs - 1) // cs
-            row_c0[r + 1] = row_c0[r] + k
-            if k > 1:
-                ns = ns + k
-        nc = row_c0[R]
-        ch_row = <int64_t *>malloc((nc + 1) * 5 * sizeof(int64_t))
-        ch_start = ch_row + nc + 1
-        ch_len = ch_start + nc + 1
-        ch_slot = ch_len + nc + 1
-        ch_err = ch_slot + nc + 1
-        q2 = <float *>fx_alloc((x.B * x.hq * d + (ns + 1) * (gd + 2 * g)) * sizeof(float))
-        po = q2 + x.B * x.hq * d
-        pm = po + (ns + 1) * gd
-        pl = pm + (ns + 1) * g
+        ch_row = <int64_t *>malloc((R + parts + 1) * 5 * sizeof(int64_t))
+        q2 = <float *>fx_alloc((x.B * x.hq * d + (R + parts + 1) * (gd + 2 * g)) * sizeof(float))
         work = <float *>fx_alloc(num_threads * wsize * sizeof(float))
-        fx_prepare_q(x.q, q2, x.B * x.hq, d, s2, isa)
-        # Chunks of a split row write consecutive scratch slots; the others write the output.
-        ns = 0
-        for r in range(R):
-            n = indptr[r + 1] - indptr[r]
-            k = row_c0[r + 1] - row_c0[r]
-            for c in range(row_c0[r], row_c0[r + 1]):
-                ch_row[c] = r
-                ch_start[c] = indptr[r] + (c - row_c0[r]) * n // k
-                ch_len[c] = indptr[r] + (c - row_c0[r] + 1) * n // k - ch_start[c]
-                ch_slot[c] = -1
+        oom = row_c0 == NULL or ch_row == NULL or q2 == NULL or work == NULL
+        if not oom:
+            row_c0[0] = 0
+            ns = 0
+            for r in range(R):
+                n = indptr[r + 1] - indptr[r]
+                k = (n + cs - 1) // cs
+                row_c0[r + 1] = row_c0[r] + k
                 if k > 1:
-                    ch_slot[c] = ns
-                    ns = ns + 1
+                    ns = ns + k
+            nc = row_c0[R]
+            ch_start = ch_row + nc + 1
+            ch_len = ch_start + nc + 1
+            ch_slot = ch_len + nc + 1
+            ch_err = ch_slot + nc + 1
+            po = q2 + x.B * x.hq * d
+            pm = po + (ns + 1) * gd
+            pl = pm + (ns + 1) * g
+            fx_prepare_q(x.q, q2, x.B * x.hq, d, s2, isa)
+            # Chunks of a split row write consecutive scratch slots; the others write the output.
+            ns = 0
+            for r in range(R):
+                n = indptr[r + 1] - indptr[r]
+                k = row_c0[r + 1] - row_c0[r]
+                for c in range(row_c0[r], row_c0[r + 1]):
+                    ch_row[c] = r
+                    ch_start[c] = indptr[r] + (c - row_c0[r]) * n // k
+                    ch_len[c] = indptr[r] + (c - row_c0[r] + 1) * n // k - ch_start[c]
+                    ch_slot[c] = -1
+                    if k > 1:
+                        ch_slot[c] = ns
+                        ns = ns + 1
 
-        with parallel(num_threads=num_threads):
-            for c in prange(nc, schedule='dynamic', chunksize=1):
-                r = ch_row[c]
-                if ch_slot[c] < 0:
-                    oo = out_o + r * gd
-                    mm = out_m + r * g
-                    ll = out_l + r * g
-                else:
-                    oo = po + ch_slot[c] * gd
-                    mm = pm + ch_slot[c] * g
-                    ll = pl + ch_slot[c] * g
-                ch_err[c] = _run_chunk(&x, q2, r, masks, ch_start[c], ch_len[c], oo, mm, ll,
-                                       work + threadid() * wsize, isa, prefetch)
-            # One parallel region for both loops: the barrier between them is cheaper than a
-            # second region's start.
-            for rr in prange(R, schedule='dynamic'):
-                k = row_c0[rr + 1] - row_c0[rr]
-                oo = out_o + rr * gd
-                mm = out_m + rr * g
-                ll = out_l + rr * g
-                if k == 0:
-                    memset(oo, 0, gd * sizeof(float))
-                    for j in range(g):
-                        mm[j] = -INFINITY
-                        ll[j] = 0
-                elif k == 1:
-                    for j in range(g):
-                        mm[j] = mm[j] * FX_LN2
-                else:
-                    slot = ch_slot[row_c0[rr]]
-                    fx_merge_chunks(po + slot * gd, pm + slot * g, pl + slot * g, k, g, d, oo, mm, ll)
+            with parallel(num_threads=num_threads):
+                for c in prange(nc, schedule='dynamic', chunksize=1):
+                    r = ch_row[c]
+                    if ch_slot[c] < 0:
+                        oo = out_o + r * gd
+                        mm = out_m + r * g
+                        ll = out_l + r * g
+                    else:
+                        oo = po + ch_slot[c] * gd
+                        mm = pm + ch_slot[c] * g
+                        ll = pl + ch_slot[c] * g
+                    ch_err[c] = _run_chunk(&x, q2, r, masks, ch_start[c], ch_len[c], oo, mm, ll,
+                                           work + threadid() * wsize, isa, prefetch)
+                # One parallel region for both loops: the barrier between them is cheaper than a
+                # second region's start.
+                for rr in prange(R, schedule='dynamic'):
+                    k = row_c0[rr + 1] - row_c0[rr]
+                    oo = out_o + rr * gd
+                    mm = out_m + rr * g
+                    ll = out_l + rr * g
+                    if k == 0:
+                        memset(oo, 0, gd * sizeof(float))
+                        for j in range(g):
+                            mm[j] = -INFINITY
+                            ll[j] = 0
+                    elif k == 1:
+                        for j in range(g):
+                            mm[j] = mm[j] * FX_LN2
+                    else:
+                        slot = ch_slot[row_c0[rr]]
+                        fx_merge_chunks(po + slot * gd, pm + slot * g, pl + slot * g, k, g, d, oo, mm, ll)
 
-        for c in range(nc):
-            if ch_err[c] >= 0:
-                first_bad = ch_start[c] + ch_err[c]
-                break
+            for c in range(nc):
+                if ch_err[c] >= 0:
+                    first_bad = ch_start[c] + ch_err[c]
+                    break
         free(work)
         free(q2)
         free(ch_row)
         free(row_c0)
+    if oom:
+        raise MemoryError("sparse_partial_attention: no memory for the kernel's scratch")
     return first_bad
 
 
@@ -247,6 +254,7 @@ def token_scores(cnp.ndarray q, cnp.ndarray kv_pages, cnp.ndarray block_tables,
     cdef int64_t R = x.rows, W = x.nnz
     cdef float *res = <float *>cnp.PyArray_DATA(out)
     cdef int64_t i, r, b, lo, hi, first_bad = -1
+    cdef bint oom
     cdef int32_t blk, page, nb
     cdef float *qs
     cdef float *sp
@@ -254,36 +262,40 @@ def token_scores(cnp.ndarray q, cnp.ndarray kv_pages, cnp.ndarray block_tables,
 
     with nogil:
         qs = <float *>fx_alloc((x.B * x.hq * d + num_threads * g * 16) * sizeof(float))
-        sp = qs + x.B * x.hq * d
         err = <int64_t *>malloc((W + 1) * sizeof(int64_t))
-        fx_prepare_q(x.q, qs, x.B * x.hq, d, scale, isa)
-        for i in prange(W, schedule='static', num_threads=num_threads):
-            # the row of item i: the last r with indptr[r] <= i
-            lo = 0
-            hi = R
-            while hi - lo > 1:
-                r = (lo + hi) // 2
-                if x.indptr[r] <= i:
-                    lo = r
-                else:
-                    hi = r
-            r = lo
-            b = r // x.hkv
-            blk = x.blocks[i]
-            nb = (x.seq_lens[b] + 15) // 16
-            err[i] = 1
-            if 0 <= blk < nb:
-                page = x.bt[b * x.bt_stride + blk]
-                if 0 <= page < x.a.num_pages:
-                    err[i] = 0
-                    fx_token_scores(qs + r * g * d,
-                                    x.a.kv + page * x.a.page_stride + (r % x.hkv) * x.a.head_stride,
-                                    d, g, blk, x.seq_lens[b], res + i * 16,
-                                    sp + threadid() * g * 16, isa)
-        for i in range(W):
-            if err[i]:
-                first_bad = i
-                break
+        oom = qs == NULL or err == NULL
+        if not oom:
+            sp = qs + x.B * x.hq * d
+            fx_prepare_q(x.q, qs, x.B * x.hq, d, scale, isa)
+            for i in prange(W, schedule='static', num_threads=num_threads):
+                # the row of item i: the last r with indptr[r] <= i
+                lo = 0
+                hi = R
+                while hi - lo > 1:
+                    r = (lo + hi) // 2
+                    if x.indptr[r] <= i:
+                        lo = r
+                    else:
+                        hi = r
+                r = lo
+                b = r // x.hkv
+                blk = x.blocks[i]
+                nb = (x.seq_lens[b] + 15) // 16
+                err[i] = 1
+                if 0 <= blk < nb:
+                    page = x.bt[b * x.bt_stride + blk]
+                    if 0 <= page < x.a.num_pages:
+                        err[i] = 0
+                        fx_token_scores(qs + r * g * d,
+                                        x.a.kv + page * x.a.page_stride + (r % x.hkv) * x.a.head_stride,
+                                        d, g, blk, x.seq_lens[b], res + i * 16,
+                                        sp + threadid() * g * 16, isa)
+            for i in range(W):
+                if err[i]:
+                    first_bad = i
+                    break
         free(err)
         free(qs)
+    if oom:
+        raise MemoryError("token_scores: no memory for the kernel's scratch")
     return first_bad

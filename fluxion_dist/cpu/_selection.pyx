@@ -9,8 +9,10 @@ the form ``sparse_partial_attention`` takes.
 
 from cython.parallel cimport prange, threadid
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.math cimport fabsf
+
+import numpy as np
 
 
 cdef extern from "block_selection.h" nogil:
@@ -43,13 +45,13 @@ def quest_scores(const float[:, :, ::1] q, const uint16_t[:, :, ::1] kmin,
     cdef int64_t hkv = kmin.shape[1], P = kmin.shape[0], maxb = block_tables.shape[1]
     cdef int64_t g = hq // hkv, tiles = (maxb + QUEST_TILE - 1) // QUEST_TILE
     cdef int64_t it, b, kh, j, h, nb, page, first_bad = -1
-    cdef float *qs
-    cdef int64_t *err
+    # Scratch comes from numpy, with the GIL: a failed allocation raises MemoryError.
+    cdef float[::1] qs_buf = np.empty(2 * B * hq * d, dtype=np.float32)
+    cdef int64_t[::1] err = np.empty(B * hkv * tiles, dtype=np.int64)
+    cdef float *qs = &qs_buf[0]
     cdef const float *qp = &q[0, 0, 0]
 
     with nogil:
-        qs = <float *>malloc(2 * B * hq * d * sizeof(float))
-        err = <int64_t *>malloc((B * hkv * tiles + 1) * sizeof(int64_t))
         for j in range(B * hq * d):
             qs[j] = qp[j] * scale
             qs[B * hq * d + j] = fabsf(qs[j])
@@ -78,8 +80,6 @@ def quest_scores(const float[:, :, ::1] q, const uint16_t[:, :, ::1] kmin,
             if err[it] >= 0:
                 first_bad = err[it]
                 break
-        free(err)
-        free(qs)
     return first_bad
 
 
@@ -88,14 +88,15 @@ cdef int64_t _rows_to_csr(const float[:, ::1] x, const int32_t[::1] row_lens,
                           int32_t[::1] indptr, int32_t[::1] ids) except -1:
     cdef int64_t R = x.shape[0], n = x.shape[1], r
     cdef bint by_mass = k is None
-    cdef uint64_t *keys
-    cdef double *w
-    cdef fx_cut *cuts
+    cdef uint64_t[::1] key_buf = np.empty(num_threads * n + 1, dtype=np.uint64)
+    cdef double[::1] w_buf = np.empty(num_threads * n + 1 if by_mass else 1, dtype=np.float64)
+    cdef uint64_t *keys = &key_buf[0]
+    cdef double *w = &w_buf[0]
+    cdef fx_cut *cuts = <fx_cut *>PyMem_Malloc((R + 1) * sizeof(fx_cut))
     cdef fx_cut cut
+    if cuts == NULL:
+        raise MemoryError()
     with nogil:
-        cuts = <fx_cut *>malloc((R + 1) * sizeof(fx_cut))
-        keys = <uint64_t *>malloc((num_threads * n + 1) * sizeof(uint64_t))
-        w = <double *>malloc((num_threads * n + 1) * sizeof(double))
         for r in prange(R, schedule='dynamic', num_threads=num_threads):
             if by_mass:
                 cut = fx_topp_cut(&x[r, 0], row_lens[r], p[r], keys + threadid() * n,
@@ -108,9 +109,7 @@ cdef int64_t _rows_to_csr(const float[:, ::1] x, const int32_t[::1] row_lens,
             indptr[r + 1] = <int32_t>(indptr[r] + cuts[r].count)
         for r in prange(R, schedule='dynamic', num_threads=num_threads):
             fx_emit(&x[r, 0], row_lens[r], cuts[r], 0, &ids[0] + indptr[r])
-        free(w)
-        free(keys)
-        free(cuts)
+    PyMem_Free(cuts)
     return indptr[R]
 
 
@@ -137,10 +136,11 @@ def topk_tokens(const float[:, ::1] tok, const int32_t[::1] sel_indptr, const in
     cdef uint64_t *keys
     cdef fx_cut cut
     cdef const float *x
+    for r in range(R):
+        nmax = max(nmax, 16 * (sel_indptr[r + 1] - sel_indptr[r]))
+    cdef uint64_t[::1] key_buf = np.empty(num_threads * nmax + 1, dtype=np.uint64)
+    keys = &key_buf[0]
     with nogil:
-        for r in range(R):
-            nmax = max(nmax, 16 * (sel_indptr[r + 1] - sel_indptr[r]))
-        keys = <uint64_t *>malloc((num_threads * nmax + 1) * sizeof(uint64_t))
         for r in prange(R, schedule='dynamic', num_threads=num_threads):
             x = &tok[0, 0] + 16 * sel_indptr[r]
             n = 16 * (sel_indptr[r + 1] - sel_indptr[r])
@@ -151,4 +151,3 @@ def topk_tokens(const float[:, ::1] tok, const int32_t[::1] sel_indptr, const in
                 for i in range(n):
                     if x[i] != -INFINITY and fx_rank_key(x[i], <uint32_t>i) <= cut.threshold:
                         masks[sel_indptr[r] + i // 16] |= <uint16_t>(1 << (i % 16))
-        free(keys)

@@ -46,8 +46,9 @@ def sparse_partial_attention(q: np.ndarray, kv_pages: np.ndarray, block_tables: 
     (logical block ids, row ``b*Hkv + kh``) follow KERNEL_API.md. ``sel_masks [nnz]`` (uint16),
     when given, keeps only the tokens whose bit is set in each selected block (the token level of
     hierarchical selection); unselected tokens are not read. An empty row gives ``m=-inf, l=0,
-    o=0``. ``isa`` forces the kernel body ("scalar" exists for tests and for CPUs without AVX2);
-    ``prefetch`` and ``chunks_per_thread`` are tuning knobs for the benchmark.
+    o=0``. ``isa="auto"`` runs the widest body the CPU has and head_dim fits (AVX-512F for
+    d % 32 == 0, AVX2+FMA for d % 16 == 0, else portable C); naming one forces it (tests,
+    benchmark). ``prefetch`` and ``chunks_per_thread`` are tuning knobs for the benchmark.
     """
     dims = _checks.arena(q, kv_pages, block_tables, seq_lens)
     rows = dims.batch * dims.num_kv_heads

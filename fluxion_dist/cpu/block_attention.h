@@ -123,20 +123,27 @@ static void fx_block(const float *q2, const uint16_t *K, const uint16_t *V, int 
 
 /* ---- chunk driver -------------------------------------------------------- */
 
-/* Online-softmax partial (log2 units) of a row over `n` selected blocks,
- * written to o[g*d] (natural channel order), m2[g], l[g]. `q2` comes from
- * fx_prepare_q with scale*log2(e); `work` is 64-byte aligned scratch of
- * g*d + g*16 floats (the split accumulator, then the scores). Returns -1, or
- * the offset of the first selected block that lies outside the sequence or
- * maps to a page outside the arena (nothing past it is read). `prefetch` is
- * the look-ahead distance in blocks (0: none). */
+/* Floats of per-thread scratch fx_attend_chunk needs: the split accumulator,
+ * the scores, the running max and sum, rounded up to whole cache lines. */
+static inline int64_t fx_work_floats(int g, int d) { return ((int64_t)g * (d + 18) + 15) / 16 * 16; }
+
+/* Online-softmax partial of a row over `n` selected blocks, written to
+ * o[g*d] (natural channel order), m2[g] (running max in log2 units), l[g].
+ * `q2` comes from fx_prepare_q with scale*log2(e); `work` is 64-byte aligned
+ * scratch of fx_work_floats(g, d) floats, private to the calling thread: every
+ * per-block update stays in it (outputs of neighbouring rows share cache lines,
+ * and other threads write those), and o, m2, l are written once at the end.
+ * Returns -1, or the offset of the first selected block that lies outside the
+ * sequence or maps to a page outside the arena (nothing past it is read).
+ * `prefetch` is the look-ahead distance in blocks (0: none). */
 static int64_t fx_attend_chunk(const fx_arena *a, const fx_row *r, const float *q2,
                                const int32_t *blocks, const uint16_t *masks, int64_t n,
-                               float *o, float *m2, float *l, float *work, int isa, int prefetch) {
+                               float *o, float *m2_out, float *l_out, float *work, int isa,
+                               int prefetch) {
     const int d = a->d, g = a->g;
     const int32_t nb = (r->seq_len + FX_BT - 1) / FX_BT;
     const uint16_t *head = a->kv + (int64_t)r->kh * a->head_stride;
-    float *acc = work, *sp = work + (int64_t)g * d;
+    float *acc = work, *sp = acc + (int64_t)g * d, *m2 = sp + g * FX_BT, *l = m2 + g;
     memset(acc, 0, sizeof(float) * (size_t)g * (size_t)d);
     for (int h = 0; h < g; h++) {
         m2[h] = -INFINITY;
@@ -159,7 +166,11 @@ static int64_t fx_attend_chunk(const fx_arena *a, const fx_row *r, const float *
         const uint16_t *K = head + (int64_t)page * a->page_stride;
         fx_block(q2, K, K + FX_BT * d, d, g, tok, nt, acc, m2, l, sp, pf, isa);
     }
-    for (int h = 0; h < g; h++) fx_unsplit(acc + (int64_t)h * d, o + (int64_t)h * d, d, fx_split_width(isa));
+    for (int h = 0; h < g; h++) {
+        fx_unsplit(acc + (int64_t)h * d, o + (int64_t)h * d, d, fx_split_width(isa));
+        m2_out[h] = m2[h];
+        l_out[h] = l[h];
+    }
     return -1;
 }
 

@@ -1,0 +1,182 @@
+"""CPU sparse attention: KV bytes read per second against the DRAM read ceiling and torch.
+
+One run prints one table for an 8B-shaped layer (8 KV heads, 32 query heads,
+d=128, bf16): for each context and budget, the median time of our kernel and of
+the torch baseline (gather + bmm, same thread count), the KV bytes each read
+per second, and the ratios ours/ceiling and ours/torch. The ceiling is a
+multithreaded streaming read of a buffer far larger than the caches.
+
+Every repeat draws a fresh random selection and first streams through a
+cache-sized slice of the ceiling buffer, so no repeat finds its blocks in
+cache (decode reads each layer's KV once per step). Ceiling samples are taken
+between the kernel's repeats and each row is judged against the samples taken
+during it, so both sides see the same background load.
+
+    python scripts/bench_cpu_attention.py --threads 2 --contexts 32768 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from fluxion_dist.attention.layout import BLOCK_TOKENS
+from fluxion_dist.cpu import _attention, _stream
+from fluxion_dist.cpu.attention import sparse_partial_attention
+from fluxion_dist.cpu.synthetic_arena import paged_batch, random_selection
+from fluxion_dist.cpu.torch_baseline import torch_sparse_partial_attention
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+class Ceiling:
+    """The streaming-read buffer: its samples are the ceiling, a slice of it flushes the caches."""
+
+    def __init__(self, gib: float, flush_mib: int, threads: int):
+        n = int(gib * (1 << 30)) // 8
+        self.buf = np.arange(n, dtype=np.uint64)
+        self.buf *= np.uint64(0x9E3779B97F4A7C15)  # non-zero, non-repeating words, written once
+        self.flush_words = min(n, flush_mib * (1 << 20) // 8)
+        self.threads = threads
+        self.samples: list[float] = []
+
+    def sample(self) -> None:
+        t = time.perf_counter()
+        _stream.stream_read(self.buf, self.threads)
+        self.samples.append(self.buf.nbytes / (time.perf_counter() - t))
+
+    def flush(self) -> None:
+        _stream.stream_read(self.buf[-self.flush_words:], self.threads)
+
+    @property
+    def gbps(self) -> float:
+        return statistics.median(self.samples) / 1e9
+
+
+def time_calls(rng, batch, budget, repeats, ceiling, run) -> tuple[int, float, float]:
+    """Median seconds of ``run(call)`` over fresh selections, caches flushed; the KV bytes read;
+    and the median ceiling (bytes/s) sampled between these repeats, under the same load."""
+    hkv, d = batch.kv_pages.shape[1], batch.q.shape[-1]
+    times, nbytes, first = [], 0, len(ceiling.samples)
+    for _ in range(repeats):
+        indptr, blocks = random_selection(rng, batch.seq_lens, hkv, budget)
+        nbytes = blocks.size * 2 * BLOCK_TOKENS * d * 2  # contexts are whole blocks
+        ceiling.sample()
+        ceiling.flush()
+        t = time.perf_counter()
+        run((batch.q, batch.kv_pages, batch.block_tables, batch.seq_lens, indptr, blocks, 1 / np.sqrt(d)))
+        times.append(time.perf_counter() - t)
+    return nbytes, statistics.median(times), statistics.median(ceiling.samples[first:])
+
+
+def hot_rate(rng, args, group, isa) -> float:
+    """Bytes/s of the kernel over 32 blocks per KV head revisited ~1000 times: the KV stays in
+    L2, so this is the compute ceiling of the kernel on this machine (memory not in the way)."""
+    batch = paged_batch(rng, [32 * BLOCK_TOKENS], args.kv_heads, group, args.head_dim, poison=False)
+    per_row = 32 * 1024
+    blocks = np.tile(np.arange(32, dtype=np.int32), per_row // 32 * args.kv_heads)
+    indptr = (np.arange(args.kv_heads + 1) * per_row).astype(np.int32)
+    call = (batch.q, batch.kv_pages, batch.block_tables, batch.seq_lens, indptr, blocks, 0.1)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        sparse_partial_attention(*call, num_threads=args.threads, isa=isa)
+        times.append(time.perf_counter() - t)
+    return blocks.size * 2 * BLOCK_TOKENS * args.head_dim * 2 / statistics.median(times) / 1e9
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--contexts", type=ints, default=[32768, 131072], help="tokens, comma-separated")
+    p.add_argument("--budgets", type=floats, default=[0.05, 1.0], help="fractions of the blocks")
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--q-heads", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--torch-repeats", type=int, default=3)
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--ceiling-gib", type=float, default=2.0)
+    p.add_argument("--flush-mib", type=int, default=512, help="read before each repeat to evict caches")
+    p.add_argument("--isa", type=lambda t: t.split(","), default=["auto"], help="kernel body(ies)")
+    p.add_argument("--prefetch", type=ints, default=[1], help="kernel knob(s), blocks ahead")
+    p.add_argument("--chunks-per-thread", type=ints, default=[4], help="kernel knob(s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hot", action="store_true", help="also print the kernel's rate on L2-resident KV")
+    args = p.parse_args()
+
+    rng = np.random.default_rng(args.seed)
+    ceiling = Ceiling(args.ceiling_gib, args.flush_mib, args.threads)
+    group = args.q_heads // args.kv_heads
+    rows = []
+    for ctx in args.contexts:
+        batch = paged_batch(rng, [ctx], args.kv_heads, group, args.head_dim, poison=False)
+        for budget in args.budgets:
+            torch_s = None
+            if not args.no_torch:
+                _, torch_s, _ = time_calls(rng, batch, budget, args.torch_repeats, ceiling, lambda call:
+                                        torch_sparse_partial_attention(*call, num_threads=args.threads))
+            for isa, prefetch, chunks in itertools.product(args.isa, args.prefetch, args.chunks_per_thread):
+                nbytes, ours, near = time_calls(rng, batch, budget, args.repeats, ceiling, lambda call:
+                                          sparse_partial_attention(*call, num_threads=args.threads, isa=isa,
+                                                                   prefetch=prefetch, chunks_per_thread=chunks))
+                rows.append((ctx, budget, (isa, prefetch, chunks), nbytes, ours, near / 1e9, torch_s))
+        del batch
+
+    hot = {isa: hot_rate(rng, args, group, isa) for isa in args.isa} if args.hot else {}
+
+    cgb = ceiling.gbps
+    print(f"cpu: {cpu_name()}, {os.cpu_count()} logical cpus; threads={args.threads}; "
+          f"widest kernel body: {_attention.cpu_isa()}")
+    print(f"layer: {args.kv_heads} KV heads, {args.q_heads} query heads, d={args.head_dim}, bf16 KV "
+          f"paged in 16-token blocks, random block order; medians of {args.repeats} repeats "
+          f"(torch: {args.torch_repeats}), caches flushed before each")
+    print(f"DRAM read ceiling ({args.threads} threads, {args.ceiling_gib:g} GiB streaming read, "
+          f"median of {len(ceiling.samples)}): {cgb:.1f} GB/s; each row's ratio uses the ceiling "
+          f"sampled between that row's own repeats")
+    for isa, rate in hot.items():
+        print(f"kernel ({isa}) on L2-resident KV, i.e. its compute ceiling ({args.threads} threads): "
+              f"{rate:.1f} GB/s")
+    print()
+    knobs = len(args.isa) * len(args.prefetch) * len(args.chunks_per_thread) > 1
+    head = "| context | budget | KV read MiB |" + (" isa | prefetch | chunks/thr |" if knobs else "")
+    head += " ours ms | ours GB/s | ceiling GB/s | ours/ceiling | torch ms | torch GB/s | ours/torch |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for ctx, budget, knob, nbytes, ours, near, torch_s in rows:
+        gb = nbytes / ours / 1e9
+        line = f"| {ctx // 1024}k | {budget:.0%} | {nbytes / 2**20:.1f} |"
+        line += "".join(f" {k} |" for k in knob) if knobs else ""
+        line += f" {ours * 1e3:.2f} | {gb:.1f} | {near:.1f} | {gb / near:.2f} |"
+        if torch_s is None:
+            line += " - | - | - |"
+        else:
+            line += f" {torch_s * 1e3:.2f} | {nbytes / torch_s / 1e9:.1f} | {torch_s / ours:.1f}x |"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
