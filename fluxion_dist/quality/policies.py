@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from fluxion_dist.attention import reference
-from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks
+from fluxion_dist.sparse.selection import forced_blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,16 +50,6 @@ class Policy(Protocol):
 
     def select(self, view: StepView) -> np.ndarray:
         """``bool [Hkv, nb]``: the blocks each KV head attends this step."""
-
-
-def always_kept(num_tokens: int, sink_tokens: int, recent_tokens: int) -> np.ndarray:
-    """``bool [nb]``: blocks holding a sink or a recent-window token."""
-    nb = num_blocks(num_tokens)
-    keep = np.zeros(nb, dtype=bool)
-    keep[:num_blocks(min(sink_tokens, num_tokens))] = True
-    if recent_tokens:
-        keep[max(num_tokens - recent_tokens, 0) // BLOCK_TOKENS:] = True
-    return keep
 
 
 def budget_blocks(budget: float, nb: int) -> int:
@@ -104,7 +94,7 @@ class QuestFixed:
         pass
 
     def select(self, view: StepView) -> np.ndarray:
-        keep = always_kept(view.num_tokens, self.sink_tokens, self.recent_tokens)
+        keep = forced_blocks(view.num_tokens, self.sink_tokens, self.recent_tokens)
         hkv, nb = view.true_block_mass.shape
         scores = reference.kv_head_scores(reference.quest_scores(view.q, view.kmin, view.kmax, view.scale), hkv)
         scores[:, keep] = -np.inf  # already read; the top-k spends the rest of the budget
