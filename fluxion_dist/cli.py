@@ -79,6 +79,7 @@ def _shutdown(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """Start a local cluster, deploy the YAML, send a few requests over HTTP, print the replies."""
+    from fluxion_dist.model.loader import BUILTIN_QUALITY
     from fluxion_dist.server import deploy
     from fluxion_dist.server.demo_client import run_demo_requests
     from fluxion_dist.server.ray_cluster import connect
@@ -90,8 +91,14 @@ def _demo(args: argparse.Namespace) -> int:
     deployment = deploy.deploy(cfg, detached=False)
     print(f"deployed {cfg.prefill.num_workers} prefill + {cfg.decode.num_workers} decode worker(s) "
           f"in {time.perf_counter() - t0:.1f}s; API at {deployment.endpoint}/v1", flush=True)
+    if cfg.model.path == BUILTIN_QUALITY:
+        from fluxion_dist.quality.demo_prompts import demo_questions
+
+        prompts = [(q.prompt, q.answer) for q in demo_questions()]
+    else:
+        prompts = [(p, None) for p in DEMO_PROMPTS]
     try:
-        run_demo_requests(deployment.endpoint, cfg.server, DEMO_PROMPTS, args.max_tokens)
+        run_demo_requests(deployment.endpoint, cfg.server, prompts, args.max_tokens)
     finally:
         deploy.shutdown(cfg)
     return 0

@@ -49,7 +49,8 @@ class PrefillWorker:
             def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
                 self.pusher.write_and_push(transfer, layer, k, v)
 
-            out = await asyncio.to_thread(self.model.prefill, torch.tensor(prompt, dtype=torch.long), on_layer)
+            out = await asyncio.to_thread(self.model.prefill, torch.tensor(prompt, dtype=torch.long), on_layer,
+                                          all_logits=False)
             await self.pusher.complete(transfer, self.cfg.transport.timeout_s)
         except BaseException as e:
             self.pusher.cancel(transfer, f"prefill failed: {type(e).__name__}")

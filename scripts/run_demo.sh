@@ -4,4 +4,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/dev_env.sh"
 cd "$root"
-exec fluxion-dist demo "${1:-cluster_configs/deploy_cpu_demo.yaml}"
+exec fluxion-dist demo "${1:-cluster_configs/deploy_cpu_quality.yaml}"

@@ -24,7 +24,8 @@ def doc(text: str, **limits: float) -> dict:
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     path: str | None = field(default=None, metadata=doc(
-        "HF-format checkpoint directory (config.json + *.safetensors); unset: the tiny seeded model"))
+        "HF-format checkpoint directory (config.json + *.safetensors); 'builtin:quality': the shipped "
+        "long-context quality model; unset: the tiny seeded model"))
     seed: int = field(default=0, metadata=doc("seed of the tiny model's random weights", ge=0))
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata=doc("compute dtype"))
     max_model_len: int = field(default=32768, metadata=doc("longest prompt + output, in tokens", ge=16))

@@ -118,11 +118,13 @@ class CausalLM(nn.Module):
         return F.linear(h, w).float()
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, on_layer_kv: LayerKVCallback | None = None) -> PrefillOutput:
+    def prefill(self, tokens: torch.Tensor, on_layer_kv: LayerKVCallback | None = None, *,
+                all_logits: bool = True) -> PrefillOutput:
         """Dense causal forward over one prompt ``tokens [T]``.
 
         ``on_layer_kv(layer, k, v)`` is called as soon as each layer's K/V exist, so a
-        caller can ship layer ``i`` while layer ``i + 1`` computes.
+        caller can ship layer ``i`` while layer ``i + 1`` computes. With ``all_logits=False``
+        only the last position's logits are computed (``logits [1, vocab]``): all a server needs.
         """
         if tokens.ndim != 1 or tokens.numel() == 0:
             raise ValueError(f"prefill takes a non-empty 1-D token tensor; got shape {tuple(tokens.shape)}")
@@ -136,12 +138,13 @@ class CausalLM(nn.Module):
                 on_layer_kv(i, k, v)
             keys.append(k)
             values.append(v)
+            # 4-D inputs: with 3-D ones torch falls back to the math kernel, which materialises T x T.
             attn = F.scaled_dot_product_attention(
-                q.transpose(0, 1), k.repeat_interleave(g, 1).transpose(0, 1),
-                v.repeat_interleave(g, 1).transpose(0, 1), is_causal=True)
+                q.transpose(0, 1)[None], k.repeat_interleave(g, 1).transpose(0, 1)[None],
+                v.repeat_interleave(g, 1).transpose(0, 1)[None], is_causal=True)[0]
             h = h + layer.self_attn.o_proj(attn.transpose(0, 1).reshape(tokens.numel(), -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return PrefillOutput(self._logits(h), keys, values)
+        return PrefillOutput(self._logits(h if all_logits else h[-1:]), keys, values)
 
     @torch.inference_mode()
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, attend: AttentionHook) -> torch.Tensor:

@@ -16,9 +16,10 @@ import torch
 from fluxion_dist.model.arch import ModelArch
 from fluxion_dist.model.checkpoint import load_model, save_model
 from fluxion_dist.model.decoder import CausalLM
+from fluxion_dist.model.loader import SHIPPED_QUALITY_DIR
 from fluxion_dist.quality import vocab
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "quality_model"
+SHIPPED_DIR = SHIPPED_QUALITY_DIR
 
 QUALITY_ARCH = ModelArch(
     architecture="llama",

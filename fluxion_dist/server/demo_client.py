@@ -10,11 +10,17 @@ import httpx
 from fluxion_dist.config.schema import ServerConfig
 
 
-def run_demo_requests(endpoint: str, server: ServerConfig, prompts: tuple[str, ...], max_tokens: int) -> None:
+def _show(prompt: str) -> str:
+    return repr(prompt) if len(prompt) <= 90 else repr(prompt[:40] + " ... " + prompt[-45:]) + f" ({len(prompt.split())} words)"
+
+
+def run_demo_requests(endpoint: str, server: ServerConfig, prompts: list[tuple[str, str | None]],
+                      max_tokens: int) -> None:
+    """``prompts``: (prompt, expected answer or None), the first one streamed."""
     headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
     with httpx.Client(base_url=endpoint, headers=headers, timeout=120) as client:
         print("GET /health ->", client.get("/health").json()["healthy"])
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, expected) in enumerate(prompts):
             body = {"model": server.served_model_name, "prompt": prompt, "max_tokens": max_tokens,
                     "temperature": 0, "stream": i == 0}
             t0 = time.perf_counter()
@@ -26,11 +32,14 @@ def run_demo_requests(endpoint: str, server: ServerConfig, prompts: tuple[str, .
                         if line.startswith("data: ") and line != "data: [DONE]":
                             text += json.loads(line[6:])["choices"][0]["text"]
                             ttft = ttft or time.perf_counter() - t0
-                print(f"[stream] {prompt!r}\n  -> {text!r}  (first token {ttft * 1e3:.0f} ms, "
+                print(f"[stream] {_show(prompt)}\n  -> {text!r}  (first token {ttft * 1e3:.0f} ms, "
                       f"total {(time.perf_counter() - t0) * 1e3:.0f} ms)")
             else:
                 r = client.post("/v1/completions", json=body)
                 r.raise_for_status()
                 out = r.json()
-                print(f"[plain]  {prompt!r}\n  -> {out['choices'][0]['text']!r}  ({out['usage']['completion_tokens']} "
+                text = out["choices"][0]["text"]
+                print(f"[plain]  {_show(prompt)}\n  -> {text!r}  ({out['usage']['completion_tokens']} "
                       f"tokens, {(time.perf_counter() - t0) * 1e3:.0f} ms)")
+            if expected is not None:
+                print(f"  expected {expected!r}: {'correct' if text.split()[:len(expected.split())] == expected.split() else 'wrong'}")
