@@ -184,3 +184,14 @@ def test_eval_script_runs_end_to_end(tmp_path, shipped):
     assert {c["task"] for c in data["cells"]} == set(TASKS)
     full = [c for c in data["cells"] if c["policy"] == "full"]
     assert all(np.allclose(c["per_head_recall"], 1.0) for c in full)
+
+
+def test_demo_questions_are_in_the_shipped_tokenizers_vocabulary():
+    from fluxion_dist.config.schema import ModelConfig
+    from fluxion_dist.model.loader import load_from_config
+    from fluxion_dist.quality.demo_prompts import demo_questions
+
+    _, tok = load_from_config(ModelConfig(path="builtin:quality"))
+    for q in demo_questions(context_tokens=512):
+        ids = tok.encode(q.prompt)
+        assert ids[0] == vocab.BOS and vocab.UNK not in ids and len(ids) == 512 - len(q.answer.split()) - 1  # all but the answer and its closing dot
