@@ -13,6 +13,7 @@ A request's life cycle here:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from typing import AsyncIterator
@@ -109,7 +110,7 @@ class RayBackend:
             yield first
             n = 1
             gen = self.decode[decode_name].generate.options(num_returns="streaming").remote(
-                request_id, first, _params_dict(params))
+                request_id, first, dataclasses.asdict(params))
             try:
                 async for ref in gen:
                     yield await ref
@@ -135,11 +136,6 @@ class RayBackend:
 
     def metrics_text(self) -> bytes:
         return generate_latest(self.metrics.registry)
-
-
-def _params_dict(p: SamplingParams) -> dict:
-    return {"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p, "seed": p.seed,
-            "ignore_eos": p.ignore_eos}
 
 
 def _reason(e: BaseException) -> str:
