@@ -108,22 +108,18 @@ class UcxEndpoint(Endpoint):
         self._aborted = False
 
     async def send(self, buf: Buffer, tag: int) -> None:
-        import ucxx
-        from ucxx.types import Tag
-        if self._aborted:
-            raise OperationCanceled("endpoint closed")
-        try:
-            await self._ep.send(buf, tag=Tag(tag), force_tag=True)
-        except ucxx.exceptions.UCXError as e:
-            raise _map_error(e) from e
+        await self._tagged(self._ep.send, buf, tag)
 
     async def recv(self, buf: Buffer, tag: int) -> None:
+        await self._tagged(self._ep.recv, buf, tag)
+
+    async def _tagged(self, op, buf: Buffer, tag: int) -> None:
         import ucxx
         from ucxx.types import Tag
         if self._aborted:
             raise OperationCanceled("endpoint closed")
         try:
-            await self._ep.recv(buf, tag=Tag(tag), force_tag=True)
+            await op(buf, tag=Tag(tag), force_tag=True)
         except ucxx.exceptions.UCXError as e:
             raise _map_error(e) from e
 

@@ -15,16 +15,11 @@ import pytest
 
 from fluxion_dist.attention import reference as ref
 from fluxion_dist.attention.layout import num_blocks
-from fluxion_dist.cpu import _attention
 from fluxion_dist.cpu._checks import ISA_HEAD_DIM
 from fluxion_dist.cpu.attention import sparse_partial_attention
+from tests.cpu_util import ISAS
 from fluxion_dist.cpu.synthetic_arena import paged_batch, random_selection
 
-ISAS = ["scalar",
-        pytest.param("avx2", marks=pytest.mark.skipif(
-            _attention.cpu_isa() == "scalar", reason="this CPU has no AVX2+FMA")),
-        pytest.param("avx512", marks=pytest.mark.skipif(
-            _attention.cpu_isa() != "avx512", reason="this CPU has no AVX-512F"))]
 
 
 def rows_of(indptr, blocks, hkv, b):

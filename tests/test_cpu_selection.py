@@ -13,17 +13,12 @@ from hypothesis import strategies as st
 
 from fluxion_dist.attention import reference as ref
 from fluxion_dist.attention.layout import BLOCK_TOKENS, from_bf16_bits, num_blocks
-from fluxion_dist.cpu import _attention
 from fluxion_dist.cpu.attention import sparse_partial_attention
 from fluxion_dist.cpu.selection import (block_counts, kv_head_max, quest_scores, quest_scores_paged,
                                         select_tokens_topk, select_topk, select_topp, token_scores)
+from tests.cpu_util import ISAS
 from fluxion_dist.cpu.synthetic_arena import paged_batch, random_bf16_bits, random_selection
 
-ISAS = ["scalar",
-        pytest.param("avx2", marks=pytest.mark.skipif(
-            _attention.cpu_isa() == "scalar", reason="this CPU has no AVX2+FMA")),
-        pytest.param("avx512", marks=pytest.mark.skipif(
-            _attention.cpu_isa() != "avx512", reason="this CPU has no AVX-512F"))]
 
 
 def metadata(rng, nb, hkv, d):
