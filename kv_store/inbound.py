@@ -101,11 +101,9 @@ class InboundConnection:
         buf = bytearray(wire.MAX_FRAME_BYTES)
         try:
             while True:
-                # A short message must not be read with the previous frame's prefix.
-                buf[:wire.PREFIX.size] = bytes(wire.PREFIX.size)
-                await self.ep.recv(buf, ctrl_tag(self.conn_id))
+                frame = await self.ep.recv_frame(buf, ctrl_tag(self.conn_id))
                 self.last_seen = time.monotonic()
-                if not self._handle(wire.decode(buf)):
+                if not self._handle(frame):
                     return
         except MessageTruncated:
             self.fail(WireError(f"frame larger than {wire.MAX_FRAME_BYTES} bytes"))

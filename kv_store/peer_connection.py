@@ -106,10 +106,9 @@ class PeerConnection:
         buf = bytearray(wire.MAX_FRAME_BYTES)
         try:
             while True:
-                buf[:wire.PREFIX.size] = bytes(wire.PREFIX.size)
-                await self.ep.recv(buf, reply_tag(self.conn_id))
+                frame = await self.ep.recv_frame(buf, reply_tag(self.conn_id))
                 self.last_seen = time.monotonic()
-                self._on_frame(wire.decode(buf))
+                self._on_frame(frame)
         except MessageTruncated:
             self._fail(WireError(f"reply frame larger than {wire.MAX_FRAME_BYTES} bytes"))
         except (WireError, ProtocolError) as e:

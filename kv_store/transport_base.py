@@ -21,6 +21,7 @@ from typing import Union
 
 import numpy as np
 
+from kv_store import wire
 from kv_store.loop_thread import EventLoopThread
 
 Buffer = Union[np.ndarray, bytearray, bytes]
@@ -67,6 +68,13 @@ class Endpoint(ABC):
     @property
     @abstractmethod
     def closed(self) -> bool: ...
+
+    async def recv_frame(self, buf: bytearray, tag: int) -> "wire.Frame":
+        """Receive one control frame into ``buf`` (``wire.MAX_FRAME_BYTES``) and decode it."""
+        # A short message must not be read with the previous frame's prefix.
+        buf[:wire.PREFIX.size] = bytes(wire.PREFIX.size)
+        await self.recv(buf, tag)
+        return wire.decode(buf)
 
 
 class Fabric(ABC):
