@@ -151,14 +151,25 @@ def sdpa_ms(shape: Shape, context: int, batch: int, steps: int, device: str) -> 
 def run_policy(policy: str, shape: Shape, arena: HostArena, seqs, synth, cost, args, device: str,
                context: int) -> Row:
     batch = len(seqs)
+    # the cache is sized for the model: each layer run gets a 32-layer model's per-layer share
     cfg = SparseConfig(policy=policy, budget=args.budget, mass_target=args.mass_target,
                        sink_tokens=args.sink_tokens, recent_tokens=args.recent_tokens, cpu_threads=args.cpu_threads,
-                       gpu_cache_blocks=args.cache_slots)
+                       gpu_cache_blocks=args.cache_slots * shape.layers // shape.model_layers)
     op = HybridAttention(arena, cfg, cost, HybridOptions(shape.layers, cpu_threads=args.cpu_threads, device=device))
     total = args.warmup + args.steps
     queries = [[drifted_queries(kv, total, drift=args.drift, seed=1000 * layer + b) for layer in range(shape.layers)]
                for b, kv in enumerate(synth)]
     rng = np.random.default_rng(1)
+    # inputs live where the model's would: on the GPU when there is one (uploaded before timing)
+    dev = "cuda" if device == "gpu" else "cpu"
+    q_all = torch.from_numpy(np.stack([np.stack([np.stack([queries[b][layer][step] for b in range(batch)])
+                                                 for layer in range(shape.layers)]) for step in range(total)])).to(dev)
+    pick = rng.integers(0, context, size=(total, shape.layers, batch))
+    k_all = torch.from_numpy(np.stack([[np.stack([synth[b].k[pick[t, layer, b]] for b in range(batch)])
+                                        for layer in range(shape.layers)] for t in range(total)])).to(dev, torch.bfloat16)
+    v_all = torch.from_numpy(np.stack([[np.stack([synth[b].v[pick[t, layer, b]] for b in range(batch)])
+                                        for layer in range(shape.layers)] for t in range(total)])).to(dev, torch.bfloat16)
+    del queries
     for s in seqs:
         s.seq_len = context  # each policy decodes the same positions (overwriting the last one's tokens)
     times, reports = [], []
@@ -167,12 +178,10 @@ def run_policy(policy: str, shape: Shape, arena: HostArena, seqs, synth, cost, a
             hook = op.step(seqs, [f"r{b}" for b in range(batch)])
             t0 = time.perf_counter()
             for layer in range(shape.layers):
-                q = torch.from_numpy(np.stack([queries[b][layer][step] for b in range(batch)]))
                 # the new token: a key/value like the context's (drawn from its tokens), bf16
-                pick = rng.integers(0, context, size=batch)
-                k = torch.from_numpy(np.stack([synth[b].k[pick[b]] for b in range(batch)]))
-                v = torch.from_numpy(np.stack([synth[b].v[pick[b]] for b in range(batch)]))
-                hook(layer, q, k, v)
+                hook(layer, q_all[step, layer], k_all[step, layer], v_all[step, layer])
+            if dev == "cuda":
+                torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
             for s in seqs:
                 s.seq_len += 1

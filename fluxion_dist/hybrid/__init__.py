@@ -7,7 +7,9 @@ One concept per module:
 - ``scheduler``: :func:`split_layer` -> :class:`Split` (CPU CSR, GPU CSR + ``sel_slot``);
 - ``block_cache``: :class:`BlockCacheTable` (AsyncTLS incremental cache bookkeeping) -> ``CachePlan``;
 - ``gpu_path``: the GPU side's contract and its CPU stand-in ``EmulatedGpuPath`` (tests);
-- ``gpu_backend`` / ``gpu_calibration``: the CuPy implementations (import only with a GPU);
+- ``device_budget``: the GPU path's host decisions (per-head budgets, CPU share), NumPy;
+- ``device_pipeline`` / ``device_hook`` / ``gpu_calibration``: the GPU path on CuPy, everything
+  up to the attention on the device (import only with a GPU);
 - ``merge``: host-side exact merge of partials;
 - ``operator``: :class:`HybridAttention` (persistent) and its per-step ``StepHook``, the
   model's ``attend`` hook, with ``StepReport`` / ``LayerReport``.

@@ -2,7 +2,8 @@
 
 The device holds a pool of slots, each one (block, head) of K and V (``[S, 2, 16, d]``
 bf16, 8 KiB at d=128). This module is the host-side bookkeeping only, pure NumPy and
-tested on CPU; ``gpu_backend.GpuBlockCache`` owns the pool and does the copies it asks for.
+tested on CPU; ``gpu_path.EmulatedGpuPath`` owns a pool and does the copies it asks for (the GPU
+path keeps its table on the device: ``kernels.block_table``).
 
 Per layer call (:meth:`BlockCacheTable.plan`), given the layer's selected entries:
 

@@ -2,9 +2,10 @@
 
 :class:`GpuPath` is what the operator calls per layer: issue the block cache's copy-ins,
 launch the GPU partial over its share (cache slots or UVA reads of the host arena),
-then merge it with the CPU partial. Two implementations:
+then merge it with the CPU partial. On a real GPU the operator runs
+``device_pipeline.DevicePipeline`` instead (selection and routing on the device too); this
+contract keeps the host-selection path testable without one:
 
-- ``gpu_backend.CupyGpuPath``: the real one (CuPy kernels, a side stream for copies);
 - :class:`EmulatedGpuPath` here: the same contract on the CPU, for tests on machines
   with no GPU. Its "pool" is a NumPy array filled by the copy-ins at the moment they
   are issued, and its attention reads each cached entry *from that pool* (the Cython

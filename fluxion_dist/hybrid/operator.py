@@ -115,12 +115,14 @@ class HybridOptions:
     static_cpu_fraction: float | None = field(default=None, metadata={
         "doc": "fixed_hybrid's CPU share of the blocks; None: from the cost model's rates, once"})
     admit_limit: int | None = field(default=None, metadata={"doc": "cache copy-ins per layer call; None: no limit"})
+    refresh_steps: int = field(default=8, metadata={
+        "doc": "GPU path: steps between a layer's demand measurements (the predictor's top-p pass)"})
     policy: PolicyOptions = field(default_factory=PolicyOptions, metadata={"doc": "predictor/selector knobs"})
 
     def __post_init__(self) -> None:
-        if self.num_layers < 1 or self.cpu_threads < 1:
-            raise HybridAttentionError(f"HybridOptions.num_layers and .cpu_threads must be >= 1; got "
-                                       f"{self.num_layers}, {self.cpu_threads}")
+        if self.num_layers < 1 or self.cpu_threads < 1 or self.refresh_steps < 1:
+            raise HybridAttentionError(f"HybridOptions.num_layers, .cpu_threads and .refresh_steps must be >= 1; "
+                                       f"got {self.num_layers}, {self.cpu_threads}, {self.refresh_steps}")
         if self.device not in ("auto", "cpu", "gpu", "emulated"):
             raise HybridAttentionError(f"HybridOptions.device {self.device!r}; allowed: auto, cpu, gpu, emulated")
 
@@ -230,14 +232,24 @@ class HybridAttention:
         slots_per_layer = config.gpu_cache_blocks // options.num_layers if use_cache else 0
         self.cache: BlockCacheTable | None = None
         self.gpu: GpuPath | None = None
-        if self.device != "cpu":
-            total_slots = slots_per_layer * options.num_layers
-            if self.device == "gpu":
-                from fluxion_dist.hybrid.gpu_backend import CupyGpuPath
+        self.use_cache = use_cache
+        # GPU path state (device_hook): predictor demand per (request, layer), last counts per layer
+        self.demand: dict[tuple[str, int], np.ndarray] = {}
+        self.last_counts: dict[int, tuple[int, int, int]] = {}
+        self.steps = 0
+        if self.device == "gpu":
+            from fluxion_dist.hybrid.device_hook import DeviceTables
+            from fluxion_dist.hybrid.device_pipeline import DevicePipeline
 
-                self.gpu = CupyGpuPath(arena.kv_pages, total_slots, options.num_layers)
-            else:
-                self.gpu = EmulatedGpuPath(arena.kv_pages, total_slots, num_threads=options.cpu_threads)
+            self.pipeline = DevicePipeline(
+                arena.kv_pages, arena.kmin, arena.kmax, num_layers=options.num_layers,
+                cache_slots=config.gpu_cache_blocks if use_cache else 0, cpu_threads=options.cpu_threads,
+                mass_target=config.mass_target, sink_blocks=num_blocks(config.sink_tokens),
+                recent_blocks=num_blocks(config.recent_tokens) + 1)
+            self.device_tables = DeviceTables()
+        elif self.device == "emulated":
+            total_slots = slots_per_layer * options.num_layers
+            self.gpu = EmulatedGpuPath(arena.kv_pages, total_slots, num_threads=options.cpu_threads)
             if use_cache and slots_per_layer > 0:
                 self.cache = BlockCacheTable(num_pages, hkv, slots_per_layer, num_partitions=options.num_layers,
                                              admit_limit=options.admit_limit)
@@ -247,16 +259,26 @@ class HybridAttention:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self.pipeline = None  # the device pool and metadata mirror go back to CuPy's pool
+
+    def error(self, message: str) -> HybridAttentionError:
+        return HybridAttentionError(message)
 
     def release(self, request_id: str, pages: Sequence[int] = ()) -> None:
         """A request left: forget its predictor state and drop its pages from the cache."""
         self._known.discard(request_id)
-        for key in [k for k in self._states if k[0] == request_id]:
-            del self._states[key]
-        if self.cache is not None and len(pages):
-            self.cache.invalidate_pages(np.asarray(pages, dtype=np.int64))
+        for states in (self._states, self.demand):
+            for key in [k for k in states if k[0] == request_id]:
+                del states[key]
+        self._forget_pages(np.asarray(pages, dtype=np.int64))
 
-    def step(self, batch: Sequence[PagedSequenceView], request_ids: Sequence[str]) -> "StepHook":
+    def _forget_pages(self, pages: np.ndarray) -> None:
+        if self.cache is not None and pages.size:
+            self.cache.invalidate_pages(pages)
+        if self.device == "gpu" and self.pipeline is not None:
+            self.pipeline.invalidate(pages)
+
+    def step(self, batch: Sequence[PagedSequenceView], request_ids: Sequence[str]):
         """The ``AttentionHook`` for one decode step of ``batch`` (the caller bumps ``seq_len`` after)."""
         if len(batch) != len(request_ids) or not batch:
             raise HybridAttentionError(f"need one request id per sequence and a non-empty batch; got "
@@ -265,10 +287,25 @@ class HybridAttention:
             if rid not in self._known:
                 # a new request may own recycled pages: whatever the cache holds of them is stale
                 self._known.add(rid)
-                if self.cache is not None:
-                    self.cache.invalidate_pages(np.asarray([p for layer in seq.block_tables for p in layer],
-                                                           dtype=np.int64))
+                pages = np.asarray([p for layer in seq.block_tables for p in layer], dtype=np.int64)
+                self._forget_pages(pages)
+                if self.device == "gpu":
+                    # the device metadata mirror learns the prefill's blocks
+                    self.pipeline.load_metadata(pages, self.arena.kmin[pages], self.arena.kmax[pages])
+        if self.device == "gpu":
+            from fluxion_dist.hybrid.device_hook import DeviceStepHook
+
+            return DeviceStepHook(self, list(batch), list(request_ids))
         return StepHook(self, list(batch), list(request_ids))
+
+    def check_hook_args(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bsz: int) -> None:
+        hkv, d = self.arena.kv_pages.shape[1], self.arena.kv_pages.shape[4]
+        if q.ndim != 3 or q.shape[0] != bsz or q.shape[2] != d or q.shape[1] % hkv:
+            raise HybridAttentionError(f"q must be [B={bsz}, Hq (a multiple of {hkv}), d={d}]; got {tuple(q.shape)}")
+        if k.shape != (bsz, hkv, d) or v.shape != k.shape:
+            raise HybridAttentionError(f"k_new, v_new must be [{bsz}, {hkv}, {d}]; got {tuple(k.shape)}, {tuple(v.shape)}")
+        if not 0 <= layer < self.options.num_layers:
+            raise HybridAttentionError(f"layer {layer} is outside [0, {self.options.num_layers})")
 
     def _append(self, pages: np.ndarray, offs: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """Write token ``offs[b]`` of page ``pages[b]`` (bits ``k, v [B, Hkv, d]``) and widen its box."""
@@ -303,13 +340,8 @@ class StepHook:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         op = self.op
         bsz = len(self.batch)
-        hkv, d = op.arena.kv_pages.shape[1], op.arena.kv_pages.shape[4]
-        if q.ndim != 3 or q.shape[0] != bsz or q.shape[2] != d or q.shape[1] % hkv:
-            raise HybridAttentionError(f"q must be [B={bsz}, Hq (a multiple of {hkv}), d={d}]; got {tuple(q.shape)}")
-        if k.shape != (bsz, hkv, d) or v.shape != k.shape:
-            raise HybridAttentionError(f"k_new, v_new must be [{bsz}, {hkv}, {d}]; got {tuple(k.shape)}, {tuple(v.shape)}")
-        if not 0 <= layer < op.options.num_layers:
-            raise HybridAttentionError(f"layer {layer} is outside [0, {op.options.num_layers})")
+        d = op.arena.kv_pages.shape[4]
+        op.check_hook_args(layer, q, k, v, bsz)
 
         pos = np.array([s.seq_len for s in self.batch], dtype=np.int64)
         seq_lens = (pos + 1).astype(np.int32)

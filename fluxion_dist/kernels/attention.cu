@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) sparse_attention_chunks(
     const int* __restrict__ seq_lens,        // [B]
     const int* __restrict__ sel_indptr,      // [B*Hkv + 1]
     const int* __restrict__ sel_blocks,      // [nnz] logical block ids
-    const int* __restrict__ sel_slot,        // [nnz] cache slot or -1, or null (all arena)
+    const int* __restrict__ sel_slot,        // [nnz] cache slot, -1 (arena) or SLOT_CPU (skip); or null
     float* __restrict__ o_out,               // [B, Hq, HEAD_DIM]
     float* __restrict__ m_out,               // [B, Hq]
     float* __restrict__ l_out,               // [B, Hq]
@@ -115,7 +115,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) sparse_attention_chunks(
                 const long long page = block_tables[(long long)b * max_blocks + blk];
                 run = kv_pages + (page * num_kv_heads + kh) * KV_RUN;
             }
-            const int valid = min(BLOCK_TOKENS, seq_len - blk * BLOCK_TOKENS);
+            // An entry the CPU computes reads nothing and adds nothing (all its scores -inf).
+            const int valid = slot == SLOT_CPU ? 0 : min(BLOCK_TOKENS, seq_len - blk * BLOCK_TOKENS);
 
             uint4 kr[SLOTS], vr[SLOTS];
 #pragma unroll

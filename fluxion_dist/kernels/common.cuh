@@ -16,6 +16,8 @@ typedef unsigned short bf16_t;
 #define FLUX_LOG2E 1.4426950408889634f
 #define FLUX_LN2 0.6931471805599453f
 #define FULL_MASK 0xffffffffu
+// sel_slot of a selected block the CPU computes (block_table.cu): the GPU kernels skip it
+#define SLOT_CPU (-2)
 
 __device__ __forceinline__ float bf16_to_f32(bf16_t b) {
     return __uint_as_float(((unsigned int)b) << 16);

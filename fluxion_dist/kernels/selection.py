@@ -37,17 +37,19 @@ class Selection:
 
 
 def select_topk(scores: cp.ndarray, seq_lens: cp.ndarray, k: int | cp.ndarray, *,
-                factor: int = 1) -> Selection:
+                factor: int = 1, max_k: int | None = None) -> Selection:
     """Per row of ``scores`` (float32 [B, H, n], at ``factor`` x 16 tokens), the ``k``
     highest-scoring entries (ties to the lower id), expanded to base blocks.
 
-    ``k`` is one int for all rows or int32 [B, H] on the device (per-head budgets). A row
-    only considers its request's own entries (from ``seq_lens``); k above that takes all.
+    ``k`` is one int for all rows or int32 [B, H] on the device (per-head budgets), then
+    ``max_k``, a host-known bound on it, sizes the lists (default: n). A row only
+    considers its request's own entries (from ``seq_lens``); k above that takes all.
     """
     bsz, heads, n = _check(scores, seq_lens, factor)
     if isinstance(k, cp.ndarray):
         expect("k", k, np.int32, (bsz, heads))
-        k_rows, k_all, bound = k, 0, n
+        k_rows, k_all = k, 0
+        bound = n if max_k is None else max(0, min(int(max_k), n))
     else:
         k_rows, k_all, bound = None, int(k), max(0, min(int(k), n))
     return _select(scores, seq_lens, factor, by_mass=False, k_rows=k_rows, k_all=k_all,

@@ -1,0 +1,126 @@
+"""Host-side decisions of the GPU-resident layer pipeline: per-head budgets and the CPU share.
+
+The pipeline (:mod:`fluxion_dist.hybrid.device_pipeline`) keeps scoring, selection and
+routing on the GPU; what the host decides per layer is a handful of numbers, all here in
+NumPy so CI tests them:
+
+- ``row_budgets``: Fluxion's output-aware budget on the device path. Each (request, KV
+  head) row's *demand* is the number of blocks its estimated softmax mass needs to reach
+  the mass target (a top-p pass on the GPU, refreshed every few steps: the predictor's
+  measurement). The layer's cap (``budget`` x the request's KV) is shared max-min fairly
+  (water-filling): heads that need little get all they need, so a needle head's few blocks
+  are never squeezed by a dense head's long tail, and the dense heads split the rest.
+  Sinks and the recent window are always kept, on top of the demand.
+- ``head_kinds``: the predictor's label per head from the same demand: LOCAL (the kept
+  blocks already hold the mass), RETRIEVAL (a few far blocks), DENSE.
+- ``balanced_cpu_fraction``: the share of a layer's cache misses the CPU computes so that
+  both sides are predicted to finish together (cost model, last step's hit/miss counts).
+- ``route_entries_reference``: the oracle of ``kernels.block_table.classify_entries``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fluxion_dist.attention.layout import BLOCK_TOKENS
+from fluxion_dist.hybrid.cost_model import CostModel
+from fluxion_dist.sparse.head_predictor import HeadKind
+
+SLOT_UVA, SLOT_CPU = -1, -2
+
+
+def forced_count(nb: np.ndarray, sink_blocks: int, recent_blocks: int) -> np.ndarray:
+    """Blocks always kept (the first ``sink_blocks`` and last ``recent_blocks``) per context of ``nb`` blocks."""
+    nb = np.asarray(nb, dtype=np.int64)
+    sinks = np.minimum(nb, sink_blocks)
+    recent = np.minimum(nb, recent_blocks)
+    overlap = np.maximum(sinks - np.maximum(nb - recent_blocks, 0), 0)
+    return sinks + recent - overlap
+
+
+def water_fill(demand: np.ndarray, cap: int) -> np.ndarray:
+    """Max-min fair integer shares of ``cap`` for ``demand`` (>= 0): each row gets
+    ``min(demand, level)``, the level as high as the cap allows; leftovers from the
+    integer level go one each to the rows still short, lowest index first."""
+    demand = np.asarray(demand, dtype=np.int64)
+    if demand.sum() <= cap:
+        return demand.copy()
+    cap = max(int(cap), 0)
+    srt = np.sort(demand)
+    # with level = srt[i], rows below take their demand and the rest take srt[i]
+    below = np.concatenate(([0], np.cumsum(srt)[:-1]))
+    used_at = below + srt * (srt.size - np.arange(srt.size))
+    i = int(np.searchsorted(used_at, cap, side="right"))  # levels srt[:i] fit
+    level = (cap - below[i]) // (srt.size - i) if i < srt.size else srt[-1]
+    grant = np.minimum(demand, level)
+    spare = cap - int(grant.sum())
+    short = np.flatnonzero(grant < demand)[:spare]
+    grant[short] += 1
+    return grant
+
+
+def row_budgets(demand: np.ndarray | None, nb: np.ndarray, *, budget: float, sink_blocks: int,
+                recent_blocks: int) -> np.ndarray:
+    """Blocks per (request, KV head) row, int32 [B, Hkv], kept blocks included.
+
+    ``demand`` int [B, Hkv] (blocks to reach the mass target; None: not measured yet, every
+    head gets an equal share, the fixed-budget rule); ``nb`` int [B] blocks per request.
+    """
+    nb = np.asarray(nb, dtype=np.int64)
+    kept = forced_count(nb, sink_blocks, recent_blocks)
+    if demand is None:
+        return np.minimum(np.maximum(np.ceil(budget * nb).astype(np.int64), kept), nb)[:, None].astype(np.int32)
+    demand = np.asarray(demand, dtype=np.int64)
+    out = np.empty(demand.shape, dtype=np.int64)
+    hkv = demand.shape[1]
+    for b in range(demand.shape[0]):
+        cap = int(np.ceil(budget * hkv * nb[b])) - hkv * int(kept[b])
+        extra = np.clip(demand[b] - kept[b], 0, nb[b] - kept[b])
+        out[b] = kept[b] + water_fill(extra, max(cap, 0))
+    return out.astype(np.int32)
+
+
+def head_kinds(demand: np.ndarray, nb: np.ndarray, *, sink_blocks: int, recent_blocks: int,
+               retrieval_fraction: float = 0.02) -> np.ndarray:
+    """HeadKind per row [B, Hkv]: LOCAL if the kept blocks cover the demand, RETRIEVAL if the
+    far demand is at most ``retrieval_fraction`` of the context, else DENSE."""
+    nb = np.asarray(nb, dtype=np.int64)[:, None]
+    far = np.asarray(demand, dtype=np.int64) - forced_count(nb, sink_blocks, recent_blocks)
+    kinds = np.full(far.shape, int(HeadKind.DENSE), dtype=np.int64)
+    kinds[far <= np.maximum(retrieval_fraction * nb, 1)] = int(HeadKind.RETRIEVAL)
+    kinds[far <= 0] = int(HeadKind.LOCAL)
+    return kinds
+
+
+def balanced_cpu_fraction(cost: CostModel, hits: int, misses: int, *, admits: int = 0) -> float:
+    """Share of ``misses`` for the CPU minimising max(CPU time, GPU time) (cached hits, the
+    remaining misses through UVA and the admissions' copies sharing PCIe)."""
+    if misses <= 0 or cost.cpu_bytes_per_s <= 0:
+        return 0.0
+    if not cost.has_gpu:
+        return 1.0
+    x = np.arange(misses + 1) if misses <= 4096 else np.linspace(0, misses, 4097).round()
+    cpu = np.where(x > 0, cost.cpu_overhead_s + x * cost.cpu_block_s, 0.0)
+    gpu = cost.gpu_time(hits, 0, admits) + (misses - x) * cost.uva_block_s
+    return float(x[int(np.argmin(np.maximum(cpu, gpu)))] / misses)
+
+
+def route_entries_reference(indptr: np.ndarray, blocks: np.ndarray, block_tables: np.ndarray, seq_lens: np.ndarray,
+                            heads: int, slot_of: np.ndarray | None, cpu_fraction: float):
+    """NumPy oracle of ``classify_entries``: (sel_slot, cpu_indptr, cpu_blocks, admit_keys, counts)."""
+    rows = indptr.size - 1
+    nnz = int(indptr[-1])
+    row = np.repeat(np.arange(rows), np.diff(indptr))
+    blk = blocks[:nnz].astype(np.int64)
+    b = row // heads
+    key = block_tables[b, blk].astype(np.int64) * heads + row % heads
+    slot = slot_of[key] if slot_of is not None else np.full(nnz, SLOT_UVA, np.int64)
+    miss = slot < 0
+    r = np.cumsum(miss) - miss  # rank among misses
+    to_cpu = miss & (np.floor((r + 1) * np.float64(np.float32(cpu_fraction)))
+                     > np.floor(r * np.float64(np.float32(cpu_fraction))))
+    admit = miss & ((blk + 1) * BLOCK_TOKENS <= seq_lens[b]) & (slot_of is not None)
+    sel_slot = np.where(to_cpu, SLOT_CPU, slot).astype(np.int32)
+    cpu_indptr = np.concatenate(([0], np.cumsum(np.bincount(row[to_cpu], minlength=rows)))).astype(np.int32)
+    counts = np.array([nnz - miss.sum(), miss.sum() - to_cpu.sum(), to_cpu.sum(), admit.sum()], np.int32)
+    return sel_slot, cpu_indptr, blk[to_cpu].astype(np.int32), key[admit].astype(np.int32), counts

@@ -1,0 +1,147 @@
+// The GPU block cache's table and the per-layer routing of selected blocks, all on the device.
+//
+// -D BLOCK_TOKENS.
+//
+// The table maps a (page, KV head) run of the host arena, keyed page * Hkv + head, to a slot
+// of the device pool (slot_of, -1: not cached) and back (owner, -1: free). Three kernels,
+// one per layer call each, so a decode layer needs no host round trip before its attention:
+//
+// force_blocks      sinks and the recent window get the largest finite score, so a top-k
+//                   with k >= their count always takes them (ties go to the lower id);
+// classify_entries  each entry of the selection CSR becomes a cache hit (its slot), a UVA
+//                   read (-1) or CPU work (SLOT_CPU, which the attention kernel skips): of
+//                   the misses, an evenly spread `cpu_fraction` go to the CPU (spread, so no
+//                   row is left all to one side), with their own CSR; cacheable misses (full
+//                   blocks: a partial last block is still being written) are listed for
+//                   admission, in entry order;
+// admit_blocks      copies the listed runs from the arena (pinned host memory, through UVA)
+//                   into the next slots of the layer's ring, evicting their old owners.
+//
+// classify is one CTA: a layer's selection is a few thousand entries, and in-order
+// compaction by CTA-wide scans keeps both CSRs sorted without a second pass.
+#include "common.cuh"
+
+#define SELECT_THREADS 1024
+#include "block_reduce.cuh"
+
+#define SLOT_UVA (-1)
+#define FORCED_SCORE 3.0e38f  // finite: order keys and top-k ties still work on it
+
+__global__ void force_blocks(float* __restrict__ scores,      // [B, heads, n_stride]
+                             const int* __restrict__ seq_lens,  // [B]
+                             int heads, int n_stride, int sink_blocks, int recent_blocks)
+{
+    const int r = blockIdx.x;
+    const int nb = min((seq_lens[r / heads] + BLOCK_TOKENS - 1) / BLOCK_TOKENS, n_stride);
+    float* const row = scores + (long long)r * n_stride;
+    for (int i = threadIdx.x; i < sink_blocks + recent_blocks; i += blockDim.x) {
+        const int j = i < sink_blocks ? i : nb - recent_blocks + (i - sink_blocks);
+        if (j >= 0 && j < nb) row[j] = FORCED_SCORE;
+    }
+}
+
+__global__ void __launch_bounds__(SELECT_THREADS, 1) classify_entries(
+    const int* __restrict__ indptr,        // [rows + 1] the selection, row = b * heads + h
+    const int* __restrict__ blocks,        // [nnz] logical block ids
+    int rows, int heads,
+    const int* __restrict__ block_tables,  // [B, max_blocks]
+    int max_blocks,
+    const int* __restrict__ seq_lens,      // [B], the new token included
+    const int* __restrict__ slot_of,       // [P * heads], or null: nothing is cached
+    float cpu_fraction,
+    int* __restrict__ sel_slot,            // [nnz] out: slot, SLOT_UVA or SLOT_CPU
+    int* __restrict__ cpu_indptr,          // [rows + 1] out
+    int* __restrict__ cpu_blocks,          // [>= nnz] out
+    int* __restrict__ admit_keys,          // [>= nnz] out, or null with slot_of null
+    int* __restrict__ counts)              // [4] out: hits, UVA reads, CPU, admissions
+{
+    extern __shared__ int row_cpu[];  // [rows]
+    __shared__ unsigned long long scan_tmp[SELECT_WARPS];
+    const int tid = threadIdx.x;
+    for (int i = tid; i < rows; i += SELECT_THREADS) row_cpu[i] = 0;
+    __syncthreads();
+
+    const int nnz = indptr[rows];
+    const double frac = cpu_fraction;
+    unsigned long long miss_carry = 0, cpu_carry = 0, admit_carry = 0;
+    for (int base = 0; base < nnz; base += SELECT_THREADS) {  // uniform trip count: scans below
+        const int e = base + tid;
+        const bool live = e < nnz;
+        int row = 0, blk = 0, key = 0, slot = SLOT_UVA;
+        bool full = false;
+        if (live) {
+            int lo = 0, hi = rows;  // the last row starting at or before e: indptr[lo] <= e < indptr[hi]
+            while (hi - lo > 1) {
+                const int mid = (lo + hi) >> 1;
+                if (indptr[mid] <= e) lo = mid; else hi = mid;
+            }
+            row = lo;
+            const int b = row / heads;
+            blk = blocks[e];
+            key = block_tables[(long long)b * max_blocks + blk] * heads + row % heads;
+            if (slot_of != nullptr) slot = slot_of[key];
+            full = (blk + 1) * BLOCK_TOKENS <= seq_lens[b];
+        }
+        const bool miss = live && slot < 0;
+        unsigned long long tile_misses;
+        const unsigned long long r = miss_carry + block_exclusive_scan(miss ? 1ull : 0ull, scan_tmp, tile_misses);
+        const bool to_cpu = miss && (long long)((double)(r + 1) * frac) > (long long)((double)r * frac);
+        const bool admit = miss && full && slot_of != nullptr;
+        unsigned long long tile_packed;  // CPU entries in the low 32 bits, admissions in the high
+        const unsigned long long pos = block_exclusive_scan(
+            (to_cpu ? 1ull : 0ull) | (admit ? 1ull << 32 : 0ull), scan_tmp, tile_packed);
+        if (live) {
+            sel_slot[e] = to_cpu ? SLOT_CPU : slot;
+            if (to_cpu) {
+                cpu_blocks[cpu_carry + (pos & 0xffffffffull)] = blk;
+                atomicAdd(&row_cpu[row], 1);
+            }
+            if (admit) admit_keys[admit_carry + (pos >> 32)] = key;
+        }
+        miss_carry += tile_misses;
+        cpu_carry += tile_packed & 0xffffffffull;
+        admit_carry += tile_packed >> 32;
+    }
+    __syncthreads();
+
+    unsigned long long carry = 0;
+    for (int base = 0; base < rows; base += SELECT_THREADS) {
+        const int r = base + tid;
+        unsigned long long tot;
+        const unsigned long long ex = block_exclusive_scan(r < rows ? (unsigned long long)row_cpu[r] : 0ull,
+                                                           scan_tmp, tot);
+        if (r < rows) cpu_indptr[r] = (int)(carry + ex);
+        carry += tot;
+    }
+    if (tid == 0) {
+        cpu_indptr[rows] = (int)carry;
+        counts[0] = nnz - (int)miss_carry;
+        counts[1] = (int)(miss_carry - cpu_carry);
+        counts[2] = (int)cpu_carry;
+        counts[3] = (int)admit_carry;
+    }
+}
+
+// One CTA per admitted run. The caller keeps n <= slot_count, so every CTA owns a distinct
+// slot, and an admitted key is a miss, so it is nobody's old owner: no two CTAs race.
+__global__ void admit_blocks(const int* __restrict__ admit_keys,  // [n] page * heads + head
+                             int slot_base, int slot_count, int ring,
+                             int* __restrict__ slot_of,           // [P * heads]
+                             int* __restrict__ owner,             // [>= slot_base + slot_count]
+                             const uint4* __restrict__ kv_pages,  // arena runs, [P * heads, run_vec]
+                             uint4* __restrict__ pool,            // [S, run_vec]
+                             int run_vec)                         // 16-byte words per run
+{
+    const int i = blockIdx.x;
+    const int key = admit_keys[i];
+    const int slot = slot_base + (ring + i) % slot_count;
+    const uint4* src = kv_pages + (long long)key * run_vec;
+    uint4* dst = pool + (long long)slot * run_vec;
+    for (int t = threadIdx.x; t < run_vec; t += blockDim.x) dst[t] = src[t];
+    if (threadIdx.x == 0) {
+        const int old = owner[slot];
+        if (old >= 0 && slot_of[old] == slot) slot_of[old] = -1;
+        owner[slot] = key;
+        slot_of[key] = slot;
+    }
+}

@@ -1,0 +1,99 @@
+"""The GPU block cache's table and per-layer routing of selected blocks (launchers for block_table.cu).
+
+Oracle: :func:`fluxion_dist.hybrid.device_budget.route_entries_reference` (the same routing
+in NumPy); the cache contents are checked against the arena itself (a slot holds exactly
+its owner's run).
+"""
+
+from __future__ import annotations
+
+import cupy as cp
+import numpy as np
+
+from fluxion_dist.kernels import loader
+from fluxion_dist.kernels.checks import BF16_BITS, expect
+
+SLOT_UVA = -1
+SLOT_CPU = -2  # common.cuh: a selected block the CPU computes; the attention kernel skips it
+_CLASSIFY_THREADS = 1024
+_FORCE_THREADS = 128
+_ADMIT_THREADS = 128
+_MAX_ROWS = 48 * 1024 // 4  # classify keeps a counter per row in (static-limit) shared memory
+
+
+def force_blocks(scores: cp.ndarray, seq_lens: cp.ndarray, *, sink_blocks: int, recent_blocks: int) -> None:
+    """Give each request's first ``sink_blocks`` and last ``recent_blocks`` blocks the
+    largest finite score, in place (scores float32 [B, H, n] at 16-token granularity)."""
+    expect("scores", scores, np.float32, (None, None, None))
+    expect("seq_lens", seq_lens, np.int32, (scores.shape[0],))
+    bsz, heads, n = scores.shape
+    if sink_blocks < 0 or recent_blocks < 0:
+        raise ValueError(f"sink_blocks and recent_blocks must be >= 0; got {sink_blocks}, {recent_blocks}")
+    if bsz * heads == 0 or sink_blocks + recent_blocks == 0:
+        return
+    loader.get_kernel("block_table", "force_blocks")((bsz * heads,), (_FORCE_THREADS,), (
+        scores, seq_lens, np.int32(heads), np.int32(n), np.int32(sink_blocks), np.int32(recent_blocks)))
+
+
+def classify_entries(indptr: cp.ndarray, blocks: cp.ndarray, block_tables: cp.ndarray, seq_lens: cp.ndarray, *,
+                     heads: int, slot_of: cp.ndarray | None, cpu_fraction: float,
+                     out: tuple[cp.ndarray, cp.ndarray, cp.ndarray, cp.ndarray | None, cp.ndarray]) -> None:
+    """Route every selected block: cache hit, UVA read or CPU (one CTA, no host round trip).
+
+    indptr int32 [R + 1], blocks int32 [>= nnz]: the selection, row ``b * heads + h``;
+    block_tables int32 [B, max_blocks]; seq_lens int32 [B] (the new token included);
+    slot_of int32 [P * heads] or None (nothing cached: every entry is a miss).
+    ``cpu_fraction`` of the misses, evenly spread in entry order, go to the CPU.
+
+    ``out = (sel_slot [>= nnz], cpu_indptr [R + 1], cpu_blocks [>= nnz], admit_keys [>= nnz]
+    or None, counts [4])``, all int32: ``sel_slot`` is the slot, -1 (UVA) or ``SLOT_CPU``;
+    ``admit_keys`` lists ``page * heads + head`` of the misses that are full blocks;
+    ``counts`` = hits, UVA reads, CPU entries, admissions.
+    """
+    expect("indptr", indptr, np.int32, (None,))
+    rows = indptr.shape[0] - 1
+    expect("blocks", blocks, np.int32, (None,))
+    expect("block_tables", block_tables, np.int32, (None, None))
+    expect("seq_lens", seq_lens, np.int32, (block_tables.shape[0],))
+    if rows != block_tables.shape[0] * heads:
+        raise ValueError(f"indptr has {rows} rows; {block_tables.shape[0]} requests x {heads} heads expected")
+    if not 0 < rows <= _MAX_ROWS:
+        raise ValueError(f"classify_entries takes 1 to {_MAX_ROWS} rows; got {rows}")
+    if not 0.0 <= cpu_fraction <= 1.0:
+        raise ValueError(f"cpu_fraction must be in [0, 1]; got {cpu_fraction}")
+    sel_slot, cpu_indptr, cpu_blocks, admit_keys, counts = out
+    for name, a in (("sel_slot", sel_slot), ("cpu_blocks", cpu_blocks)):
+        expect(name, a, np.int32, (blocks.shape[0],))
+    expect("cpu_indptr", cpu_indptr, np.int32, (rows + 1,))
+    expect("counts", counts, np.int32, (4,))
+    if slot_of is not None:
+        expect("slot_of", slot_of, np.int32, (None,))
+        if admit_keys is None:
+            raise ValueError("admit_keys is needed with slot_of")
+        expect("admit_keys", admit_keys, np.int32, (blocks.shape[0],))
+    null = np.uint64(0)
+    loader.get_kernel("block_table", "classify_entries")((1,), (_CLASSIFY_THREADS,), (
+        indptr, blocks, np.int32(rows), np.int32(heads), block_tables, np.int32(block_tables.shape[1]), seq_lens,
+        slot_of if slot_of is not None else null, np.float32(cpu_fraction), sel_slot, cpu_indptr, cpu_blocks,
+        admit_keys if slot_of is not None else null, counts), shared_mem=4 * rows)
+
+
+def admit_blocks(admit_keys: cp.ndarray, n: int, *, slot_base: int, slot_count: int, ring: int,
+                 slot_of: cp.ndarray, owner: cp.ndarray, kv_pages: cp.ndarray, pool: cp.ndarray) -> None:
+    """Copy the first ``n`` listed runs into slots ``slot_base + (ring + i) % slot_count``.
+
+    kv_pages: the arena, bf16 bits [P, Hkv, 2, 16, d] (a UVA view of pinned host memory);
+    pool: bf16 bits [S, 2, 16, d]; the table (``slot_of``, ``owner``) is updated in place.
+    ``n`` must not exceed ``slot_count`` (each run its own slot in one call).
+    """
+    expect("kv_pages", kv_pages, BF16_BITS, (None, None, 2, None, None))
+    expect("pool", pool, BF16_BITS, (None, 2, kv_pages.shape[3], kv_pages.shape[4]))
+    if not 0 <= n <= slot_count or slot_base + slot_count > pool.shape[0]:
+        raise ValueError(f"admit {n} runs into slots [{slot_base}, {slot_base + slot_count}) of a pool of "
+                         f"{pool.shape[0]}: n must be <= the partition's slots, which must fit the pool")
+    if n == 0:
+        return
+    run_vec = 2 * kv_pages.shape[3] * kv_pages.shape[4] * 2 // 16
+    loader.get_kernel("block_table", "admit_blocks")((n,), (_ADMIT_THREADS,), (
+        admit_keys, np.int32(slot_base), np.int32(slot_count), np.int32(ring % slot_count), slot_of, owner,
+        kv_pages, pool, np.int32(run_vec)))
