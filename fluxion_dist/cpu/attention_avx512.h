@@ -51,12 +51,9 @@ static inline __attribute__((always_inline)) void
 fx_qk_tile512(const float *q, const uint16_t *const *krow, int d, int nt, float *st,
               const char *pf, int pf_lines, const int G) {
     const int T = FX_QK_T512(G);
-    int per_tok = (pf_lines + nt - 1) / nt, i = 0;
+    int i = 0;
     for (; i < nt; i += T) {
-        if (pf) {
-            int a = i * per_tok, b = (i + T) * per_tok < pf_lines ? (i + T) * per_tok : pf_lines;
-            for (int j = a; j < b; j++) _mm_prefetch(pf + 64 * j, _MM_HINT_T0);
-        }
+        if (pf) FX_PF_SLICE(pf, pf_lines, i, i + T < nt ? i + T : nt, nt);
         if (i + T > nt) break;
         fx_qk_step512(q, krow + i, d, st + i * G, G, T);
     }
@@ -94,11 +91,18 @@ fx_pv_pass512(const float *p, const uint16_t *const *vrow, int d, int c, int nt,
 }
 
 static inline __attribute__((always_inline)) void
-fx_pv_tile512(const float *p, const uint16_t *const *vrow, int d, int nt, float *o, const int G) {
+fx_pv_tile512(const float *p, const uint16_t *const *vrow, int d, int nt, float *o,
+              const char *pf, int pf_lines, const int G) {
     const int NG = G <= 2 ? 4 : G <= 4 ? 2 : 1;
     int c = 0;
-    for (; c + 32 * NG <= d; c += 32 * NG) fx_pv_pass512(p, vrow, d, c, nt, o, G, NG);
-    for (; c < d; c += 32) fx_pv_pass512(p, vrow, d, c, nt, o, G, 1);
+    for (; c + 32 * NG <= d; c += 32 * NG) {
+        if (pf) FX_PF_SLICE(pf, pf_lines, c, c + 32 * NG, d);
+        fx_pv_pass512(p, vrow, d, c, nt, o, G, NG);
+    }
+    for (; c < d; c += 32) {
+        if (pf) FX_PF_SLICE(pf, pf_lines, c, c + 32, d);
+        fx_pv_pass512(p, vrow, d, c, nt, o, G, 1);
+    }
 }
 
 static void fx_scores_avx512(const float *q, const uint16_t *K, int d, int g, const int8_t *tok,
@@ -120,7 +124,7 @@ static void fx_scores_avx512(const float *q, const uint16_t *K, int d, int g, co
 static void fx_block_avx512(const float *q2, const uint16_t *K, const uint16_t *V, int d, int g,
                             const int8_t *tok, int nt, float *o, float *m2, float *l, float *sp,
                             const char *pf) {
-    fx_scores_avx512(q2, K, d, g, tok, nt, sp, pf, d /* 2*16*d bf16 = d cache lines */);
+    fx_scores_avx512(q2, K, d, g, tok, nt, sp, pf, d / 2 /* K: d/2 lines */);
     for (int h = 0; h < g; h++) {
         float *s = sp + h * FX_BT;
         for (int i = nt; i < FX_BT; i++) s[i] = -INFINITY;
@@ -141,7 +145,8 @@ static void fx_block_avx512(const float *q2, const uint16_t *K, const uint16_t *
     for (int i = 0; i < nt; i++) vrow[i] = V + (int64_t)tok[i] * d;
     for (int h0 = 0; h0 < g; h0 += 8) {
         int tile = g - h0 < 8 ? g - h0 : 8;
-#define FX_PV(G) fx_pv_tile512(sp + h0 * FX_BT, vrow, d, nt, o + h0 * d, G)
+#define FX_PV(G)                                                                           \
+    fx_pv_tile512(sp + h0 * FX_BT, vrow, d, nt, o + h0 * d, h0 || !pf ? NULL : pf + 32 * d, d / 2, G)
         FX_TILES(tile, FX_PV)
 #undef FX_PV
     }
