@@ -123,6 +123,26 @@ static void fx_block(const float *q2, const uint16_t *K, const uint16_t *V, int 
 
 /* ---- chunk driver -------------------------------------------------------- */
 
+/* K of logical block `blk` of a row, or NULL when it lies outside the sequence or the arena. */
+static inline const char *fx_block_addr(const fx_arena *a, const fx_row *r, int32_t blk) {
+    if (blk < 0 || blk >= (r->seq_len + FX_BT - 1) / FX_BT) return NULL;
+    int32_t page = r->bt[blk];
+    if (page < 0 || page >= a->num_pages) return NULL;
+    return (const char *)(a->kv + (int64_t)r->kh * a->head_stride + (int64_t)page * a->page_stride);
+}
+
+/* Cython emits every prange of a `with parallel` block as `omp for nowait`:
+ * without this, a thread could merge a split row while another still writes
+ * one of its chunks. An orphaned barrier binds to the calling team. */
+static inline void fx_barrier(void) {
+#pragma omp barrier
+}
+
+/* Dynamic scheduling by hand: the next chunk index, taken from a shared counter. */
+static inline int64_t fx_claim(int64_t *counter) {
+    return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+}
+
 /* Floats of per-thread scratch fx_attend_chunk needs: the split accumulator,
  * the scores, the running max and sum, rounded up to whole cache lines. */
 static inline int64_t fx_work_floats(int g, int d) { return ((int64_t)g * (d + 18) + 15) / 16 * 16; }
@@ -135,11 +155,13 @@ static inline int64_t fx_work_floats(int g, int d) { return ((int64_t)g * (d + 1
  * and other threads write those), and o, m2, l are written once at the end.
  * Returns -1, or the offset of the first selected block that lies outside the
  * sequence or maps to a page outside the arena (nothing past it is read).
- * `prefetch` is the look-ahead distance in blocks (0: none). */
+ * `prefetch` is the look-ahead distance in blocks (0: none); `then` is the
+ * first block of the chunk this thread runs next (NULL: none), prefetched
+ * during the last block so the next chunk does not start cold. */
 static int64_t fx_attend_chunk(const fx_arena *a, const fx_row *r, const float *q2,
                                const int32_t *blocks, const uint16_t *masks, int64_t n,
                                float *o, float *m2_out, float *l_out, float *work, int isa,
-                               int prefetch) {
+                               int prefetch, const char *then) {
     const int d = a->d, g = a->g;
     const int32_t nb = (r->seq_len + FX_BT - 1) / FX_BT;
     const uint16_t *head = a->kv + (int64_t)r->kh * a->head_stride;
@@ -158,11 +180,10 @@ static int64_t fx_attend_chunk(const fx_arena *a, const fx_row *r, const float *
         int nt = fx_block_tokens(blk, r->seq_len, masks ? masks[i] : 0xFFFFu, tok);
         if (!nt) continue;
         const char *pf = NULL;
-        if (prefetch && i + prefetch < n) {
-            int32_t nblk = blocks[i + prefetch];
-            if (nblk >= 0 && nblk < nb && r->bt[nblk] >= 0 && r->bt[nblk] < a->num_pages)
-                pf = (const char *)(head + (int64_t)r->bt[nblk] * a->page_stride);
-        }
+        if (prefetch && i + prefetch < n)
+            pf = fx_block_addr(a, r, blocks[i + prefetch]);
+        else if (prefetch && i == n - 1)
+            pf = then;
         const uint16_t *K = head + (int64_t)page * a->page_stride;
         fx_block(q2, K, K + FX_BT * d, d, g, tok, nt, acc, m2, l, sp, pf, isa);
     }
