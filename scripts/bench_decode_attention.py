@@ -76,16 +76,14 @@ def _heads(kv_heads: int) -> tuple[str, ...]:
 
 
 def build_arena(shape: Shape, context: int, batch: int, reserve: int, on_gpu: bool):
-    """Pinned (on a GPU machine) arena; each (request, layer) gets its own shuffled pages."""
+    """The arena (page-locked by the operator on a GPU machine); each (request, layer) gets its
+    own shuffled pages."""
     nb = num_blocks(context + reserve)
     pages = shape.layers * batch * nb
     kv_shape = (pages, shape.kv_heads, 2, BLOCK_TOKENS, shape.head_dim)
-    if on_gpu:
-        from fluxion_dist.kernels.uva import pinned_empty
-
-        kv_pages, _ = pinned_empty(kv_shape, np.uint16)
-    else:
-        kv_pages = np.empty(kv_shape, np.uint16)
+    # Plain (transparent-huge-page eligible) memory, page-locked later by the operator
+    # (cudaHostRegister): the CPU path reads it scattered, and 4 KiB pages cost TLB misses.
+    kv_pages = np.empty(kv_shape, np.uint16)
     meta = (pages, shape.kv_heads, shape.head_dim)
     arena = HostArena(kv_pages, np.empty(meta, np.uint16), np.empty(meta, np.uint16))
     order = np.random.default_rng(0).permutation(pages)

@@ -46,7 +46,8 @@ def test_classify_matches_reference(seq_lens, heads, cached, fraction):
             cp.full(cap, 77, cp.int32), cp.full(4, 77, cp.int32))
     padded = np.concatenate([blocks, np.zeros(cap - blocks.size, np.int32)])
     classify_entries(cp.asarray(indptr), cp.asarray(padded), cp.asarray(tables), cp.asarray(seq), heads=heads,
-                     slot_of=cp.asarray(slot_of) if cached else None, cpu_fraction=fraction, out=outs)
+                     slot_of=cp.asarray(slot_of) if cached else None,
+                     cpu_fraction=cp.asarray([fraction], cp.float32), out=outs)
     want = route_entries_reference(indptr, blocks, tables, seq, heads, slot_of if cached else None, fraction)
     sel_slot, cpu_indptr, cpu_blocks, admit, counts = (cp.asnumpy(x) for x in outs)
     nnz = blocks.size

@@ -76,20 +76,33 @@ def test_cache_never_serves_a_stale_block():
 
 
 def test_cuda_tensors_in_and_out():
-    dec = Decode([500, 1200], 2, 4, d=128, seed=9, steps=2)
-    op = dec.operator("fluxion", "gpu", budget=0.2, mass=0.9)
-    hook = op.step(dec.seqs, dec.ids)
-    q = torch.randn(2, 8, 128)
-    k, v = torch.randn(2, 2, 128).bfloat16(), torch.randn(2, 2, 128).bfloat16()
-    on_gpu = hook(0, q.cuda(), k.cuda(), v.cuda())
-    assert on_gpu.is_cuda and on_gpu.dtype == torch.float32
-    hook2 = op.step(dec.seqs, dec.ids)  # same position again: the same token is rewritten
-    on_cpu = hook2(0, q, k, v)
-    np.testing.assert_allclose(on_gpu.cpu().numpy(), on_cpu.numpy(), rtol=1e-4, atol=1e-5)
-    op.close()
+    """A CUDA tensor in gives a CUDA tensor out, equal to the CPU-tensor call of a twin operator."""
+    got = {}
+    for where in ("cuda", "cpu"):
+        dec = Decode([500, 1200], 2, 4, d=128, seed=9, steps=2)
+        op = dec.operator("fluxion", "gpu", budget=0.2, mass=0.9)
+        gen = torch.Generator().manual_seed(4)
+        q = torch.randn(2, 8, 128, generator=gen)
+        k, v = torch.randn(2, 2, 128, generator=gen).bfloat16(), torch.randn(2, 2, 128, generator=gen).bfloat16()
+        out = op.step(dec.seqs, dec.ids)(0, q.to(where), k.to(where), v.to(where))
+        assert out.device.type == where and out.dtype == torch.float32
+        got[where] = out.cpu().numpy()
+        op.close()
+    np.testing.assert_allclose(got["cuda"], got["cpu"], rtol=1e-5, atol=1e-6)
 
 
 def test_calibration_measures_gpu_rates():
     cost = calibrate(128, 8, 4, num_threads=2, blocks_per_row=256)
     assert cost.has_gpu and cost.uva_bytes_per_s > 1e9 and cost.cached_bytes_per_s > cost.uva_bytes_per_s
     assert cost.copy_bytes_per_s > 1e9
+
+
+def test_graph_replays_equal_eager_launches():
+    """CUDA-graph replays (parameters written in place, inputs copied in) against eager
+    launches, over enough steps for predictor refreshes, budget changes and cache hits."""
+    graphs, reports = _outputs("fluxion", steps=12)
+    eager, _ = _outputs("fluxion", steps=12, cuda_graphs=False)
+    assert sum(r.gpu_cached_blocks for r in reports[2:]) > 0
+    for a, b in zip(graphs, eager):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

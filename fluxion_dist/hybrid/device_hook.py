@@ -32,23 +32,34 @@ if TYPE_CHECKING:
 
 
 class DeviceTables:
-    """Host and device block tables [L, B, W] of a batch, refreshed when a sequence gains pages."""
+    """Host and device block tables [L, B, W] of a batch, refreshed when a sequence gains pages.
+
+    W is rounded up to whole ``WIDTH_STEP`` blocks and the device array is rewritten in place
+    while its shape holds: the layers' CUDA graphs captured its address."""
+
+    WIDTH_STEP = 256
 
     def __init__(self) -> None:
         self._key: tuple = ()
         self.host: np.ndarray | None = None
         self.dev: cp.ndarray | None = None
 
-    def get(self, batch: Sequence["PagedSequenceView"], request_ids: Sequence[str]) -> tuple[np.ndarray, cp.ndarray]:
+    def get(self, batch: Sequence["PagedSequenceView"], request_ids: Sequence[str],
+            stream: cp.cuda.Stream) -> tuple[np.ndarray, cp.ndarray]:
         key = tuple((rid, len(s.block_tables[0])) for rid, s in zip(request_ids, batch))
         if key != self._key or self.host is None:
             layers = len(batch[0].block_tables)
-            width = max(n for _, n in key)
+            width = -(-max(n for _, n in key) // self.WIDTH_STEP) * self.WIDTH_STEP
             host = np.zeros((layers, len(batch), width), np.int32)
             for b, s in enumerate(batch):
                 for layer, row in enumerate(s.block_tables):
                     host[layer, b, :len(row)] = row
-            self.host, self.dev, self._key = host, cp.asarray(host), key
+            with stream:
+                if self.dev is None or self.dev.shape != host.shape:
+                    self.dev = cp.asarray(host)
+                else:
+                    self.dev.set(host, stream=stream)
+            self.host, self._key = host, key
         return self.host, self.dev
 
 
@@ -58,23 +69,20 @@ class DeviceStepHook:
     def __init__(self, op: "HybridAttention", batch: list["PagedSequenceView"], request_ids: list[str]) -> None:
         self.op, self.batch, self.request_ids = op, batch, request_ids
         pipe: DevicePipeline = op.pipeline
-        self.tables_host, self.tables_dev = op.device_tables.get(batch, request_ids)
+        self.tables_host, self.tables_dev = op.device_tables.get(batch, request_ids, pipe.compute)
         self.pos_host = np.array([s.seq_len for s in batch], np.int32)
         self.seq_host = self.pos_host + 1
         if np.any(num_blocks(self.seq_host.max()) > self.tables_host.shape[2]):
             raise op.error(f"a sequence has fewer pages than its {int(self.seq_host.max())} tokens need")
-        self.pos_dev = cp.asarray(self.pos_host)
         nb = (self.seq_host + BLOCK_TOKENS - 1) // BLOCK_TOKENS
         cfg, hkv = op.config, pipe.kv_host.shape[1]
+        exact = cfg.policy == "full" or (cfg.policy == "fluxion" and cfg.mass_target >= 1.0)
         self.plans: list[LayerPlan] = []
-        budgets = []
+        self.budget_used: list[float] = []
         for layer in range(op.options.num_layers):
             measure = False
-            if cfg.policy == "full" or (cfg.policy == "fluxion" and cfg.mass_target >= 1.0):
-                # a mass target of 1 needs every block, as in the host policy
-                k_rows = None
-                budgets.append(np.ones((len(batch), hkv)))
-                bound = int(nb.max())
+            if exact:  # every block (a mass target of 1 needs them all, as in the host policy)
+                k_rows = np.broadcast_to(nb[:, None], (len(batch), hkv))
             else:
                 demand = None
                 if cfg.policy == "fluxion":
@@ -84,18 +92,10 @@ class DeviceStepHook:
                         demand = np.stack(known)
                 k_rows = np.broadcast_to(row_budgets(demand, nb, budget=cfg.budget, sink_blocks=pipe.sink_blocks,
                                                      recent_blocks=pipe.recent_blocks), (len(batch), hkv))
-                budgets.append(k_rows / nb[:, None])
-                bound = int(k_rows.max())
-                k_rows = np.ascontiguousarray(k_rows, dtype=np.int32)
-            self.plans.append(LayerPlan(k_rows, bound, self._cpu_fraction(layer), op.use_cache, measure))
-        # one upload for every layer's budgets
-        stacked = [p.k_rows for p in self.plans if p.k_rows is not None]
-        if stacked:
-            dev = cp.asarray(np.stack(stacked))
-            it = iter(range(len(stacked)))
-            self.plans = [p if p.k_rows is None else LayerPlan(dev[next(it)], p.max_row_blocks, p.cpu_fraction,
-                                                               p.use_cache, p.measure_demand) for p in self.plans]
-        self.budget_used = [float(np.mean(x)) for x in budgets]
+            k_rows = np.ascontiguousarray(k_rows, dtype=np.int32)
+            self.budget_used.append(float(np.mean(k_rows / nb[:, None])))
+            self.plans.append(LayerPlan(k_rows, _bucket(int(k_rows.max()), self.tables_host.shape[2]),
+                                        self._cpu_fraction(layer), op.use_cache, measure))
         self.outcomes: list[tuple[int, LayerOutcome, float]] = []
         op.steps += 1
 
@@ -118,28 +118,28 @@ class DeviceStepHook:
         t0 = time.perf_counter()
         torch_stream = None
         if q.is_cuda:
-            torch_stream = cp.cuda.ExternalStream(torch.cuda.current_stream(q.device).cuda_stream)
+            torch_stream = cp.cuda.Stream.from_external(torch.cuda.current_stream(q.device))
         qf = q.detach().to(torch.float32).contiguous()
         kb = k.detach().to(torch.bfloat16).contiguous().view(torch.int16)
         vb = v.detach().to(torch.bfloat16).contiguous().view(torch.int16)
         if torch_stream is not None:
             pipe.compute.wait_event(torch_stream.record())
-            q_dev, q_host = cp.from_dlpack(qf), None
+            q_dev = cp.from_dlpack(qf)
             k_dev, v_dev = cp.from_dlpack(kb).view(cp.uint16), cp.from_dlpack(vb).view(cp.uint16)
         else:
-            q_host = qf.numpy()
             with pipe.compute:
-                q_dev = cp.asarray(q_host)
+                q_dev = cp.asarray(qf.numpy())
                 k_dev, v_dev = cp.asarray(kb.numpy().view(np.uint16)), cp.asarray(vb.numpy().view(np.uint16))
-        res = pipe.run_layer(layer, self.plans[layer], q_dev, q_host, k_dev, v_dev, self.tables_dev[layer],
-                             self.tables_host[layer], self.pos_dev, self.seq_host)
+        res = pipe.run_layer(layer, self.plans[layer], q_dev, k_dev, v_dev, self.tables_dev[layer],
+                             self.tables_host[layer], self.pos_host)
         if res.demand is not None:
             for b, rid in enumerate(self.request_ids):
                 op.demand[(rid, layer)] = res.demand[b]
         op.last_counts[layer] = (res.hits, res.uva + res.cpu, res.admitted)
         if torch_stream is not None:
             torch_stream.wait_event(res.spans[-1][1])
-            out = torch.from_dlpack(res.out).to(q.dtype)
+            # res.out is the layer's buffer, rewritten at its next call: hand out a copy
+            out = torch.from_dlpack(res.out).to(q.dtype, copy=True)
         else:
             with pipe.compute:
                 out = torch.from_numpy(cp.asnumpy(res.out, stream=pipe.compute)).to(q.dtype)
@@ -157,3 +157,9 @@ class DeviceStepHook:
                 cost.cpu_time(r.cpu) if r.cpu else 0.0, cost.gpu_time(r.hits, r.uva, r.admitted), wall,
                 r.gpu_busy_s()))
         return StepReport(tuple(reports))
+
+
+def _bucket(k_max: int, width: int) -> int:
+    """The list bound a layer is captured with: a power of two (at least 64) covering k_max, so
+    budgets that move step to step reuse one graph; never past the table's width."""
+    return min(width, max(64, 1 << max(k_max - 1, 0).bit_length()))

@@ -39,20 +39,25 @@ import numpy as np
 from fluxion_dist.attention.layout import BLOCK_TOKENS
 from fluxion_dist.cpu.attention import sparse_partial_attention as cpu_partial
 from fluxion_dist.kernels.append import append_kv
+from fluxion_dist.kernels.attention import num_split_chunks, split_k_parts
 from fluxion_dist.kernels.attention import sparse_partial_attention as gpu_partial
 from fluxion_dist.kernels.block_table import admit_blocks, classify_entries, force_blocks
 from fluxion_dist.kernels.merge import merge_attention
 from fluxion_dist.kernels.scoring import quest_scores
-from fluxion_dist.kernels.selection import select_topk, select_topp
+from fluxion_dist.kernels.device import sm_count
+from fluxion_dist.kernels.selection import select_buffers, select_topk, select_topp
 from fluxion_dist.kernels.uva import map_host_array
+
+
+_MAX_SHAPES = 8  # per layer: batch shapes x budget buckets x refresh or not
 
 
 @dataclass(frozen=True, slots=True)
 class LayerPlan:
     """The host's decisions for one layer call."""
 
-    k_rows: cp.ndarray | None  # int32 [B, Hkv] blocks per row (device); None: every block (full)
-    max_row_blocks: int  # bound on k_rows (sizes the lists and the split-K grid)
+    k_rows: np.ndarray  # int32 [B, Hkv] blocks per row, sinks and window included
+    max_row_blocks: int  # bound on k_rows (sizes the lists and the split-K grid; few distinct values)
     cpu_fraction: float  # share of the cache misses the CPU computes
     use_cache: bool
     measure_demand: bool  # run the predictor's top-p pass
@@ -82,7 +87,7 @@ class DevicePipeline:
 
     def __init__(self, kv_pages: np.ndarray, kmin: np.ndarray, kmax: np.ndarray, *, num_layers: int,
                  cache_slots: int, cpu_threads: int, mass_target: float, sink_blocks: int,
-                 recent_blocks: int) -> None:
+                 recent_blocks: int, use_graphs: bool = True) -> None:
         pages, hkv, _, _, d = kv_pages.shape
         if pages * hkv >= 2**31:
             raise ValueError(f"{pages} pages x {hkv} heads overflow the table's int32 keys")
@@ -101,8 +106,8 @@ class DevicePipeline:
         self.compute = cp.cuda.Stream(non_blocking=True)
         self.copier = cp.cuda.Stream(non_blocking=True)
         self._admitted: list[cp.cuda.Event | None] = [None] * num_layers
-        self._staging: dict[str, np.ndarray] = {}
-        self._no_slots: dict[tuple[int, int], cp.ndarray] = {}
+        self._states: list[dict[tuple, _LayerState]] = [{} for _ in range(num_layers)]
+        self.use_graphs = use_graphs
 
     def load_metadata(self, pages: np.ndarray, kmin: np.ndarray, kmax: np.ndarray) -> None:
         """Mirror a new request's block metadata (from the KV store) onto the device."""
@@ -126,74 +131,49 @@ class DevicePipeline:
             self.owner[-1] = -1
             self.slot_of[keys] = -1
 
-    def _stage(self, name: str, src: cp.ndarray) -> np.ndarray:
-        """Queue a copy of ``src`` into a pinned host buffer (reused across calls)."""
-        buf = self._staging.get(name)
-        if buf is None or buf.size < src.size:
-            buf = cupyx.empty_pinned((max(src.size, 2 * (0 if buf is None else buf.size)),), src.dtype)
-            self._staging[name] = buf
-        view = buf[:src.size].reshape(src.shape)
-        src.get(stream=self.compute, out=view)
-        return view
+    def _state(self, layer: int, plan: LayerPlan, bsz: int, hq: int, width: int) -> "_LayerState":
+        # A layer alternates between a few shapes (refresh steps, budget buckets): each keeps
+        # its buffers and graphs, so a switch back costs nothing.
+        key = (bsz, hq, width, plan.max_row_blocks, plan.measure_demand, plan.use_cache)
+        states = self._states[layer]
+        st = states.get(key)
+        if st is None:
+            if len(states) >= _MAX_SHAPES:
+                states.pop(next(iter(states)))
+            st = states[key] = _LayerState(key, self.kv_host.shape[1], self.kv_host.shape[4])
+        return st
 
-    def run_layer(self, layer: int, plan: LayerPlan, q: cp.ndarray, q_host: np.ndarray | None,
-                  k_new: cp.ndarray, v_new: cp.ndarray, tables: cp.ndarray, tables_host: np.ndarray,
-                  pos: cp.ndarray, seq_host: np.ndarray) -> LayerOutcome:
-        """One layer (see the module doc). q float32 [B, Hq, d] on the device (``q_host`` its host
-        copy, or None to fetch it when the CPU needs it); k_new, v_new bf16 bits [B, Hkv, d];
-        tables int32 [B, W] and its host twin; pos int32 [B], tokens before this one;
-        seq_host = pos + 1 on the host."""
+    def run_layer(self, layer: int, plan: LayerPlan, q: cp.ndarray, k_new: cp.ndarray, v_new: cp.ndarray,
+                  tables: cp.ndarray, tables_host: np.ndarray, pos_host: np.ndarray) -> LayerOutcome:
+        """One layer (see the module doc). q float32 [B, Hq, d], k_new, v_new bf16 bits [B, Hkv, d]
+        on the device (ordered before ``compute``'s next work); tables int32 [B, W] (device, stable
+        for the layer: its address is captured) and its host twin; pos_host int32 [B], the tokens
+        before this one. Returns the outcome; ``out`` stays valid until this layer's next call."""
         bsz, hq, d = q.shape
-        hkv = self.kv_host.shape[1]
-        rows = bsz * hkv
-        scale = 1.0 / math.sqrt(d)
+        st = self._state(layer, plan, bsz, hq, tables.shape[1])
         use_cache = plan.use_cache and self.slots_per_layer > 0
+        st.set_params(pos_host, plan)
         s = self.compute
         with s:
             if self._admitted[layer] is not None:
                 s.wait_event(self._admitted[layer])
+            for dst, src in ((st.q, q), (st.k_new, k_new), (st.v_new, v_new)):
+                _copy(dst.data.ptr, src.data.ptr, dst.nbytes, s)
             start = s.record()
-            seq = pos.copy()
-            append_kv(k_new, v_new, seq, tables, self.kmin, self.kmax, slots=self._none_cached(bsz, hkv),
-                      cache_pool=None, kv_pages=self.kv_dev)
-            _, kv_scores = quest_scores(q, self.kmin, self.kmax, tables, seq, scale=scale, query_scores=False)
-            demand_sel = select_topp(kv_scores, seq, self.mass_target) if plan.measure_demand else None
-            if plan.k_rows is None:
-                sel = select_topk(kv_scores, seq, tables.shape[1])
-            else:
-                force_blocks(kv_scores, seq, sink_blocks=self.sink_blocks, recent_blocks=self.recent_blocks)
-                sel = select_topk(kv_scores, seq, plan.k_rows, max_k=plan.max_row_blocks)
-            cap = sel.blocks.shape[0]
-            sel_slot, cpu_blocks = cp.empty(cap, cp.int32), cp.empty(cap, cp.int32)
-            cpu_indptr, counts = cp.empty(rows + 1, cp.int32), cp.empty(4, cp.int32)
-            admit_keys = cp.empty(cap, cp.int32) if use_cache else None
-            classify_entries(sel.indptr, sel.blocks, tables, seq, heads=hkv, slot_of=self.slot_of if use_cache else None,
-                             cpu_fraction=plan.cpu_fraction, out=(sel_slot, cpu_indptr, cpu_blocks, admit_keys, counts))
-            counts_h = self._stage("counts", counts)
-            if plan.cpu_fraction > 0:
-                cpu_indptr_h = self._stage("cpu_indptr", cpu_indptr)
-                cpu_blocks_h = self._stage("cpu_blocks", cpu_blocks)
-                if q_host is None:
-                    q_host = self._stage("q", q)
-            demand_h = self._stage("demand", demand_sel.indptr) if demand_sel is not None else None
+            self._replay(st, "select", lambda: self._select(st, tables, use_cache))
             ready = s.record()
-            o = cp.empty((2, bsz, hq, d), cp.float32)
-            m = cp.empty((2, bsz, hq), cp.float32)
-            l = cp.empty((2, bsz, hq), cp.float32)
-            gpu_partial(q, self.kv_dev, tables, seq, sel.indptr, sel.blocks, scale=scale,
-                        max_row_blocks=sel.max_row_blocks, sel_slot=sel_slot, cache_pool=self.pool,
-                        out=(o[0], m[0], l[0]))
+            self._replay(st, "attend", lambda: self._attend(st, tables))
             attended = s.record()
         ready.synchronize()
-        hits, uva, n_cpu, n_admit = (int(x) for x in counts_h)
-        demand = np.diff(demand_h.astype(np.int64)).reshape(bsz, hkv) if demand_h is not None else None
+        hits, uva, n_cpu, n_admit = (int(x) for x in st.counts_h)
+        demand = np.diff(st.demand_h.astype(np.int64)).reshape(bsz, -1) if plan.measure_demand else None
 
         admitted = evicted = 0
         if use_cache and n_admit:
             admitted = min(n_admit, self.slots_per_layer)
             with self.copier:
                 self.copier.wait_event(attended)
-                admit_blocks(admit_keys, admitted, slot_base=layer * self.slots_per_layer,
+                admit_blocks(st.admit_keys, admitted, slot_base=layer * self.slots_per_layer,
                              slot_count=self.slots_per_layer, ring=self.ring[layer], slot_of=self.slot_of,
                              owner=self.owner, kv_pages=self.kv_dev, pool=self.pool)
                 self._admitted[layer] = self.copier.record()
@@ -201,28 +181,126 @@ class DevicePipeline:
             self.filled[layer] = min(self.slots_per_layer, self.filled[layer] + admitted)
             self.ring[layer] = (self.ring[layer] + admitted) % self.slots_per_layer
 
-        cpu_s, part = 0.0, None
+        cpu_s = 0.0
         if n_cpu:
             t0 = time.perf_counter()
-            part = cpu_partial(q_host, self.kv_host, tables_host, seq_host, cpu_indptr_h, cpu_blocks_h[:n_cpu],
-                               scale, num_threads=self.cpu_threads)
+            part = cpu_partial(st.q_h, self.kv_host, tables_host, pos_host + 1, st.cpu_indptr_h,
+                               st.cpu_blocks_h[:n_cpu], 1.0 / math.sqrt(d), num_threads=self.cpu_threads)
+            st.set_cpu_partial(part.o, part.m, part.l)
             cpu_s = time.perf_counter() - t0
+        else:
+            st.set_cpu_partial(None, None, None)
         with s:
             merge_start = s.record()
-            n = 1
-            if part is not None:
-                o[1].set(part.o, stream=s)
-                m[1].set(part.m, stream=s)
-                l[1].set(part.l, stream=s)
-                n = 2
-            out = merge_attention(o[:n], m[:n], l[:n], out_dtype="float32")
+            self._replay(st, "merge", lambda: self._merge(st))
             end = s.record()
-        return LayerOutcome(out, hits, uva, n_cpu, admitted, evicted, demand, cpu_s,
+        return LayerOutcome(st.out, hits, uva, n_cpu, admitted, evicted, demand, cpu_s,
                             ((start, attended), (merge_start, end)))
 
-    def _none_cached(self, bsz: int, hkv: int) -> cp.ndarray:
-        # The new token's block is partial, and a partial block is never cached.
-        arr = self._no_slots.get((bsz, hkv))
-        if arr is None:
-            arr = self._no_slots[(bsz, hkv)] = cp.full((bsz, hkv), -1, cp.int32)
-        return arr
+    def _replay(self, st: "_LayerState", name: str, body) -> None:
+        """Run ``body`` on ``compute``: eagerly the first time (kernels compile, counters
+        allocate), then captured once as a CUDA graph and replayed (one launch, not ~10)."""
+        if not self.use_graphs or name not in st.warm:
+            body()
+            st.warm.add(name)
+            return
+        graph = st.graphs.get(name)
+        if graph is None:
+            self.compute.begin_capture()
+            try:
+                body()
+            finally:
+                graph = self.compute.end_capture()
+            st.graphs[name] = graph
+        graph.launch(self.compute)
+
+    def _select(self, st: "_LayerState", tables: cp.ndarray, use_cache: bool) -> None:
+        s = self.compute
+        _copy(st.params.data.ptr, st.params_h.ctypes.data, st.params.nbytes, s)
+        append_kv(st.k_new, st.v_new, st.seq, tables, self.kmin, self.kmax, slots=st.no_slots, cache_pool=None,
+                  kv_pages=self.kv_dev)
+        quest_scores(st.q, self.kmin, self.kmax, tables, st.seq, scale=st.scale, query_scores=False,
+                     out=(None, st.kv_scores))
+        if st.topp is not None:
+            select_topp(st.kv_scores, st.seq, self.mass_target, buffers=st.topp)
+            _copy(st.demand_h.ctypes.data, st.topp.indptr.data.ptr, st.demand_h.nbytes, s)
+        force_blocks(st.kv_scores, st.seq, sink_blocks=self.sink_blocks, recent_blocks=self.recent_blocks)
+        sel = select_topk(st.kv_scores, st.seq, st.k_rows, max_k=st.bound, buffers=st.sel)
+        classify_entries(sel.indptr, sel.blocks, tables, st.seq, heads=st.hkv, slot_of=self.slot_of if use_cache else None,
+                         cpu_fraction=st.frac, out=(st.sel_slot, st.cpu_indptr, st.cpu_blocks, st.admit_keys, st.counts))
+        for src, dst in ((st.counts, st.counts_h), (st.cpu_indptr, st.cpu_indptr_h), (st.cpu_blocks, st.cpu_blocks_h),
+                         (st.q, st.q_h)):
+            _copy(dst.ctypes.data, src.data.ptr, dst.nbytes, s)
+
+    def _attend(self, st: "_LayerState", tables: cp.ndarray) -> None:
+        gpu_partial(st.q, self.kv_dev, tables, st.seq, st.sel.indptr, st.sel.blocks, scale=st.scale,
+                    max_row_blocks=st.bound, sel_slot=st.sel_slot, cache_pool=self.pool,
+                    out=(st.o[0], st.m[0], st.l[0]), parts=st.parts)
+
+    def _merge(self, st: "_LayerState") -> None:
+        s = self.compute
+        for dst, src in ((st.o[1], st.o_h), (st.m[1], st.m_h), (st.l[1], st.l_h)):
+            _copy(dst.data.ptr, src.ctypes.data, dst.nbytes, s)
+        merge_attention(st.o, st.m, st.l, out_dtype="float32", out=st.out)
+
+
+def _copy(dst: int, src: int, nbytes: int, stream: cp.cuda.Stream) -> None:
+    # cudaMemcpyDefault: the direction follows from the (unified) addresses; pinned host
+    # memory keeps it asynchronous, and capturable
+    cp.cuda.runtime.memcpyAsync(dst, src, nbytes, 4, stream.ptr)
+
+
+class _LayerState:
+    """Everything one layer's calls read and write, allocated once per batch shape: a CUDA
+    graph captures addresses, so inputs are copied in and parameters written in place."""
+
+    def __init__(self, key: tuple, hkv: int, d: int) -> None:
+        bsz, hq, width, bound, measure, _ = key
+        rows = bsz * hkv
+        self.key, self.hkv, self.bound = key, hkv, bound
+        self.scale = 1.0 / math.sqrt(d)
+        self.warm: set[str] = set()
+        self.graphs: dict[str, cp.cuda.graph.Graph] = {}
+        # parameters, one pinned block copied in by the graph: pos [B] | k_rows [B*Hkv] | cpu fraction
+        self.params_h = cupyx.empty_pinned((bsz + rows + 1,), np.int32)
+        self.params = cp.empty(self.params_h.shape, cp.int32)
+        self.seq = self.params[:bsz]  # pos, then + 1 by the append
+        self.k_rows = self.params[bsz:bsz + rows].reshape(bsz, hkv)
+        self.frac = self.params[bsz + rows:].view(cp.float32)
+        self.q = cp.empty((bsz, hq, d), cp.float32)
+        self.k_new = cp.empty((bsz, hkv, d), cp.uint16)
+        self.v_new = cp.empty((bsz, hkv, d), cp.uint16)
+        self.no_slots = cp.full((bsz, hkv), -1, cp.int32)  # the new token's block is partial: never cached
+        self.kv_scores = cp.empty((bsz, hkv, width), cp.float32)
+        self.sel = select_buffers(rows, bound)
+        self.topp = select_buffers(rows, width) if measure else None
+        cap = self.sel.blocks.shape[0]
+        self.sel_slot, self.cpu_blocks, self.admit_keys = (cp.empty(cap, cp.int32) for _ in range(3))
+        self.cpu_indptr, self.counts = cp.empty(rows + 1, cp.int32), cp.empty(4, cp.int32)
+        pinned = cupyx.empty_pinned
+        self.counts_h, self.cpu_indptr_h = pinned((4,), np.int32), pinned((rows + 1,), np.int32)
+        self.cpu_blocks_h, self.q_h = pinned((cap,), np.int32), pinned((bsz, hq, d), np.float32)
+        self.demand_h = pinned((rows + 1,), np.int32)
+        self.o = cp.empty((2, bsz, hq, d), cp.float32)
+        self.m = cp.empty((2, bsz, hq), cp.float32)
+        self.l = cp.empty((2, bsz, hq), cp.float32)
+        self.o_h, self.m_h, self.l_h = pinned((bsz, hq, d), np.float32), pinned((bsz, hq), np.float32), \
+            pinned((bsz, hq), np.float32)
+        chunks = num_split_chunks(rows, bound, sm_count(cp.cuda.runtime.getDevice()))[1]
+        self.parts = split_k_parts(chunks, bsz, hq, d) if chunks > 1 else None
+        self.out = cp.empty((bsz, hq, d), cp.float32)
+
+    def set_params(self, pos: np.ndarray, plan: LayerPlan) -> None:
+        bsz = pos.size
+        self.params_h[:bsz] = pos
+        self.params_h[bsz:-1] = plan.k_rows.ravel()
+        self.params_h[-1:] = np.array([plan.cpu_fraction], np.float32).view(np.int32)
+
+    def set_cpu_partial(self, o: np.ndarray | None, m: np.ndarray | None, l: np.ndarray | None) -> None:
+        if o is None:
+            self.m_h.fill(-np.inf)  # an empty partial: the merge skips it
+            self.l_h.fill(0.0)
+            return
+        np.copyto(self.o_h, o)
+        np.copyto(self.m_h, m)
+        np.copyto(self.l_h, l)

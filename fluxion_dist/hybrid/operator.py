@@ -115,6 +115,8 @@ class HybridOptions:
     static_cpu_fraction: float | None = field(default=None, metadata={
         "doc": "fixed_hybrid's CPU share of the blocks; None: from the cost model's rates, once"})
     admit_limit: int | None = field(default=None, metadata={"doc": "cache copy-ins per layer call; None: no limit"})
+    cuda_graphs: bool = field(default=True, metadata={
+        "doc": "GPU path: replay each layer's launches as CUDA graphs (False: launch eagerly, for debugging)"})
     refresh_steps: int = field(default=8, metadata={
         "doc": "GPU path: steps between a layer's demand measurements (the predictor's top-p pass)"})
     policy: PolicyOptions = field(default_factory=PolicyOptions, metadata={"doc": "predictor/selector knobs"})
@@ -245,7 +247,7 @@ class HybridAttention:
                 arena.kv_pages, arena.kmin, arena.kmax, num_layers=options.num_layers,
                 cache_slots=config.gpu_cache_blocks if use_cache else 0, cpu_threads=options.cpu_threads,
                 mass_target=config.mass_target, sink_blocks=num_blocks(config.sink_tokens),
-                recent_blocks=num_blocks(config.recent_tokens) + 1)
+                recent_blocks=num_blocks(config.recent_tokens) + 1, use_graphs=options.cuda_graphs)
             self.device_tables = DeviceTables()
         elif self.device == "emulated":
             total_slots = slots_per_layer * options.num_layers

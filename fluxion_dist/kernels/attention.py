@@ -36,12 +36,24 @@ def chunk_size(rows: int, max_row_blocks: int, sms: int) -> int:
     return min(_MAX_CHUNK, max(_WARPS, -(-want // _WARPS) * _WARPS))
 
 
+def num_split_chunks(rows: int, max_row_blocks: int, sms: int) -> tuple[int, int]:
+    """``(chunk, num_chunks)`` the launcher picks for this grid."""
+    chunk = chunk_size(rows, max_row_blocks, sms)
+    return chunk, max(1, -(-max_row_blocks // chunk))
+
+
+def split_k_parts(num_chunks: int, bsz: int, hq: int, d: int) -> tuple[cp.ndarray, cp.ndarray, cp.ndarray]:
+    return (cp.empty((num_chunks, bsz, hq, d), cp.float32), cp.empty((num_chunks, bsz, hq), cp.float32),
+            cp.empty((num_chunks, bsz, hq), cp.float32))
+
+
 def sparse_partial_attention(
     q: cp.ndarray, kv_pages: cp.ndarray, block_tables: cp.ndarray, seq_lens: cp.ndarray,
     sel_indptr: cp.ndarray, sel_blocks: cp.ndarray, *, scale: float, max_row_blocks: int,
     sel_slot: cp.ndarray | None = None, cache_pool: cp.ndarray | None = None,
     chunk: int | None = None,
     out: tuple[cp.ndarray, cp.ndarray, cp.ndarray] | None = None,
+    parts: tuple[cp.ndarray, cp.ndarray, cp.ndarray] | None = None,
 ) -> tuple[cp.ndarray, cp.ndarray, cp.ndarray]:
     """Attention of ``q`` over the selected blocks only, as an unnormalised partial.
 
@@ -56,7 +68,9 @@ def sparse_partial_attention(
 
     Returns ``(o float32 [B, Hq, d], m float32 [B, Hq], l float32 [B, Hq])``; an empty list
     gives ``m = -inf, l = 0, o = 0``. ``out`` may be slices of a stacked partials buffer
-    (inner axes contiguous), so GPU and CPU partials merge without a copy.
+    (inner axes contiguous), so GPU and CPU partials merge without a copy. ``parts``: the
+    split-K scratch, ``[num_chunks, B, Hq, (d)]`` (:func:`split_k_parts`), for launches that
+    must not allocate (CUDA graph capture).
     """
     expect("q", q, np.float32, (None, None, None))
     bsz, hq, d = q.shape
@@ -98,9 +112,10 @@ def sparse_partial_attention(
     null = np.uint64(0)
     if num_chunks == 1:
         parts = (null, null, null)
-    else:
-        parts = (cp.empty((num_chunks, bsz, hq, d), cp.float32), cp.empty((num_chunks, bsz, hq), cp.float32),
-                 cp.empty((num_chunks, bsz, hq), cp.float32))
+    elif parts is None:
+        parts = split_k_parts(num_chunks, bsz, hq, d)
+    elif parts[0].shape != (num_chunks, bsz, hq, d):
+        raise ValueError(f"split-K parts are {parts[0].shape}; this launch needs {(num_chunks, bsz, hq, d)}")
     kernel = loader.get_kernel("attention", "sparse_attention_chunks", HEAD_DIM=d, GROUP=hq // hkv)
     kernel((num_chunks, rows), (_WARPS * 32,), (
         q, kv_pages, cache_pool if cache_pool is not None else null, block_tables, seq_lens,

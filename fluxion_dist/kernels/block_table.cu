@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(SELECT_THREADS, 1) classify_entries(
     int max_blocks,
     const int* __restrict__ seq_lens,      // [B], the new token included
     const int* __restrict__ slot_of,       // [P * heads], or null: nothing is cached
-    float cpu_fraction,
+    const float* __restrict__ cpu_fraction,  // [1], read at run time (a graph replays it)
     int* __restrict__ sel_slot,            // [nnz] out: slot, SLOT_UVA or SLOT_CPU
     int* __restrict__ cpu_indptr,          // [rows + 1] out
     int* __restrict__ cpu_blocks,          // [>= nnz] out
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(SELECT_THREADS, 1) classify_entries(
     __syncthreads();
 
     const int nnz = indptr[rows];
-    const double frac = cpu_fraction;
+    const double frac = *cpu_fraction;
     unsigned long long miss_carry = 0, cpu_carry = 0, admit_carry = 0;
     for (int base = 0; base < nnz; base += SELECT_THREADS) {  // uniform trip count: scans below
         const int e = base + tid;

@@ -36,14 +36,15 @@ def force_blocks(scores: cp.ndarray, seq_lens: cp.ndarray, *, sink_blocks: int, 
 
 
 def classify_entries(indptr: cp.ndarray, blocks: cp.ndarray, block_tables: cp.ndarray, seq_lens: cp.ndarray, *,
-                     heads: int, slot_of: cp.ndarray | None, cpu_fraction: float,
+                     heads: int, slot_of: cp.ndarray | None, cpu_fraction: cp.ndarray,
                      out: tuple[cp.ndarray, cp.ndarray, cp.ndarray, cp.ndarray | None, cp.ndarray]) -> None:
     """Route every selected block: cache hit, UVA read or CPU (one CTA, no host round trip).
 
     indptr int32 [R + 1], blocks int32 [>= nnz]: the selection, row ``b * heads + h``;
     block_tables int32 [B, max_blocks]; seq_lens int32 [B] (the new token included);
     slot_of int32 [P * heads] or None (nothing cached: every entry is a miss).
-    ``cpu_fraction`` of the misses, evenly spread in entry order, go to the CPU.
+    ``cpu_fraction`` (float32 [1] on the device, read when the kernel runs, so a captured
+    graph follows it) of the misses, evenly spread in entry order, go to the CPU.
 
     ``out = (sel_slot [>= nnz], cpu_indptr [R + 1], cpu_blocks [>= nnz], admit_keys [>= nnz]
     or None, counts [4])``, all int32: ``sel_slot`` is the slot, -1 (UVA) or ``SLOT_CPU``;
@@ -59,8 +60,7 @@ def classify_entries(indptr: cp.ndarray, blocks: cp.ndarray, block_tables: cp.nd
         raise ValueError(f"indptr has {rows} rows; {block_tables.shape[0]} requests x {heads} heads expected")
     if not 0 < rows <= _MAX_ROWS:
         raise ValueError(f"classify_entries takes 1 to {_MAX_ROWS} rows; got {rows}")
-    if not 0.0 <= cpu_fraction <= 1.0:
-        raise ValueError(f"cpu_fraction must be in [0, 1]; got {cpu_fraction}")
+    expect("cpu_fraction", cpu_fraction, np.float32, (1,))
     sel_slot, cpu_indptr, cpu_blocks, admit_keys, counts = out
     for name, a in (("sel_slot", sel_slot), ("cpu_blocks", cpu_blocks)):
         expect(name, a, np.int32, (blocks.shape[0],))
@@ -74,7 +74,7 @@ def classify_entries(indptr: cp.ndarray, blocks: cp.ndarray, block_tables: cp.nd
     null = np.uint64(0)
     loader.get_kernel("block_table", "classify_entries")((1,), (_CLASSIFY_THREADS,), (
         indptr, blocks, np.int32(rows), np.int32(heads), block_tables, np.int32(block_tables.shape[1]), seq_lens,
-        slot_of if slot_of is not None else null, np.float32(cpu_fraction), sel_slot, cpu_indptr, cpu_blocks,
+        slot_of if slot_of is not None else null, cpu_fraction, sel_slot, cpu_indptr, cpu_blocks,
         admit_keys if slot_of is not None else null, counts), shared_mem=4 * rows)
 
 

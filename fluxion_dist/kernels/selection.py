@@ -36,8 +36,26 @@ class Selection:
     """Host-known bound on any row's length: it sizes the split-K grid of the attention."""
 
 
+@dataclass(frozen=True, slots=True)
+class SelectBuffers:
+    """Preallocated outputs and scratch of one selection launch (a CUDA graph replays into
+    the same memory): see :func:`select_buffers`."""
+
+    indptr: cp.ndarray  # int32 [R + 1]
+    blocks: cp.ndarray  # int32 [R * cap]
+    rows_out: cp.ndarray  # int32 [R, cap]
+    counts: cp.ndarray  # int32 [R]
+
+
+def select_buffers(rows: int, row_bound: int) -> SelectBuffers:
+    """Buffers for ``rows`` rows of at most ``row_bound`` base blocks each."""
+    cap = max(row_bound, 1)
+    return SelectBuffers(cp.empty((rows + 1,), cp.int32), cp.empty((rows * cap,), cp.int32),
+                         cp.empty((rows, cap), cp.int32), cp.empty((rows,), cp.int32))
+
+
 def select_topk(scores: cp.ndarray, seq_lens: cp.ndarray, k: int | cp.ndarray, *,
-                factor: int = 1, max_k: int | None = None) -> Selection:
+                factor: int = 1, max_k: int | None = None, buffers: SelectBuffers | None = None) -> Selection:
     """Per row of ``scores`` (float32 [B, H, n], at ``factor`` x 16 tokens), the ``k``
     highest-scoring entries (ties to the lower id), expanded to base blocks.
 
@@ -53,11 +71,11 @@ def select_topk(scores: cp.ndarray, seq_lens: cp.ndarray, k: int | cp.ndarray, *
     else:
         k_rows, k_all, bound = None, int(k), max(0, min(int(k), n))
     return _select(scores, seq_lens, factor, by_mass=False, k_rows=k_rows, k_all=k_all,
-                   p_rows=None, p_all=0.0, row_bound=bound * factor)
+                   p_rows=None, p_all=0.0, row_bound=bound * factor, buffers=buffers)
 
 
 def select_topp(scores: cp.ndarray, seq_lens: cp.ndarray, p: float | cp.ndarray, *,
-                factor: int = 1) -> Selection:
+                factor: int = 1, buffers: SelectBuffers | None = None) -> Selection:
     """Per row, the fewest highest-scoring entries whose estimated softmax mass (softmax of
     the scores over the row's own entries) reaches ``p``, expanded to base blocks.
 
@@ -72,7 +90,7 @@ def select_topp(scores: cp.ndarray, seq_lens: cp.ndarray, p: float | cp.ndarray,
             raise ValueError(f"top-p mass must be in (0, 1]; got {p}")
         p_rows, p_all = None, float(p)
     return _select(scores, seq_lens, factor, by_mass=True, k_rows=None, k_all=0,
-                   p_rows=p_rows, p_all=p_all, row_bound=n * factor)
+                   p_rows=p_rows, p_all=p_all, row_bound=n * factor, buffers=buffers)
 
 
 def _check(scores: cp.ndarray, seq_lens: cp.ndarray, factor: int) -> tuple[int, int, int]:
@@ -85,12 +103,16 @@ def _check(scores: cp.ndarray, seq_lens: cp.ndarray, factor: int) -> tuple[int, 
 
 def _select(scores: cp.ndarray, seq_lens: cp.ndarray, factor: int, *, by_mass: bool,
             k_rows: cp.ndarray | None, k_all: int, p_rows: cp.ndarray | None, p_all: float,
-            row_bound: int) -> Selection:
+            row_bound: int, buffers: SelectBuffers | None) -> Selection:
     bsz, heads, n = scores.shape
     rows = bsz * heads
     cap = max(row_bound, 1)  # zero-size buffers have a null pointer
-    indptr = cp.empty((rows + 1,), cp.int32)
-    blocks = cp.empty((rows * cap,), cp.int32)
+    if buffers is None:
+        buffers = select_buffers(rows, row_bound)
+    if buffers.rows_out.shape != (rows, cap) or buffers.indptr.shape != (rows + 1,):
+        raise ValueError(f"selection buffers are for {buffers.rows_out.shape} rows x cap; this launch needs "
+                         f"{(rows, cap)}")
+    indptr, blocks = buffers.indptr, buffers.blocks
     if rows == 0:
         indptr.fill(0)
         return Selection(indptr, blocks, row_bound)
@@ -107,6 +129,5 @@ def _select(scores: cp.ndarray, seq_lens: cp.ndarray, factor: int, *, by_mass: b
         scores, np.int32(heads), np.int32(n), seq_lens, np.int32(factor), np.int32(by_mass),
         k_rows if k_rows is not None else null, np.int32(k_all),
         p_rows if p_rows is not None else null, np.float32(p_all),
-        cp.empty((rows, cap), cp.int32), np.int32(cap), cp.empty((rows,), cp.int32),
-        indptr, blocks, stream_counters(1)), shared_mem=smem)
+        buffers.rows_out, np.int32(cap), buffers.counts, indptr, blocks, stream_counters(1)), shared_mem=smem)
     return Selection(indptr, blocks, row_bound)
