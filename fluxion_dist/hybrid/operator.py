@@ -29,6 +29,12 @@ fixed_hybrid   fixed budget                static split (fraction fixed    no
 fluxion        predictor + budget selector balanced, priority scheduler   yes
 =============  ==========================  ==============================  =====
 
+**On a GPU** (``device="gpu"``) the step is ``device_hook.DeviceStepHook`` over
+``device_pipeline.DevicePipeline``: the same policies, but scoring, selection (per-head budgets
+from the predictor's measured demand, ``device_budget``), the cache table and the routing of
+each block stay on the device, replayed as CUDA graphs; the host only runs the CPU's share.
+The life above is the host-selection path (``cpu`` and ``emulated``), the one CI exercises.
+
 **No GPU.** With ``device="cpu"`` (or ``"auto"`` on a machine where
 ``kernels.device.gpu_unavailable_reason()`` is not None) every policy still runs: the
 GPU share is forced to zero and the CPU executes all blocks, so each policy's selection
