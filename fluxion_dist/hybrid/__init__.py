@@ -11,8 +11,9 @@ One concept per module:
 - ``device_pipeline`` / ``device_hook`` / ``gpu_calibration``: the GPU path on CuPy, everything
   up to the attention on the device (import only with a GPU);
 - ``merge``: host-side exact merge of partials;
+- ``step_report``: :class:`StepReport` / :class:`LayerReport`, what a step did per layer;
 - ``operator``: :class:`HybridAttention` (persistent) and its per-step ``StepHook``, the
-  model's ``attend`` hook, with ``StepReport`` / ``LayerReport``.
+  model's ``attend`` hook.
 
 Nothing here imports CuPy at module level.
 """
@@ -22,8 +23,9 @@ from fluxion_dist.hybrid.cost_model import CostModel, CostModelError, calibrate,
 from fluxion_dist.hybrid.gpu_path import EmulatedGpuPath, GpuPath, LayerInputs, MergedLayer
 from fluxion_dist.hybrid.merge import EmptyAttentionError, merge_batch_partials
 from fluxion_dist.hybrid.operator import (HostArena, HybridAttention, HybridAttentionError, HybridOptions,
-                                          LayerReport, PagedSequenceView, StepHook, StepReport)
+                                          PagedSequenceView, StepHook)
 from fluxion_dist.hybrid.scheduler import SPLIT_MODES, Split, SplitMode, balanced_cpu_blocks, split_layer
+from fluxion_dist.hybrid.step_report import LayerReport, StepReport
 
 __all__ = [
     "BlockCacheError", "BlockCacheTable", "CachePlan", "CostModel", "CostModelError", "EmptyAttentionError",

@@ -26,6 +26,7 @@ import torch
 from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks
 from fluxion_dist.hybrid.device_budget import balanced_cpu_fraction, row_budgets
 from fluxion_dist.hybrid.device_pipeline import DevicePipeline, LayerOutcome, LayerPlan
+from fluxion_dist.hybrid.step_report import LayerReport, StepReport
 
 if TYPE_CHECKING:
     from fluxion_dist.hybrid.operator import HybridAttention, PagedSequenceView
@@ -146,9 +147,7 @@ class DeviceStepHook:
         self.outcomes.append((layer, res, time.perf_counter() - t0))
         return out
 
-    def report(self):
-        from fluxion_dist.hybrid.operator import LayerReport, StepReport
-
+    def report(self) -> StepReport:
         cost = self.op.cost
         reports = []
         for layer, r, wall in self.outcomes:

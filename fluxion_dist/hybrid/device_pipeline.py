@@ -29,7 +29,6 @@ Imports CuPy: import only where ``kernels.device.gpu_unavailable_reason()`` is N
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import cupy as cp
@@ -72,7 +71,6 @@ class LayerOutcome:
     admitted: int
     evicted: int
     demand: np.ndarray | None  # int64 [B, Hkv] blocks to reach the mass target (a refresh)
-    cpu_s: float  # measured wall time of the CPU partial
     spans: tuple[tuple[cp.cuda.Event, cp.cuda.Event], ...]  # GPU work: (selection..attention), (merge)
 
     def gpu_busy_s(self) -> float:
@@ -181,20 +179,17 @@ class DevicePipeline:
             self.filled[layer] = min(self.slots_per_layer, self.filled[layer] + admitted)
             self.ring[layer] = (self.ring[layer] + admitted) % self.slots_per_layer
 
-        cpu_s = 0.0
         if n_cpu:
-            t0 = time.perf_counter()
             part = cpu_partial(st.q_h, self.kv_host, tables_host, pos_host + 1, st.cpu_indptr_h,
                                st.cpu_blocks_h[:n_cpu], 1.0 / math.sqrt(d), num_threads=self.cpu_threads)
             st.set_cpu_partial(part.o, part.m, part.l)
-            cpu_s = time.perf_counter() - t0
         else:
             st.set_cpu_partial(None, None, None)
         with s:
             merge_start = s.record()
             self._replay(st, "merge", lambda: self._merge(st))
             end = s.record()
-        return LayerOutcome(st.out, hits, uva, n_cpu, admitted, evicted, demand, cpu_s,
+        return LayerOutcome(st.out, hits, uva, n_cpu, admitted, evicted, demand,
                             ((start, attended), (merge_start, end)))
 
     def _replay(self, st: "_LayerState", name: str, body) -> None:

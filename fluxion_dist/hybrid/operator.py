@@ -67,6 +67,7 @@ from fluxion_dist.hybrid.cost_model import CostModel
 from fluxion_dist.hybrid.gpu_path import EmulatedGpuPath, GpuPath, LayerInputs
 from fluxion_dist.hybrid.merge import merge_batch_partials
 from fluxion_dist.hybrid.scheduler import SplitMode, split_layer
+from fluxion_dist.hybrid.step_report import LayerReport, StepReport
 from fluxion_dist.sparse.head_predictor import HeadFeatures
 from fluxion_dist.sparse.policy import PolicyOptions, decide
 from fluxion_dist.sparse.scoring import build_pyramid
@@ -133,64 +134,6 @@ class HybridOptions:
                                        f"got {self.num_layers}, {self.cpu_threads}, {self.refresh_steps}")
         if self.device not in ("auto", "cpu", "gpu", "emulated"):
             raise HybridAttentionError(f"HybridOptions.device {self.device!r}; allowed: auto, cpu, gpu, emulated")
-
-
-@dataclass(frozen=True, slots=True)
-class LayerReport:
-    layer: int
-    budget_used: float  # mean over (request, KV head) rows of selected blocks / blocks in the context
-    cpu_blocks: int
-    gpu_cached_blocks: int
-    gpu_uva_blocks: int
-    cache_copies: int
-    cache_evictions: int
-    predicted_cpu_s: float
-    predicted_gpu_s: float
-    wall_s: float  # from selection to the merged output
-    gpu_busy_s: float | None  # measured (CUDA events) on a GPU, else None
-
-    @property
-    def predicted_gpu_idle_s(self) -> float:
-        return max(self.predicted_cpu_s - self.predicted_gpu_s, 0.0) if self.predicted_gpu_s > 0 else 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class StepReport:
-    layers: tuple[LayerReport, ...]
-
-    def _sum(self, values) -> float:
-        return float(sum(values))
-
-    @property
-    def budget_used(self) -> float:
-        return float(np.mean([r.budget_used for r in self.layers])) if self.layers else 0.0
-
-    @property
-    def cpu_blocks(self) -> int:
-        return sum(r.cpu_blocks for r in self.layers)
-
-    @property
-    def gpu_blocks(self) -> int:
-        return sum(r.gpu_cached_blocks + r.gpu_uva_blocks for r in self.layers)
-
-    @property
-    def gpu_cached_blocks(self) -> int:
-        return sum(r.gpu_cached_blocks for r in self.layers)
-
-    @property
-    def predicted_gpu_idle_fraction(self) -> float:
-        """Of the predicted attention time, the share the GPU waits for the CPU (0 with no GPU work)."""
-        total = self._sum(max(r.predicted_cpu_s, r.predicted_gpu_s) for r in self.layers)
-        busy = self._sum(r.predicted_gpu_s for r in self.layers)
-        return 0.0 if busy == 0 or total == 0 else 1.0 - busy / total
-
-    @property
-    def measured_gpu_idle_fraction(self) -> float | None:
-        """1 - (GPU kernel time / layer wall time), summed over layers; None without a GPU."""
-        if not self.layers or any(r.gpu_busy_s is None for r in self.layers):
-            return None
-        wall = self._sum(r.wall_s for r in self.layers)
-        return max(0.0, 1.0 - self._sum(r.gpu_busy_s for r in self.layers) / wall) if wall > 0 else None
 
 
 def _resolve_device(device: Device) -> Literal["cpu", "gpu", "emulated"]:

@@ -1,0 +1,66 @@
+"""What one decode step of the hybrid operator did, per layer: blocks per device, cache
+traffic, predicted and measured times (both the host-selection and the GPU paths report it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class LayerReport:
+    layer: int
+    budget_used: float  # mean over (request, KV head) rows of selected blocks / blocks in the context
+    cpu_blocks: int
+    gpu_cached_blocks: int
+    gpu_uva_blocks: int
+    cache_copies: int
+    cache_evictions: int
+    predicted_cpu_s: float
+    predicted_gpu_s: float
+    wall_s: float  # from selection to the merged output
+    gpu_busy_s: float | None  # measured (CUDA events) on a GPU, else None
+
+    @property
+    def predicted_gpu_idle_s(self) -> float:
+        return max(self.predicted_cpu_s - self.predicted_gpu_s, 0.0) if self.predicted_gpu_s > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StepReport:
+    layers: tuple[LayerReport, ...]
+
+    def _sum(self, values) -> float:
+        return float(sum(values))
+
+    @property
+    def budget_used(self) -> float:
+        return float(np.mean([r.budget_used for r in self.layers])) if self.layers else 0.0
+
+    @property
+    def cpu_blocks(self) -> int:
+        return sum(r.cpu_blocks for r in self.layers)
+
+    @property
+    def gpu_blocks(self) -> int:
+        return sum(r.gpu_cached_blocks + r.gpu_uva_blocks for r in self.layers)
+
+    @property
+    def gpu_cached_blocks(self) -> int:
+        return sum(r.gpu_cached_blocks for r in self.layers)
+
+    @property
+    def predicted_gpu_idle_fraction(self) -> float:
+        """Of the predicted attention time, the share the GPU waits for the CPU (0 with no GPU work)."""
+        total = self._sum(max(r.predicted_cpu_s, r.predicted_gpu_s) for r in self.layers)
+        busy = self._sum(r.predicted_gpu_s for r in self.layers)
+        return 0.0 if busy == 0 or total == 0 else 1.0 - busy / total
+
+    @property
+    def measured_gpu_idle_fraction(self) -> float | None:
+        """1 - (GPU kernel time / layer wall time), summed over layers; None without a GPU."""
+        if not self.layers or any(r.gpu_busy_s is None for r in self.layers):
+            return None
+        wall = self._sum(r.wall_s for r in self.layers)
+        return max(0.0, 1.0 - self._sum(r.gpu_busy_s for r in self.layers) / wall) if wall > 0 else None
