@@ -6,8 +6,9 @@ memory (pinned, read in place by the Cython path and through UVA by the GPU), co
 step (``attention.synthetic.drifted_queries``: the planted head profile holds, the exact
 scores move). One table: torch SDPA full attention with all KV in HBM, each baseline
 policy (full over host KV, quest_gpu, cpu_only, fixed_hybrid at budget 0.05) and Fluxion;
-per-step time, ratios, budget used, blocks per device, GPU idle (measured with CUDA
-events, and the cost model's prediction).
+per-step time (the host's planning included), ratios, budget used, blocks per device, GPU
+idle (1 - attention kernel time measured with CUDA events / step wall time; and the cost
+model's prediction).
 
 Every layer's KV lives in pages of its own (the block cache is partitioned by layer), so
 the arena is layers x batch x context x 64 KiB / 16 tokens: 16 GiB per request at 128k and
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks, pack_kv_blocks, to_bf16_bits
 from fluxion_dist.attention.synthetic import drifted_queries, make_synthetic_kv
 from fluxion_dist.config.schema import SparseConfig
-from fluxion_dist.hybrid import HybridAttention, HybridOptions, StepReport, calibrate
+from fluxion_dist.hybrid import HybridAttention, HybridOptions, calibrate
 from fluxion_dist.hybrid.operator import HostArena
 from fluxion_dist.hybrid.paged_builder import BuiltSequence
 from fluxion_dist.kernels.device import gpu_unavailable_reason
@@ -173,8 +174,8 @@ def run_policy(policy: str, shape: Shape, arena: HostArena, seqs, synth, cost, a
     times, reports = [], []
     try:
         for step in range(total):
+            t0 = time.perf_counter()  # the step's planning (op.step) counts: a model pays it
             hook = op.step(seqs, [f"r{b}" for b in range(batch)])
-            t0 = time.perf_counter()
             for layer in range(shape.layers):
                 # the new token: a key/value like the context's (drawn from its tokens), bf16
                 hook(layer, q_all[step, layer], k_all[step, layer], v_all[step, layer])
@@ -185,19 +186,21 @@ def run_policy(policy: str, shape: Shape, arena: HostArena, seqs, synth, cost, a
                 s.seq_len += 1
             if step >= args.warmup:
                 times.append(elapsed)
-                reports.append(hook.report())
+                reports.append((hook.report(), elapsed))
     finally:
         op.close()
     scale = shape.model_layers / shape.layers
-    idle_m = [r.measured_gpu_idle_fraction for r in reports]
-    gpu_work = any(r.gpu_blocks for r in reports)
+    # GPU idle: the share of the step's wall time (planning included) with no attention work on the GPU
+    busy = [r.gpu_busy_s for r, _ in reports]
+    gpu_work = any(r.gpu_blocks for r, _ in reports) and all(b is not None for b in busy)
+    steps = [r for r, _ in reports]
     return Row(policy, context, batch, statistics.median(times) * 1e3 * scale,
-               float(np.mean([r.budget_used for r in reports])),
-               int(np.mean([r.cpu_blocks for r in reports]) * scale),
-               int(np.mean([r.gpu_blocks for r in reports]) * scale),
-               int(np.mean([r.gpu_cached_blocks for r in reports]) * scale),
-               float(np.mean(idle_m)) if gpu_work and all(x is not None for x in idle_m) else None,
-               float(np.mean([r.predicted_gpu_idle_fraction for r in reports])) if gpu_work else None)
+               float(np.mean([r.budget_used for r in steps])),
+               int(np.mean([r.cpu_blocks for r in steps]) * scale),
+               int(np.mean([r.gpu_blocks for r in steps]) * scale),
+               int(np.mean([r.gpu_cached_blocks for r in steps]) * scale),
+               float(np.mean([max(0.0, 1 - b / wall) for b, (_, wall) in zip(busy, reports)])) if gpu_work else None,
+               float(np.mean([r.predicted_gpu_idle_fraction for r in steps])) if gpu_work else None)
 
 
 def print_table(rows: list[Row], sdpa: dict[tuple[int, int], float]) -> None:

@@ -85,10 +85,12 @@ def test_admission_fills_slots_and_evicts_in_ring_order():
     owner = cp.full(pool.shape[0] + 1, -1, cp.int32)
     keys = rng.permutation(pages * heads)[:24].astype(np.int32)
     # partition 1 (slots 16..31): 10 then 14 admissions wrap the ring and evict the first 8
-    admit_blocks(cp.asarray(keys[:10]), 10, slot_base=16, slot_count=16, ring=0, slot_of=slot_of, owner=owner,
-                 kv_pages=dev, pool=pool)
-    admit_blocks(cp.asarray(keys[10:]), 14, slot_base=16, slot_count=16, ring=10, slot_of=slot_of, owner=owner,
-                 kv_pages=dev, pool=pool)
+    ring = cp.zeros(1, cp.int32)
+    for lo, hi in ((0, 10), (10, 24)):
+        counts = cp.asarray([7, 3, 0, hi - lo], cp.int32)
+        admit_blocks(cp.asarray(keys[lo:hi]), counts, ring, slot_base=16, slot_count=16, slot_of=slot_of,
+                     owner=owner, kv_pages=dev, pool=pool)
+    assert int(ring[0]) == 24 % 16
     so, ow, pl = cp.asnumpy(slot_of), cp.asnumpy(owner), cp.asnumpy(pool)
     live = keys[8:]
     assert np.all(so[keys[:8]] == -1), f"seed {seed}"
@@ -97,3 +99,25 @@ def test_admission_fills_slots_and_evicts_in_ring_order():
         assert so[key] == slot and ow[slot] == key, f"seed {seed}"
         np.testing.assert_array_equal(pl[slot], host[key // heads, key % heads], err_msg=f"seed {seed}")
     assert np.all(ow[:16] == -1) and np.all(pl[:16] == 0)
+
+
+def test_admission_copies_at_most_the_partition():
+    """More cacheable misses than slots: only the partition's slots are filled, once each."""
+    rng, seed = gpu_util.fresh_rng()
+    pages, heads, d = 30, 1, 64
+    host, dev = pinned_empty((pages, heads, 2, 16, d), np.uint16)
+    host[...] = rng.integers(0, 1 << 15, host.shape, dtype=np.uint16)
+    pool = cp.zeros((16, 2, 16, d), cp.uint16)
+    slot_of = cp.full(pages * heads, -1, cp.int32)
+    owner = cp.full(pool.shape[0] + 1, -1, cp.int32)
+    keys = rng.permutation(pages * heads)[:20].astype(np.int32)
+    ring = cp.asarray([5], cp.int32)
+    admit_blocks(cp.asarray(keys), cp.asarray([0, 0, 0, 20], cp.int32), ring, slot_base=8, slot_count=8,
+                 slot_of=slot_of, owner=owner, kv_pages=dev, pool=pool)
+    so, ow, pl = cp.asnumpy(slot_of), cp.asnumpy(owner), cp.asnumpy(pool)
+    assert int(ring[0]) == 5, f"seed {seed}"  # a full turn
+    for i, key in enumerate(keys[:8]):
+        slot = 8 + (5 + i) % 8
+        assert so[key] == slot and ow[slot] == key, f"seed {seed}"
+        np.testing.assert_array_equal(pl[slot], host[key, 0], err_msg=f"seed {seed}")
+    assert np.all(so[keys[8:]] == -1) and np.all(ow[:8] == -1), f"seed {seed}"

@@ -61,6 +61,28 @@ def test_balanced_fraction_follows_the_rates():
     assert balanced_cpu_fraction(CostModel.cpu_only(128, 10.0), 0, 50) == 1.0
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_balanced_fraction_is_the_best_integer_split(seed):
+    """Against a brute force over every split, with the host round trip a split costs."""
+    rng = np.random.default_rng(seed)
+    cost = CostModel.from_rates(128, cpu_gb_per_s=rng.uniform(5, 100), uva_gb_per_s=rng.uniform(5, 60),
+                                cached_gb_per_s=1000, cpu_overhead_s=rng.uniform(0, 2e-4))
+    hits, misses, admits = (int(x) for x in rng.integers(0, 3000, 3))
+    hits *= seed % 3 > 0  # no hits at all: all-CPU launches nothing on the GPU
+    switch = float(rng.uniform(0, 3e-4))
+    t = [cost.gpu_time(hits, misses, admits)] + [
+        max(cost.cpu_time(x), cost.gpu_time(hits, misses - x, admits)) + switch for x in range(1, misses + 1)]
+    got = balanced_cpu_fraction(cost, hits, misses, admits=admits, switch_s=switch)
+    assert t[round(got * misses)] <= min(t) + 1e-12
+
+
+def test_a_small_miss_set_stays_on_the_gpu():
+    """A split has to pay for the host round trip: a few misses never go to the CPU."""
+    cost = CostModel.from_rates(128, cpu_gb_per_s=100, uva_gb_per_s=50, cached_gb_per_s=1000, cpu_overhead_s=50e-6)
+    assert balanced_cpu_fraction(cost, 3000, 100, switch_s=100e-6) == 0.0
+    assert balanced_cpu_fraction(cost, 3000, 20000, switch_s=100e-6) > 0.5
+
+
 def test_route_reference_puts_every_entry_in_one_place():
     rng = np.random.default_rng(3)
     tables = rng.permutation(64).reshape(2, 32).astype(np.int32)

@@ -14,11 +14,14 @@ NumPy so CI tests them:
 - ``head_kinds``: the predictor's label per head from the same demand: LOCAL (the kept
   blocks already hold the mass), RETRIEVAL (a few far blocks), DENSE.
 - ``balanced_cpu_fraction``: the share of a layer's cache misses the CPU computes so that
-  both sides are predicted to finish together (cost model, last step's hit/miss counts).
+  both sides are predicted to finish together (cost model, last step's hit/miss counts),
+  or none where the split would not pay for the host round trip it needs.
 - ``route_entries_reference``: the oracle of ``kernels.block_table.classify_entries``.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -92,17 +95,30 @@ def head_kinds(demand: np.ndarray, nb: np.ndarray, *, sink_blocks: int, recent_b
     return kinds
 
 
-def balanced_cpu_fraction(cost: CostModel, hits: int, misses: int, *, admits: int = 0) -> float:
-    """Share of ``misses`` for the CPU minimising max(CPU time, GPU time) (cached hits, the
-    remaining misses through UVA and the admissions' copies sharing PCIe)."""
+def balanced_cpu_fraction(cost: CostModel, hits: int, misses: int, *, admits: int = 0,
+                          switch_s: float = 0.0) -> float:
+    """Share of ``misses`` for the CPU minimising the layer's predicted time.
+
+    All on the GPU: cached hits, every miss through UVA, the admissions' copies sharing PCIe.
+    Split: the CPU's share costs its fixed overhead plus its blocks, the GPU the rest, both
+    running together; the split point where they finish together is taken (the better of its
+    two integer neighbours). A split also costs ``switch_s``: the host waits for the GPU's
+    routing in the middle of the layer, so it loses the lead it otherwise keeps over the GPU
+    (about one layer's host time). Small miss sets therefore stay on the GPU.
+    """
     if misses <= 0 or cost.cpu_bytes_per_s <= 0:
         return 0.0
     if not cost.has_gpu:
         return 1.0
-    x = np.arange(misses + 1) if misses <= 4096 else np.linspace(0, misses, 4097).round()
-    cpu = np.where(x > 0, cost.cpu_overhead_s + x * cost.cpu_block_s, 0.0)
-    gpu = cost.gpu_time(hits, 0, admits) + (misses - x) * cost.uva_block_s
-    return float(x[int(np.argmin(np.maximum(cpu, gpu)))] / misses)
+    best_x, best_t = 0, cost.gpu_time(hits, misses, admits)
+    u, c = cost.uva_block_s, cost.cpu_block_s
+    even = (cost.gpu_time(hits, misses, admits) - cost.cpu_overhead_s) / (c + u)
+    # (all to the CPU is a candidate too: with no hits the GPU then launches nothing)
+    for x in {min(max(math.floor(even), 1), misses), min(max(math.ceil(even), 1), misses), misses}:
+        t = max(cost.cpu_time(x), cost.gpu_time(hits, misses - x, admits)) + switch_s
+        if t < best_t:
+            best_x, best_t = x, t
+    return best_x / misses
 
 
 def route_entries_reference(indptr: np.ndarray, blocks: np.ndarray, block_tables: np.ndarray, seq_lens: np.ndarray,

@@ -1,17 +1,24 @@
 """The operator's decode step on a GPU: the ``attend`` hook over :class:`DevicePipeline`.
 
-Per step (``DeviceStepHook.__init__``): the batch's block tables for every layer go to the
-device once (rebuilt only when a sequence gains pages), the positions once, and the host
-plans every layer from what it learnt at the previous step:
+Per step (``DeviceStepHook.__init__``): the batch's block tables go to the device (rebuilt
+only when a sequence gains pages); the positions and blocks per request are read once.
+
+Per layer (``__call__``), while the GPU still runs earlier layers: the host takes in the
+counts of the layer's previous call (hits, misses, the predictor's demand; long done on the
+GPU), plans the layer from them:
 
 - budgets (``device_budget.row_budgets``): fluxion from each head's measured demand
   (the predictor's top-p pass, refreshed every ``refresh_steps`` steps per layer, staggered
   over the layers, and on a request's first step), the fixed policies from the budget;
-- the CPU share of the misses: balanced from the cost model and the layer's last hit/miss
-  counts (fluxion, full), fixed (fixed_hybrid), 0 (quest_gpu) or 1 (cpu_only).
+  a layer's plan is kept until its inputs (blocks per request, demand) change;
+- the CPU share of the misses: balanced from the cost model, the layer's last hit/miss
+  counts and the host's own time per layer (fluxion, full: a split makes the host wait
+  mid-layer), fixed (fixed_hybrid), 0 (quest_gpu) or 1 (cpu_only).
 
-Per layer (``__call__``): one ``DevicePipeline.run_layer``; the output stays on the GPU
-(a CUDA tensor in, a CUDA tensor out; a CPU tensor in, a CPU tensor out).
+then q and the new K/V are copied into the layer's buffers on the caller's stream, one
+``DevicePipeline.run_layer`` is queued, and the output is copied out on the caller's stream
+after it (a CUDA tensor in, a CUDA tensor out, without a host wait unless the layer has a
+CPU share; a CPU tensor in, a CPU tensor out).
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ import numpy as np
 import torch
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks
+from fluxion_dist.hybrid.cost_model import CostModel
 from fluxion_dist.hybrid.device_budget import balanced_cpu_fraction, row_budgets
-from fluxion_dist.hybrid.device_pipeline import DevicePipeline, LayerOutcome, LayerPlan
+from fluxion_dist.hybrid.device_pipeline import DevicePipeline, LayerOutcome, LayerPlan, copy_bytes
 from fluxion_dist.hybrid.step_report import LayerReport, StepReport
 
 if TYPE_CHECKING:
@@ -64,41 +72,87 @@ class DeviceTables:
         return self.host, self.dev
 
 
+class DevicePathState:
+    """What the GPU path learns across steps: the predictor's demand per (request, layer), each
+    layer's last counts and plan, the host's time per layer, and each layer's last call, learnt
+    from lazily (at the layer's next call, when its GPU work is long done)."""
+
+    def __init__(self, pipe: DevicePipeline, cost: CostModel) -> None:
+        self.pipe = pipe
+        self.tables = DeviceTables()
+        self.demand: dict[tuple[str, int], np.ndarray] = {}
+        self.demand_version: dict[int, int] = {}  # layer -> bumped whenever its demand is measured
+        self.last_counts: dict[int, tuple[int, int, int]] = {}  # layer -> hits, misses, admissions
+        self.plans: dict[int, tuple[tuple, np.ndarray, int, float]] = {}  # layer -> key, k_rows, bound, budget
+        self.unread: dict[int, tuple[LayerOutcome, tuple[str, ...]]] = {}  # layer -> last call, its requests
+        self.steps = 0
+        # a split costs the host's lead over the GPU, about one layer's host time: measured on
+        # the GPU-only calls, the calibrated launch overhead until then
+        self.host_layer_s = cost.gpu_overhead_s
+
+    def forget(self, request_id: str) -> None:
+        for key in [k for k in self.demand if k[0] == request_id]:
+            del self.demand[key]
+        for layer in [lay for lay, (_, rids) in self.unread.items() if request_id in rids]:
+            outcome, _ = self.unread.pop(layer)
+            self.pipe.counts(layer, outcome)  # the cache's bookkeeping; the demand is not kept
+
+    def learn(self, layer: int) -> None:
+        """Take in the counts of the layer's last call (waits for its GPU work, if any is left)."""
+        last = self.unread.pop(layer, None)
+        if last is None:
+            return
+        outcome, request_ids = last
+        c = self.pipe.counts(layer, outcome)
+        if c.demand is not None:
+            for b, rid in enumerate(request_ids):
+                self.demand[(rid, layer)] = c.demand[b]
+            self.demand_version[layer] = self.demand_version.get(layer, 0) + 1
+        self.last_counts[layer] = (c.hits, c.uva + c.cpu, c.admitted)
+
+
 class DeviceStepHook:
     """``attend(layer, q [B,Hq,d], k_new [B,Hkv,d], v_new [B,Hkv,d]) -> [B,Hq,d]`` on the GPU."""
 
     def __init__(self, op: "HybridAttention", batch: list["PagedSequenceView"], request_ids: list[str]) -> None:
-        self.op, self.batch, self.request_ids = op, batch, request_ids
+        state: DevicePathState = op.device_state
+        self.op, self.state, self.batch, self.request_ids = op, state, batch, tuple(request_ids)
         pipe: DevicePipeline = op.pipeline
-        self.tables_host, self.tables_dev = op.device_tables.get(batch, request_ids, pipe.compute)
+        self.tables_host, self.tables_dev = state.tables.get(batch, request_ids, pipe.compute)
         self.pos_host = np.array([s.seq_len for s in batch], np.int32)
-        self.seq_host = self.pos_host + 1
-        if np.any(num_blocks(self.seq_host.max()) > self.tables_host.shape[2]):
-            raise op.error(f"a sequence has fewer pages than its {int(self.seq_host.max())} tokens need")
-        nb = (self.seq_host + BLOCK_TOKENS - 1) // BLOCK_TOKENS
-        cfg, hkv = op.config, pipe.kv_host.shape[1]
-        exact = cfg.policy == "full" or (cfg.policy == "fluxion" and cfg.mass_target >= 1.0)
-        self.plans: list[LayerPlan] = []
-        self.budget_used: list[float] = []
-        for layer in range(op.options.num_layers):
-            measure = False
-            if exact:  # every block (a mass target of 1 needs them all, as in the host policy)
-                k_rows = np.broadcast_to(nb[:, None], (len(batch), hkv))
+        if num_blocks(int(self.pos_host.max()) + 1) > self.tables_host.shape[2]:
+            raise op.error(f"a sequence has fewer pages than its {int(self.pos_host.max()) + 1} tokens need")
+        self.nb = (self.pos_host + BLOCK_TOKENS) // BLOCK_TOKENS  # blocks once this step's token is in
+        self.plan_key = (tuple(self.nb.tolist()), self.request_ids, self.tables_host.shape[2])
+        self.outcomes: list[tuple[int, LayerOutcome, float, float]] = []  # layer, outcome, wall, budget used
+        self._in_event = cp.cuda.Event(disable_timing=True)
+        self.step = state.steps
+        state.steps += 1
+
+    def _plan(self, layer: int) -> tuple[LayerPlan, float]:
+        """The layer's plan (and its budget used), from what the previous calls measured."""
+        op, state, pipe = self.op, self.state, self.op.pipeline
+        cfg = op.config
+        measure = False
+        known = None
+        if cfg.policy == "fluxion" and cfg.mass_target < 1.0:
+            known = [state.demand.get((rid, layer)) for rid in self.request_ids]
+            measure = any(d is None for d in known) or (self.step + layer) % op.options.refresh_steps == 0
+        key = (self.plan_key, state.demand_version.get(layer, 0))
+        cached = state.plans.get(layer)
+        if cached is None or cached[0] != key:
+            nb, hkv, width = self.nb, pipe.kv_host.shape[1], self.tables_host.shape[2]
+            if cfg.policy == "full" or (cfg.policy == "fluxion" and cfg.mass_target >= 1.0):
+                k_rows = np.broadcast_to(nb[:, None], (len(nb), hkv))  # every block (as the host policy)
             else:
-                demand = None
-                if cfg.policy == "fluxion":
-                    known = [op.demand.get((rid, layer)) for rid in request_ids]
-                    measure = any(d is None for d in known) or (op.steps + layer) % op.options.refresh_steps == 0
-                    if all(d is not None for d in known):
-                        demand = np.stack(known)
+                demand = np.stack(known) if known is not None and all(d is not None for d in known) else None
                 k_rows = np.broadcast_to(row_budgets(demand, nb, budget=cfg.budget, sink_blocks=pipe.sink_blocks,
-                                                     recent_blocks=pipe.recent_blocks), (len(batch), hkv))
+                                                     recent_blocks=pipe.recent_blocks), (len(nb), hkv))
             k_rows = np.ascontiguousarray(k_rows, dtype=np.int32)
-            self.budget_used.append(float(np.mean(k_rows / nb[:, None])))
-            self.plans.append(LayerPlan(k_rows, _bucket(int(k_rows.max()), self.tables_host.shape[2]),
-                                        self._cpu_fraction(layer), op.use_cache, measure))
-        self.outcomes: list[tuple[int, LayerOutcome, float]] = []
-        op.steps += 1
+            cached = state.plans[layer] = (key, k_rows, _bucket(int(k_rows.max()), width),
+                                           float(np.mean(k_rows / nb[:, None])))
+        _, k_rows, bound, used = cached
+        return LayerPlan(k_rows, bound, self._cpu_fraction(layer), op.use_cache, measure), used
 
     def _cpu_fraction(self, layer: int) -> float:
         op = self.op
@@ -106,56 +160,68 @@ class DeviceStepHook:
             return 0.0
         if op.mode == "cpu_only":
             return 1.0
-        last = op.last_counts.get(layer)
+        last = self.state.last_counts.get(layer)
         if op.mode == "static" or last is None:
             return op.static_cpu_fraction
         hits, misses, admits = last
-        return balanced_cpu_fraction(op.cost, hits, misses, admits=admits)
+        return balanced_cpu_fraction(op.cost, hits, misses, admits=admits, switch_s=self.state.host_layer_s)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        op, pipe = self.op, self.op.pipeline
+        op, pipe, state = self.op, self.op.pipeline, self.state
         bsz = len(self.batch)
         op.check_hook_args(layer, q, k, v, bsz)
         t0 = time.perf_counter()
-        torch_stream = None
+        # learning and planning happen here, per layer, while the GPU still runs earlier layers
+        state.learn(layer)
+        plan, used = self._plan(layer)
+        st = pipe.prepare(layer, plan, bsz, q.shape[1], self.tables_host.shape[2])
         if q.is_cuda:
-            torch_stream = cp.cuda.Stream.from_external(torch.cuda.current_stream(q.device))
-        qf = q.detach().to(torch.float32).contiguous()
-        kb = k.detach().to(torch.bfloat16).contiguous().view(torch.int16)
-        vb = v.detach().to(torch.bfloat16).contiguous().view(torch.int16)
-        if torch_stream is not None:
-            pipe.compute.wait_event(torch_stream.record())
-            q_dev = cp.from_dlpack(qf)
-            k_dev, v_dev = cp.from_dlpack(kb).view(cp.uint16), cp.from_dlpack(vb).view(cp.uint16)
+            # torch views of the layer's buffers: copies (with the dtype casts) and the output's
+            # copy run on the caller's stream, so its tensors are never read from another stream
+            if st.torch_views is None:
+                st.torch_views = tuple(torch.from_dlpack(a) for a in (st.q, st.k_new.view(cp.int16),
+                                                                      st.v_new.view(cp.int16), st.out))
+            q_in, k_in, v_in, out = st.torch_views
+            q_in.copy_(q)
+            k_in.copy_(k.to(torch.bfloat16).view(torch.int16))
+            v_in.copy_(v.to(torch.bfloat16).view(torch.int16))
+            caller = torch.cuda.current_stream(q.device).cuda_stream
+            cp.cuda.runtime.eventRecord(self._in_event.ptr, caller)
+            pipe.compute.wait_event(self._in_event)
         else:
-            with pipe.compute:
-                q_dev = cp.asarray(qf.numpy())
-                k_dev, v_dev = cp.asarray(kb.numpy().view(np.uint16)), cp.asarray(vb.numpy().view(np.uint16))
-        res = pipe.run_layer(layer, self.plans[layer], q_dev, k_dev, v_dev, self.tables_dev[layer],
-                             self.tables_host[layer], self.pos_host)
-        if res.demand is not None:
-            for b, rid in enumerate(self.request_ids):
-                op.demand[(rid, layer)] = res.demand[b]
-        op.last_counts[layer] = (res.hits, res.uva + res.cpu, res.admitted)
-        if torch_stream is not None:
-            torch_stream.wait_event(res.spans[-1][1])
-            # res.out is the layer's buffer, rewritten at its next call: hand out a copy
-            out = torch.from_dlpack(res.out).to(q.dtype, copy=True)
+            srcs = [x.to(dtype).contiguous() for x, dtype in ((q, torch.float32), (k, torch.bfloat16),
+                                                              (v, torch.bfloat16))]  # alive until copied
+            for dst, src in zip((st.q, st.k_new, st.v_new), srcs):
+                copy_bytes(dst.data.ptr, src.data_ptr(), dst.nbytes, pipe.compute.ptr)
+        res = pipe.run_layer(layer, plan, st, self.tables_dev[layer], self.tables_host[layer], self.pos_host)
+        state.unread[layer] = (res, self.request_ids)
+        if q.is_cuda:
+            cp.cuda.runtime.streamWaitEvent(caller, res.end.ptr, 0)
+            result = out.to(q.dtype, copy=True)  # ``out`` is rewritten at this layer's next call
         else:
-            with pipe.compute:
-                out = torch.from_numpy(cp.asnumpy(res.out, stream=pipe.compute)).to(q.dtype)
-        self.outcomes.append((layer, res, time.perf_counter() - t0))
-        return out
+            res.end.synchronize()
+            result = torch.from_numpy(cp.asnumpy(res.out)).to(q.dtype)
+        wall = time.perf_counter() - t0
+        if plan.cpu_fraction == 0 and q.is_cuda:
+            state.host_layer_s += 0.1 * (wall - state.host_layer_s)
+        self.outcomes.append((layer, res, wall, used))
+        return result
 
     def report(self) -> StepReport:
-        cost = self.op.cost
+        """What the step did (waits for its GPU work). Call before the next step's calls: the
+        layers' buffers are rewritten then."""
+        cost, pipe = self.op.cost, self.op.pipeline
         reports = []
-        for layer, r, wall in self.outcomes:
+        for layer, res, wall, used in self.outcomes:
+            c = pipe.counts(layer, res)
             reports.append(LayerReport(
-                layer, self.budget_used[layer], r.cpu, r.hits, r.uva, r.admitted, r.evicted,
-                cost.cpu_time(r.cpu) if r.cpu else 0.0, cost.gpu_time(r.hits, r.uva, r.admitted), wall,
-                r.gpu_busy_s()))
-        return StepReport(tuple(reports))
+                layer, used, c.cpu, c.hits, c.uva, c.admitted, c.evicted,
+                cost.cpu_time(c.cpu) if c.cpu else 0.0, cost.gpu_time(c.hits, c.uva, c.admitted), wall,
+                c.gpu_busy_s))
+        span = None
+        if self.outcomes:
+            span = cp.cuda.get_elapsed_time(self.outcomes[0][1].spans[0][0], self.outcomes[-1][1].end) / 1e3
+        return StepReport(tuple(reports), gpu_span_s=span)
 
 
 def _bucket(k_max: int, width: int) -> int:

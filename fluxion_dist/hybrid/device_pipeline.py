@@ -1,7 +1,7 @@
 """GPU-resident layer pipeline of the hybrid operator: one layer of one decode step.
 
-Life of a layer call (``DevicePipeline.run_layer``), everything up to the attention
-queued on the ``compute`` stream without a host round trip:
+Life of a layer call (``prepare``, the caller copies q and the new K/V into the state's
+buffers, ``run_layer``):
 
 1. append: the new token's K/V go into its arena page (pinned host memory, written through
    UVA, so the CPU path sees it) and its block's min/max into the device metadata mirror;
@@ -12,16 +12,23 @@ queued on the ``compute`` stream without a host round trip:
 4. route (``kernels.block_table.classify_entries``): each selected block is a cache hit,
    a UVA read, or CPU work (an evenly spread share of the misses), with the CPU's CSR and
    the list of misses to admit into the cache;
-5. the GPU partial (hits from the pool, UVA reads in place, CPU entries skipped) is
-   queued; the small CSR and counts come back to pinned host memory meanwhile;
-6. the host waits for those copies only (the attention keeps running), queues the cache
-   admission on the ``copier`` stream (it waits for this layer's attention, which may
-   read slots it evicts), runs the CPU partial (Cython, GIL released) over its share,
-   then the exact merge on ``compute``.
+5. the GPU partial over hits (pool) and UVA reads (in place); CPU entries are skipped;
+6. the misses are admitted into the cache after the attention that may read the slots they
+   evict (how many is read on the device);
+7. the exact merge of the GPU partial with the CPU's, if any.
 
-A slot admitted in layer l's call serves from layer l's next call: the compute stream
-waits for that layer's admission event before its routing reads the table. Each layer
-owns a ring of ``cache_slots // num_layers`` slots, so layers never evict each other.
+Two ways through it, chosen by the host's plan (``LayerPlan.cpu_fraction``):
+
+- *GPU only* (no CPU share; the usual case once the cache holds a head's working set):
+  steps 1-7 are one CUDA graph and the host never waits: it queues the layer and returns,
+  staying ahead of the GPU. The counts (hits, misses, admissions, the predictor's demand)
+  land in pinned memory and are read once its GPU work is done (``counts``).
+- *split*: steps 1-5 are queued, the host waits only for the routing's small CSR (the
+  attention keeps running), runs the CPU partial (Cython, GIL released) over its share
+  while the GPU attends the rest, then queues the merge.
+
+A slot admitted in layer l's call serves from layer l's next call (one stream orders them).
+Each layer owns a ring of ``cache_slots // num_layers`` slots, so layers never evict each other.
 
 Imports CuPy: import only where ``kernels.device.gpu_unavailable_reason()`` is None.
 """
@@ -64,20 +71,29 @@ class LayerPlan:
 
 @dataclass(slots=True)
 class LayerOutcome:
-    out: cp.ndarray  # float32 [B, Hq, d], ready on ``compute`` after ``spans[-1][1]``
+    """What one layer call queued. ``out`` is ready on ``compute`` after ``end``; the counts
+    are read by ``DevicePipeline.counts`` once the GPU has run the layer."""
+
+    out: cp.ndarray  # float32 [B, Hq, d], the state's buffer: valid until this layer's next call
+    spans: tuple[tuple[cp.cuda.Event, cp.cuda.Event], ...]  # GPU work, start and end of each piece
+    state: "_LayerState"
+    plan: LayerPlan
+    counts: "LayerCounts | None" = None  # read once
+
+    @property
+    def end(self) -> cp.cuda.Event:
+        return self.spans[-1][1]
+
+
+@dataclass(frozen=True, slots=True)
+class LayerCounts:
     hits: int
     uva: int
     cpu: int
     admitted: int
     evicted: int
     demand: np.ndarray | None  # int64 [B, Hkv] blocks to reach the mass target (a refresh)
-    spans: tuple[tuple[cp.cuda.Event, cp.cuda.Event], ...]  # GPU work: (selection..attention), (merge)
-
-    def gpu_busy_s(self) -> float:
-        """Sum of the spans (synchronises on their events)."""
-        for _, end in self.spans:
-            end.synchronize()
-        return sum(cp.cuda.get_elapsed_time(a, b) for a, b in self.spans) / 1e3
+    gpu_busy_s: float  # the layer's GPU work (its spans' CUDA events)
 
 
 class DevicePipeline:
@@ -99,11 +115,9 @@ class DevicePipeline:
         self.pool = cp.empty((total, 2, BLOCK_TOKENS, d), cp.uint16)
         self.slot_of = cp.full(pages * hkv, -1, cp.int32)
         self.owner = cp.full(total + 1, -1, cp.int32)  # [total]: where invalidations of uncached keys land
-        self.ring = [0] * num_layers
-        self.filled = [0] * num_layers
+        self.ring = cp.zeros((num_layers, 1), cp.int32)  # next slot of each layer's ring (device side)
+        self.filled = [0] * num_layers  # slots in use per layer, for the eviction counts (host side)
         self.compute = cp.cuda.Stream(non_blocking=True)
-        self.copier = cp.cuda.Stream(non_blocking=True)
-        self._admitted: list[cp.cuda.Event | None] = [None] * num_layers
         self._states: list[dict[tuple, _LayerState]] = [{} for _ in range(num_layers)]
         self.use_graphs = use_graphs
 
@@ -120,16 +134,16 @@ class DevicePipeline:
             return
         hkv = self.kv_host.shape[1]
         with self.compute:
-            for ev in self._admitted:
-                if ev is not None:
-                    self.compute.wait_event(ev)
             keys = (cp.asarray(pages, dtype=cp.int64)[:, None] * hkv + cp.arange(hkv)).ravel()
             slots = self.slot_of[keys]
             self.owner[cp.where(slots >= 0, slots, self.owner.size - 1)] = -1
             self.owner[-1] = -1
             self.slot_of[keys] = -1
 
-    def _state(self, layer: int, plan: LayerPlan, bsz: int, hq: int, width: int) -> "_LayerState":
+    def prepare(self, layer: int, plan: LayerPlan, bsz: int, hq: int, width: int) -> "_LayerState":
+        """The layer's state for this call, free to write: the caller copies q (float32
+        [B, Hq, d]) and the new K/V (bf16 bits [B, Hkv, d]) into ``q``, ``k_new``, ``v_new``
+        in order before ``compute``'s next work, then calls ``run_layer``."""
         # A layer alternates between a few shapes (refresh steps, budget buckets): each keeps
         # its buffers and graphs, so a switch back costs nothing.
         key = (bsz, hq, width, plan.max_row_blocks, plan.measure_demand, plan.use_cache)
@@ -139,110 +153,131 @@ class DevicePipeline:
             if len(states) >= _MAX_SHAPES:
                 states.pop(next(iter(states)))
             st = states[key] = _LayerState(key, self.kv_host.shape[1], self.kv_host.shape[4])
+        if st.last_end is not None:
+            # its previous call may still read the pinned parameters (from the previous step:
+            # normally long done)
+            st.last_end.synchronize()
         return st
 
-    def run_layer(self, layer: int, plan: LayerPlan, q: cp.ndarray, k_new: cp.ndarray, v_new: cp.ndarray,
-                  tables: cp.ndarray, tables_host: np.ndarray, pos_host: np.ndarray) -> LayerOutcome:
-        """One layer (see the module doc). q float32 [B, Hq, d], k_new, v_new bf16 bits [B, Hkv, d]
-        on the device (ordered before ``compute``'s next work); tables int32 [B, W] (device, stable
-        for the layer: its address is captured) and its host twin; pos_host int32 [B], the tokens
-        before this one. Returns the outcome; ``out`` stays valid until this layer's next call."""
-        bsz, hq, d = q.shape
-        st = self._state(layer, plan, bsz, hq, tables.shape[1])
+    def run_layer(self, layer: int, plan: LayerPlan, st: "_LayerState", tables: cp.ndarray, tables_host: np.ndarray,
+                  pos_host: np.ndarray) -> LayerOutcome:
+        """One layer (see the module doc) over the inputs in ``st``. tables int32 [B, W] (device,
+        stable for the layer: its address is captured) and its host twin; pos_host int32 [B], the
+        tokens before this one."""
         use_cache = plan.use_cache and self.slots_per_layer > 0
         st.set_params(pos_host, plan)
-        s = self.compute
-        with s:
-            if self._admitted[layer] is not None:
-                s.wait_event(self._admitted[layer])
-            for dst, src in ((st.q, q), (st.k_new, k_new), (st.v_new, v_new)):
-                _copy(dst.data.ptr, src.data.ptr, dst.nbytes, s)
-            start = s.record()
-            self._replay(st, "select", lambda: self._select(st, tables, use_cache))
-            ready = s.record()
-            self._replay(st, "attend", lambda: self._attend(st, tables))
-            attended = s.record()
-        ready.synchronize()
-        hits, uva, n_cpu, n_admit = (int(x) for x in st.counts_h)
-        demand = np.diff(st.demand_h.astype(np.int64)).reshape(bsz, -1) if plan.measure_demand else None
+        s, ev = self.compute, st.events
+        if plan.cpu_fraction <= 0:
+            s.record(ev[0])
+            self._replay(st, "layer", lambda: self._layer(st, layer, tables, use_cache))
+            s.record(ev[1])
+            spans = ((ev[0], ev[1]),)
+        else:
+            s.record(ev[0])
+            self._replay(st, "select", lambda: self._select(st, tables, use_cache, for_cpu=True))
+            s.record(ev[2])
+            self._replay(st, "attend", lambda: self._attend(st, layer, tables, use_cache))
+            s.record(ev[3])
+            ev[2].synchronize()  # the routing's CSR is on the host; the attention runs on
+            n_cpu = int(st.counts_h[2])
+            if n_cpu:
+                part = cpu_partial(st.q_h, self.kv_host, tables_host, pos_host + 1, st.cpu_indptr_h,
+                                   st.cpu_blocks_h[:n_cpu], st.scale, num_threads=self.cpu_threads)
+                st.set_cpu_partial(part.o, part.m, part.l)
+            else:
+                st.set_cpu_partial(None, None, None)
+            s.record(ev[4])
+            self._replay(st, "merge", lambda: self._merge(st))
+            s.record(ev[1])
+            spans = ((ev[0], ev[3]), (ev[4], ev[1]))
+        st.last_end = ev[1]
+        return LayerOutcome(st.out, spans, st, plan)
 
+    def counts(self, layer: int, outcome: LayerOutcome) -> LayerCounts:
+        """The counts of a layer call (waits for its GPU work); read before the layer's next
+        call (its pinned buffers and events are reused then)."""
+        if outcome.counts is not None:
+            return outcome.counts
+        outcome.end.synchronize()
+        st, plan = outcome.state, outcome.plan
+        hits, uva, n_cpu, n_admit = (int(x) for x in st.counts_h)
         admitted = evicted = 0
-        if use_cache and n_admit:
+        if plan.use_cache and self.slots_per_layer > 0:
             admitted = min(n_admit, self.slots_per_layer)
-            with self.copier:
-                self.copier.wait_event(attended)
-                admit_blocks(st.admit_keys, admitted, slot_base=layer * self.slots_per_layer,
-                             slot_count=self.slots_per_layer, ring=self.ring[layer], slot_of=self.slot_of,
-                             owner=self.owner, kv_pages=self.kv_dev, pool=self.pool)
-                self._admitted[layer] = self.copier.record()
             evicted = max(0, self.filled[layer] + admitted - self.slots_per_layer)
             self.filled[layer] = min(self.slots_per_layer, self.filled[layer] + admitted)
-            self.ring[layer] = (self.ring[layer] + admitted) % self.slots_per_layer
-
-        if n_cpu:
-            part = cpu_partial(st.q_h, self.kv_host, tables_host, pos_host + 1, st.cpu_indptr_h,
-                               st.cpu_blocks_h[:n_cpu], 1.0 / math.sqrt(d), num_threads=self.cpu_threads)
-            st.set_cpu_partial(part.o, part.m, part.l)
-        else:
-            st.set_cpu_partial(None, None, None)
-        with s:
-            merge_start = s.record()
-            self._replay(st, "merge", lambda: self._merge(st))
-            end = s.record()
-        return LayerOutcome(st.out, hits, uva, n_cpu, admitted, evicted, demand,
-                            ((start, attended), (merge_start, end)))
+        demand = None
+        if plan.measure_demand:
+            demand = np.diff(st.demand_h.astype(np.int64)).reshape(plan.k_rows.shape)
+        busy = sum(cp.cuda.get_elapsed_time(a, b) for a, b in outcome.spans) / 1e3
+        outcome.counts = LayerCounts(hits, uva, n_cpu, admitted, evicted, demand, busy)
+        return outcome.counts
 
     def _replay(self, st: "_LayerState", name: str, body) -> None:
         """Run ``body`` on ``compute``: eagerly the first time (kernels compile, counters
         allocate), then captured once as a CUDA graph and replayed (one launch, not ~10)."""
-        if not self.use_graphs or name not in st.warm:
-            body()
-            st.warm.add(name)
-            return
-        graph = st.graphs.get(name)
-        if graph is None:
-            self.compute.begin_capture()
-            try:
+        with self.compute:
+            if not self.use_graphs or name not in st.warm:
                 body()
-            finally:
-                graph = self.compute.end_capture()
-            st.graphs[name] = graph
-        graph.launch(self.compute)
+                st.warm.add(name)
+                return
+            graph = st.graphs.get(name)
+            if graph is None:
+                self.compute.begin_capture()
+                try:
+                    body()
+                finally:
+                    graph = self.compute.end_capture()
+                st.graphs[name] = graph
+            graph.launch(self.compute)
 
-    def _select(self, st: "_LayerState", tables: cp.ndarray, use_cache: bool) -> None:
+    def _select(self, st: "_LayerState", tables: cp.ndarray, use_cache: bool, for_cpu: bool) -> None:
         s = self.compute
-        _copy(st.params.data.ptr, st.params_h.ctypes.data, st.params.nbytes, s)
+        copy_bytes(st.params.data.ptr, st.params_h.ctypes.data, st.params.nbytes, s.ptr)
         append_kv(st.k_new, st.v_new, st.seq, tables, self.kmin, self.kmax, slots=st.no_slots, cache_pool=None,
                   kv_pages=self.kv_dev)
         quest_scores(st.q, self.kmin, self.kmax, tables, st.seq, scale=st.scale, query_scores=False,
                      out=(None, st.kv_scores))
         if st.topp is not None:
             select_topp(st.kv_scores, st.seq, self.mass_target, buffers=st.topp)
-            _copy(st.demand_h.ctypes.data, st.topp.indptr.data.ptr, st.demand_h.nbytes, s)
+            copy_bytes(st.demand_h.ctypes.data, st.topp.indptr.data.ptr, st.demand_h.nbytes, s.ptr)
         force_blocks(st.kv_scores, st.seq, sink_blocks=self.sink_blocks, recent_blocks=self.recent_blocks)
         sel = select_topk(st.kv_scores, st.seq, st.k_rows, max_k=st.bound, buffers=st.sel)
         classify_entries(sel.indptr, sel.blocks, tables, st.seq, heads=st.hkv, slot_of=self.slot_of if use_cache else None,
                          cpu_fraction=st.frac, out=(st.sel_slot, st.cpu_indptr, st.cpu_blocks, st.admit_keys, st.counts))
-        for src, dst in ((st.counts, st.counts_h), (st.cpu_indptr, st.cpu_indptr_h), (st.cpu_blocks, st.cpu_blocks_h),
-                         (st.q, st.q_h)):
-            _copy(dst.ctypes.data, src.data.ptr, dst.nbytes, s)
+        to_host = [(st.counts, st.counts_h)]
+        if for_cpu:  # what the CPU partial reads
+            to_host += [(st.cpu_indptr, st.cpu_indptr_h), (st.cpu_blocks, st.cpu_blocks_h), (st.q, st.q_h)]
+        for src, dst in to_host:
+            copy_bytes(dst.ctypes.data, src.data.ptr, dst.nbytes, s.ptr)
 
-    def _attend(self, st: "_LayerState", tables: cp.ndarray) -> None:
+    def _attend(self, st: "_LayerState", layer: int, tables: cp.ndarray, use_cache: bool) -> None:
         gpu_partial(st.q, self.kv_dev, tables, st.seq, st.sel.indptr, st.sel.blocks, scale=st.scale,
                     max_row_blocks=st.bound, sel_slot=st.sel_slot, cache_pool=self.pool,
                     out=(st.o[0], st.m[0], st.l[0]), parts=st.parts)
+        if use_cache:  # after the attention, which may read the slots this evicts
+            admit_blocks(st.admit_keys, st.counts, self.ring[layer], slot_base=layer * self.slots_per_layer,
+                         slot_count=self.slots_per_layer, slot_of=self.slot_of, owner=self.owner,
+                         kv_pages=self.kv_dev, pool=self.pool)
 
     def _merge(self, st: "_LayerState") -> None:
         s = self.compute
         for dst, src in ((st.o[1], st.o_h), (st.m[1], st.m_h), (st.l[1], st.l_h)):
-            _copy(dst.data.ptr, src.ctypes.data, dst.nbytes, s)
+            copy_bytes(dst.data.ptr, src.ctypes.data, dst.nbytes, s.ptr)
         merge_attention(st.o, st.m, st.l, out_dtype="float32", out=st.out)
 
+    def _layer(self, st: "_LayerState", layer: int, tables: cp.ndarray, use_cache: bool) -> None:
+        """The GPU-only layer: nothing for the CPU, so the merge normalises the GPU partial alone."""
+        self._select(st, tables, use_cache, for_cpu=False)
+        self._attend(st, layer, tables, use_cache)
+        merge_attention(st.o[:1], st.m[:1], st.l[:1], out_dtype="float32", out=st.out)
 
-def _copy(dst: int, src: int, nbytes: int, stream: cp.cuda.Stream) -> None:
+
+def copy_bytes(dst: int, src: int, nbytes: int, stream: int) -> None:
+    """Queue a copy of ``nbytes`` between two addresses on the stream with handle ``stream``."""
     # cudaMemcpyDefault: the direction follows from the (unified) addresses; pinned host
     # memory keeps it asynchronous, and capturable
-    cp.cuda.runtime.memcpyAsync(dst, src, nbytes, 4, stream.ptr)
+    cp.cuda.runtime.memcpyAsync(dst, src, nbytes, 4, stream)
 
 
 class _LayerState:
@@ -256,6 +291,11 @@ class _LayerState:
         self.scale = 1.0 / math.sqrt(d)
         self.warm: set[str] = set()
         self.graphs: dict[str, cp.cuda.graph.Graph] = {}
+        self.last_end: cp.cuda.Event | None = None  # of the last call that used these buffers
+        # reused call to call (read by ``counts`` before the next call): start, end, routed,
+        # attended, merge start
+        self.events = tuple(cp.cuda.Event() for _ in range(5))
+        self.torch_views: tuple | None = None  # the hook's torch views of q, k_new, v_new, out
         # parameters, one pinned block copied in by the graph: pos [B] | k_rows [B*Hkv] | cpu fraction
         self.params_h = cupyx.empty_pinned((bsz + rows + 1,), np.int32)
         self.params = cp.empty(self.params_h.shape, cp.int32)

@@ -184,12 +184,8 @@ class HybridAttention:
         self.cache: BlockCacheTable | None = None
         self.gpu: GpuPath | None = None
         self.use_cache = use_cache
-        # GPU path state (device_hook): predictor demand per (request, layer), last counts per layer
-        self.demand: dict[tuple[str, int], np.ndarray] = {}
-        self.last_counts: dict[int, tuple[int, int, int]] = {}
-        self.steps = 0
         if self.device == "gpu":
-            from fluxion_dist.hybrid.device_hook import DeviceTables
+            from fluxion_dist.hybrid.device_hook import DevicePathState
             from fluxion_dist.hybrid.device_pipeline import DevicePipeline
 
             self.pipeline = DevicePipeline(
@@ -197,7 +193,7 @@ class HybridAttention:
                 cache_slots=config.gpu_cache_blocks if use_cache else 0, cpu_threads=options.cpu_threads,
                 mass_target=config.mass_target, sink_blocks=num_blocks(config.sink_tokens),
                 recent_blocks=num_blocks(config.recent_tokens) + 1, use_graphs=options.cuda_graphs)
-            self.device_tables = DeviceTables()
+            self.device_state = DevicePathState(self.pipeline, cost)
         elif self.device == "emulated":
             total_slots = slots_per_layer * options.num_layers
             self.gpu = EmulatedGpuPath(arena.kv_pages, total_slots, num_threads=options.cpu_threads)
@@ -218,9 +214,10 @@ class HybridAttention:
     def release(self, request_id: str, pages: Sequence[int] = ()) -> None:
         """A request left: forget its predictor state and drop its pages from the cache."""
         self._known.discard(request_id)
-        for states in (self._states, self.demand):
-            for key in [k for k in states if k[0] == request_id]:
-                del states[key]
+        for key in [k for k in self._states if k[0] == request_id]:
+            del self._states[key]
+        if self.device == "gpu":
+            self.device_state.forget(request_id)
         self._forget_pages(np.asarray(pages, dtype=np.int64))
 
     def _forget_pages(self, pages: np.ndarray) -> None:

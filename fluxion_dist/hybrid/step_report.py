@@ -30,6 +30,10 @@ class LayerReport:
 @dataclass(frozen=True, slots=True)
 class StepReport:
     layers: tuple[LayerReport, ...]
+    # GPU timeline from the first layer's work to the last's (CUDA events); None: not measured.
+    # The GPU path queues layers without waiting, so its host wall per layer says nothing of
+    # the GPU's gaps: this does.
+    gpu_span_s: float | None = None
 
     def _sum(self, values) -> float:
         return float(sum(values))
@@ -58,9 +62,17 @@ class StepReport:
         return 0.0 if busy == 0 or total == 0 else 1.0 - busy / total
 
     @property
-    def measured_gpu_idle_fraction(self) -> float | None:
-        """1 - (GPU kernel time / layer wall time), summed over layers; None without a GPU."""
+    def gpu_busy_s(self) -> float | None:
+        """GPU work of the step (CUDA events around each layer's kernels); None without a GPU."""
         if not self.layers or any(r.gpu_busy_s is None for r in self.layers):
             return None
-        wall = self._sum(r.wall_s for r in self.layers)
-        return max(0.0, 1.0 - self._sum(r.gpu_busy_s for r in self.layers) / wall) if wall > 0 else None
+        return self._sum(r.gpu_busy_s for r in self.layers)
+
+    @property
+    def measured_gpu_idle_fraction(self) -> float | None:
+        """1 - GPU work / (the GPU span, else the layers' summed wall time); None without a GPU."""
+        busy = self.gpu_busy_s
+        if busy is None:
+            return None
+        wall = self.gpu_span_s if self.gpu_span_s is not None else self._sum(r.wall_s for r in self.layers)
+        return max(0.0, 1.0 - busy / wall) if wall > 0 else None

@@ -3,8 +3,9 @@
 // -D BLOCK_TOKENS.
 //
 // The table maps a (page, KV head) run of the host arena, keyed page * Hkv + head, to a slot
-// of the device pool (slot_of, -1: not cached) and back (owner, -1: free). Three kernels,
-// one per layer call each, so a decode layer needs no host round trip before its attention:
+// of the device pool (slot_of, -1: not cached) and back (owner, -1: free). Three kernels
+// (and the ring's advance), one per layer call each, so a decode layer needs no host round
+// trip at all:
 //
 // force_blocks      sinks and the recent window get the largest finite score, so a top-k
 //                   with k >= their count always takes them (ties go to the lower id);
@@ -15,7 +16,8 @@
 //                   blocks: a partial last block is still being written) are listed for
 //                   admission, in entry order;
 // admit_blocks      copies the listed runs from the arena (pinned host memory, through UVA)
-//                   into the next slots of the layer's ring, evicting their old owners.
+//                   into the next slots of the layer's ring, evicting their old owners
+//                   (how many, and where the ring stands, are read on the device).
 //
 // classify is one CTA: a layer's selection is a few thousand entries, and in-order
 // compaction by CTA-wide scans keeps both CSRs sorted without a second pass.
@@ -122,26 +124,39 @@ __global__ void __launch_bounds__(SELECT_THREADS, 1) classify_entries(
     }
 }
 
-// One CTA per admitted run. The caller keeps n <= slot_count, so every CTA owns a distinct
-// slot, and an admitted key is a miss, so it is nobody's old owner: no two CTAs race.
-__global__ void admit_blocks(const int* __restrict__ admit_keys,  // [n] page * heads + head
-                             int slot_base, int slot_count, int ring,
+// The count and the ring position are read on the device, so a layer queues its admission
+// without a host round trip: n = min(counts[3], slot_count) runs, spread over a fixed grid.
+// n <= slot_count, so every run owns a distinct slot, and an admitted key is a miss, so it is
+// nobody's old owner: no two CTAs race.
+__global__ void admit_blocks(const int* __restrict__ admit_keys,  // [>= n] page * heads + head
+                             const int* __restrict__ counts,      // [4]: counts[3] runs listed
+                             int slot_base, int slot_count,
+                             const int* __restrict__ ring,        // [1] next slot of the ring
                              int* __restrict__ slot_of,           // [P * heads]
                              int* __restrict__ owner,             // [>= slot_base + slot_count]
                              const uint4* __restrict__ kv_pages,  // arena runs, [P * heads, run_vec]
                              uint4* __restrict__ pool,            // [S, run_vec]
                              int run_vec)                         // 16-byte words per run
 {
-    const int i = blockIdx.x;
-    const int key = admit_keys[i];
-    const int slot = slot_base + (ring + i) % slot_count;
-    const uint4* src = kv_pages + (long long)key * run_vec;
-    uint4* dst = pool + (long long)slot * run_vec;
-    for (int t = threadIdx.x; t < run_vec; t += blockDim.x) dst[t] = src[t];
-    if (threadIdx.x == 0) {
-        const int old = owner[slot];
-        if (old >= 0 && slot_of[old] == slot) slot_of[old] = -1;
-        owner[slot] = key;
-        slot_of[key] = slot;
+    const int n = min(counts[3], slot_count);
+    const int r0 = ring[0];
+    for (int i = blockIdx.x; i < n; i += gridDim.x) {
+        const int key = admit_keys[i];
+        const int slot = slot_base + (r0 + i) % slot_count;
+        const uint4* src = kv_pages + (long long)key * run_vec;
+        uint4* dst = pool + (long long)slot * run_vec;
+        for (int t = threadIdx.x; t < run_vec; t += blockDim.x) dst[t] = src[t];
+        if (threadIdx.x == 0) {
+            const int old = owner[slot];
+            if (old >= 0 && slot_of[old] == slot) slot_of[old] = -1;
+            owner[slot] = key;
+            slot_of[key] = slot;
+        }
     }
+}
+
+// After admit_blocks (stream order): the ring moves past the slots it filled.
+__global__ void advance_ring(const int* __restrict__ counts, int slot_count, int* __restrict__ ring)
+{
+    ring[0] = (ring[0] + min(counts[3], slot_count)) % slot_count;
 }

@@ -18,6 +18,7 @@ SLOT_CPU = -2  # common.cuh: a selected block the CPU computes; the attention ke
 _CLASSIFY_THREADS = 1024
 _FORCE_THREADS = 128
 _ADMIT_THREADS = 128
+_ADMIT_GRID = 1024  # CTAs of an admission; each loops over its share of the runs
 _MAX_ROWS = 48 * 1024 // 4  # classify keeps a counter per row in (static-limit) shared memory
 
 
@@ -78,22 +79,27 @@ def classify_entries(indptr: cp.ndarray, blocks: cp.ndarray, block_tables: cp.nd
         admit_keys if slot_of is not None else null, counts), shared_mem=4 * rows)
 
 
-def admit_blocks(admit_keys: cp.ndarray, n: int, *, slot_base: int, slot_count: int, ring: int,
+def admit_blocks(admit_keys: cp.ndarray, counts: cp.ndarray, ring: cp.ndarray, *, slot_base: int, slot_count: int,
                  slot_of: cp.ndarray, owner: cp.ndarray, kv_pages: cp.ndarray, pool: cp.ndarray) -> None:
-    """Copy the first ``n`` listed runs into slots ``slot_base + (ring + i) % slot_count``.
+    """Copy the first ``min(counts[3], slot_count)`` listed runs into slots
+    ``slot_base + (ring + i) % slot_count`` and advance ``ring``; both counts (int32 [4], as
+    ``classify_entries`` writes them) and ring (int32 [1]) are read on the device, so no host
+    round trip decides how much to copy.
 
     kv_pages: the arena, bf16 bits [P, Hkv, 2, 16, d] (a UVA view of pinned host memory);
     pool: bf16 bits [S, 2, 16, d]; the table (``slot_of``, ``owner``) is updated in place.
-    ``n`` must not exceed ``slot_count`` (each run its own slot in one call).
     """
     expect("kv_pages", kv_pages, BF16_BITS, (None, None, 2, None, None))
     expect("pool", pool, BF16_BITS, (None, 2, kv_pages.shape[3], kv_pages.shape[4]))
-    if not 0 <= n <= slot_count or slot_base + slot_count > pool.shape[0]:
-        raise ValueError(f"admit {n} runs into slots [{slot_base}, {slot_base + slot_count}) of a pool of "
-                         f"{pool.shape[0]}: n must be <= the partition's slots, which must fit the pool")
-    if n == 0:
-        return
+    expect("admit_keys", admit_keys, np.int32, (None,))
+    expect("counts", counts, np.int32, (4,))
+    expect("ring", ring, np.int32, (1,))
+    if slot_count < 1 or slot_base < 0 or slot_base + slot_count > pool.shape[0]:
+        raise ValueError(f"slots [{slot_base}, {slot_base + slot_count}) must be a non-empty range of the "
+                         f"pool's {pool.shape[0]}")
     run_vec = 2 * kv_pages.shape[3] * kv_pages.shape[4] * 2 // 16
-    loader.get_kernel("block_table", "admit_blocks")((n,), (_ADMIT_THREADS,), (
-        admit_keys, np.int32(slot_base), np.int32(slot_count), np.int32(ring % slot_count), slot_of, owner,
+    grid = max(1, min(admit_keys.shape[0], slot_count, _ADMIT_GRID))
+    loader.get_kernel("block_table", "admit_blocks")((grid,), (_ADMIT_THREADS,), (
+        admit_keys, counts, np.int32(slot_base), np.int32(slot_count), ring, slot_of, owner,
         kv_pages, pool, np.int32(run_vec)))
+    loader.get_kernel("block_table", "advance_ring")((1,), (1,), (counts, np.int32(slot_count), ring))
