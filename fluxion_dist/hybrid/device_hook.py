@@ -52,9 +52,10 @@ class DeviceTables:
         self._key: tuple = ()
         self.host: np.ndarray | None = None
         self.dev: cp.ndarray | None = None
+        self.dev_layers: list[cp.ndarray] = []  # views of ``dev``, one per layer
 
     def get(self, batch: Sequence["PagedSequenceView"], request_ids: Sequence[str],
-            stream: cp.cuda.Stream) -> tuple[np.ndarray, cp.ndarray]:
+            stream: cp.cuda.Stream) -> tuple[np.ndarray, list[cp.ndarray]]:
         key = tuple((rid, len(s.block_tables[0])) for rid, s in zip(request_ids, batch))
         if key != self._key or self.host is None:
             layers = len(batch[0].block_tables)
@@ -66,10 +67,11 @@ class DeviceTables:
             with stream:
                 if self.dev is None or self.dev.shape != host.shape:
                     self.dev = cp.asarray(host)
+                    self.dev_layers = list(self.dev)
                 else:
                     self.dev.set(host, stream=stream)
             self.host, self._key = host, key
-        return self.host, self.dev
+        return self.host, self.dev_layers
 
 
 class DevicePathState:
@@ -118,7 +120,7 @@ class DeviceStepHook:
         state: DevicePathState = op.device_state
         self.op, self.state, self.batch, self.request_ids = op, state, batch, tuple(request_ids)
         pipe: DevicePipeline = op.pipeline
-        self.tables_host, self.tables_dev = state.tables.get(batch, request_ids, pipe.compute)
+        self.tables_host, self.tables_layers = state.tables.get(batch, request_ids, pipe.compute)
         self.pos_host = np.array([s.seq_len for s in batch], np.int32)
         if num_blocks(int(self.pos_host.max()) + 1) > self.tables_host.shape[2]:
             raise op.error(f"a sequence has fewer pages than its {int(self.pos_host.max()) + 1} tokens need")
@@ -179,13 +181,13 @@ class DeviceStepHook:
             # torch views of the layer's buffers: copies (with the dtype casts) and the output's
             # copy run on the caller's stream, so its tensors are never read from another stream
             if st.torch_views is None:
-                st.torch_views = tuple(torch.from_dlpack(a) for a in (st.q, st.k_new.view(cp.int16),
-                                                                      st.v_new.view(cp.int16), st.out))
+                kv = (torch.from_dlpack(a.view(cp.int16)).view(torch.bfloat16) for a in (st.k_new, st.v_new))
+                st.torch_views = (torch.from_dlpack(st.q), *kv, torch.from_dlpack(st.out))
             q_in, k_in, v_in, out = st.torch_views
             q_in.copy_(q)
-            k_in.copy_(k.to(torch.bfloat16).view(torch.int16))
-            v_in.copy_(v.to(torch.bfloat16).view(torch.int16))
-            caller = torch.cuda.current_stream(q.device).cuda_stream
+            k_in.copy_(k)
+            v_in.copy_(v)
+            caller = torch.cuda.current_stream().cuda_stream
             cp.cuda.runtime.eventRecord(self._in_event.ptr, caller)
             pipe.compute.wait_event(self._in_event)
         else:
@@ -193,7 +195,7 @@ class DeviceStepHook:
                                                               (v, torch.bfloat16))]  # alive until copied
             for dst, src in zip((st.q, st.k_new, st.v_new), srcs):
                 copy_bytes(dst.data.ptr, src.data_ptr(), dst.nbytes, pipe.compute.ptr)
-        res = pipe.run_layer(layer, plan, st, self.tables_dev[layer], self.tables_host[layer], self.pos_host)
+        res = pipe.run_layer(layer, plan, st, self.tables_layers[layer], self.tables_host[layer], self.pos_host)
         state.unread[layer] = (res, self.request_ids)
         if q.is_cuda:
             cp.cuda.runtime.streamWaitEvent(caller, res.end.ptr, 0)

@@ -299,6 +299,7 @@ class _LayerState:
         # parameters, one pinned block copied in by the graph: pos [B] | k_rows [B*Hkv] | cpu fraction
         self.params_h = cupyx.empty_pinned((bsz + rows + 1,), np.int32)
         self.params = cp.empty(self.params_h.shape, cp.int32)
+        self._k_rows: np.ndarray | None = None  # the plan's array last written into params_h
         self.seq = self.params[:bsz]  # pos, then + 1 by the append
         self.k_rows = self.params[bsz:bsz + rows].reshape(bsz, hkv)
         self.frac = self.params[bsz + rows:].view(cp.float32)
@@ -328,8 +329,10 @@ class _LayerState:
     def set_params(self, pos: np.ndarray, plan: LayerPlan) -> None:
         bsz = pos.size
         self.params_h[:bsz] = pos
-        self.params_h[bsz:-1] = plan.k_rows.ravel()
-        self.params_h[-1:] = np.array([plan.cpu_fraction], np.float32).view(np.int32)
+        if plan.k_rows is not self._k_rows:  # plans are kept while their inputs hold
+            self.params_h[bsz:-1] = plan.k_rows.ravel()
+            self._k_rows = plan.k_rows
+        self.params_h.view(np.float32)[-1] = plan.cpu_fraction
 
     def set_cpu_partial(self, o: np.ndarray | None, m: np.ndarray | None, l: np.ndarray | None) -> None:
         if o is None:

@@ -10,7 +10,7 @@
 // (block_tables) and, when it starts a new block, given it a cache slot.
 #include "common.cuh"
 
-#define APPEND_THREADS 128
+#define APPEND_THREADS 1024  // one (head, channel) per thread at Hkv x d = 1024: no serial chain of loads
 
 __global__ void __launch_bounds__(APPEND_THREADS) append_kv(
     const bf16_t* __restrict__ k_new,        // [B, Hkv, HEAD_DIM]

@@ -14,7 +14,7 @@ from fluxion_dist.attention.layout import BLOCK_TOKENS
 from fluxion_dist.kernels import loader
 from fluxion_dist.kernels.checks import BF16_BITS, expect
 
-_THREADS = 128
+_THREADS = 1024  # APPEND_THREADS
 
 
 def append_kv(k_new: cp.ndarray, v_new: cp.ndarray, seq_lens: cp.ndarray,

@@ -17,7 +17,7 @@ SLOT_UVA = -1
 SLOT_CPU = -2  # common.cuh: a selected block the CPU computes; the attention kernel skips it
 _CLASSIFY_THREADS = 1024
 _FORCE_THREADS = 128
-_ADMIT_THREADS = 128
+_ADMIT_THREADS = 512  # a 16-token run at d=128 is 512 16-byte words: one load per thread (PCIe latency once)
 _ADMIT_GRID = 1024  # CTAs of an admission; each loops over its share of the runs
 _MAX_ROWS = 48 * 1024 // 4  # classify keeps a counter per row in (static-limit) shared memory
 
