@@ -24,6 +24,7 @@ zero, and SDPA runs on the CPU: a check that the script works, not a measurement
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -171,14 +172,19 @@ def run_policy(policy: str, shape: Shape, arena: HostArena, seqs, synth, cost, a
     del queries
     for s in seqs:
         s.seq_len = context  # each policy decodes the same positions (overwriting the last one's tokens)
-    times, reports = [], []
+    times, host_times, reports = [], [], []
+    built = 0
     try:
         for step in range(total):
+            if step == args.warmup and device == "gpu":
+                built = op.pipeline.states_built
             t0 = time.perf_counter()  # the step's planning (op.step) counts: a model pays it
             hook = op.step(seqs, [f"r{b}" for b in range(batch)])
             for layer in range(shape.layers):
                 # the new token: a key/value like the context's (drawn from its tokens), bf16
                 hook(layer, q_all[step, layer], k_all[step, layer], v_all[step, layer])
+            if step >= args.warmup:
+                host_times.append(time.perf_counter() - t0)
             if dev == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
@@ -187,8 +193,12 @@ def run_policy(policy: str, shape: Shape, arena: HostArena, seqs, synth, cost, a
             if step >= args.warmup:
                 times.append(elapsed)
                 reports.append((hook.report(), elapsed))
+        if device == "gpu":
+            built = op.pipeline.states_built - built
     finally:
         op.close()
+    print(f"    host {statistics.median(host_times) * 1e3 * shape.model_layers / shape.layers:.3f} ms/step "
+          f"(until the last layer is queued), layer states built after warm-up: {built}", flush=True)
     scale = shape.model_layers / shape.layers
     # GPU idle: the share of the step's wall time (planning included) with no attention work on the GPU
     busy = [r.gpu_busy_s for r, _ in reports]
@@ -271,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             sdpa[(context, batch)] = sdpa_ms(shape, context, batch, max(args.steps // 4, 3), sdpa_device)
             arena, seqs, synth = build_arena(shape, context, batch, args.steps + args.warmup, device == "gpu")
             for policy in args.policies:
+                gc.collect()  # the previous policy's garbage is not collected inside this one's timing
                 row = run_policy(policy, shape, arena, seqs, synth, cost, args, device, context)
                 rows.append(row)
                 print(f"  {context} x{batch} {policy}: {row.ms_per_step:.3f} ms/step", flush=True)

@@ -120,6 +120,7 @@ class DevicePipeline:
         self.compute = cp.cuda.Stream(non_blocking=True)
         self._states: list[dict[tuple, _LayerState]] = [{} for _ in range(num_layers)]
         self.use_graphs = use_graphs
+        self.states_built = 0  # layer states (buffers, then graphs) built: each costs milliseconds
 
     def load_metadata(self, pages: np.ndarray, kmin: np.ndarray, kmax: np.ndarray) -> None:
         """Mirror a new request's block metadata (from the KV store) onto the device."""
@@ -153,6 +154,7 @@ class DevicePipeline:
             if len(states) >= _MAX_SHAPES:
                 states.pop(next(iter(states)))
             st = states[key] = _LayerState(key, self.kv_host.shape[1], self.kv_host.shape[4])
+            self.states_built += 1
         if st.last_end is not None:
             # its previous call may still read the pinned parameters (from the previous step:
             # normally long done)
