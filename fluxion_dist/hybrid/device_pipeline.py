@@ -202,7 +202,7 @@ class DevicePipeline:
             return outcome.counts
         outcome.end.synchronize()
         st, plan = outcome.state, outcome.plan
-        hits, uva, n_cpu, n_admit = (int(x) for x in st.counts_h)
+        hits, uva, n_cpu, n_admit = st.counts_h.tolist()
         admitted = evicted = 0
         if plan.use_cache and self.slots_per_layer > 0:
             admitted = min(n_admit, self.slots_per_layer)
