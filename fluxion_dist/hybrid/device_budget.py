@@ -110,8 +110,10 @@ def balanced_cpu_fraction(cost: CostModel, hits: int, misses: int, *, admits: in
         return 0.0
     if not cost.has_gpu:
         return 1.0
-    best_x, best_t = 0, cost.gpu_time(hits, misses, admits)
     u, c = cost.uva_block_s, cost.cpu_block_s
+    if hits > 0 and misses * u <= switch_s:
+        return 0.0  # the GPU's share of any split costs at least the hits, plus the round trip
+    best_x, best_t = 0, cost.gpu_time(hits, misses, admits)
     even = (cost.gpu_time(hits, misses, admits) - cost.cpu_overhead_s) / (c + u)
     # (all to the CPU is a candidate too: with no hits the GPU then launches nothing)
     for x in {min(max(math.floor(even), 1), misses), min(max(math.ceil(even), 1), misses), misses}:
