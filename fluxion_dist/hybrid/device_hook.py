@@ -219,7 +219,7 @@ class DeviceStepHook:
             reports.append(LayerReport(
                 layer, used, c.cpu, c.hits, c.uva, c.admitted, c.evicted,
                 cost.cpu_time(c.cpu) if c.cpu else 0.0, cost.gpu_time(c.hits, c.uva, c.admitted), wall,
-                c.gpu_busy_s))
+                pipe.gpu_busy_s(res)))
         span = None
         if self.outcomes:
             span = cp.cuda.get_elapsed_time(self.outcomes[0][1].spans[0][0], self.outcomes[-1][1].end) / 1e3

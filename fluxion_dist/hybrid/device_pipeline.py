@@ -55,7 +55,7 @@ from fluxion_dist.kernels.selection import select_buffers, select_topk, select_t
 from fluxion_dist.kernels.uva import map_host_array
 
 
-_MAX_SHAPES = 8  # per layer: batch shapes x budget buckets x refresh or not
+_MAX_SHAPES = 8  # per layer: batch shapes x budget buckets
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +93,6 @@ class LayerCounts:
     admitted: int
     evicted: int
     demand: np.ndarray | None  # int64 [B, Hkv] blocks to reach the mass target (a refresh)
-    gpu_busy_s: float  # the layer's GPU work (its spans' CUDA events)
 
 
 class DevicePipeline:
@@ -145,9 +144,9 @@ class DevicePipeline:
         """The layer's state for this call, free to write: the caller copies q (float32
         [B, Hq, d]) and the new K/V (bf16 bits [B, Hkv, d]) into ``q``, ``k_new``, ``v_new``
         in order before ``compute``'s next work, then calls ``run_layer``."""
-        # A layer alternates between a few shapes (refresh steps, budget buckets): each keeps
-        # its buffers and graphs, so a switch back costs nothing.
-        key = (bsz, hq, width, plan.max_row_blocks, plan.measure_demand, plan.use_cache)
+        # A layer alternates between a few shapes (budget buckets): each keeps its buffers and
+        # graphs (with and without the predictor's pass), so a switch back costs nothing.
+        key = (bsz, hq, width, plan.max_row_blocks, plan.use_cache)
         states = self._states[layer]
         st = states.get(key)
         if st is None:
@@ -167,18 +166,20 @@ class DevicePipeline:
         stable for the layer: its address is captured) and its host twin; pos_host int32 [B], the
         tokens before this one."""
         use_cache = plan.use_cache and self.slots_per_layer > 0
+        measure = plan.measure_demand
         st.set_params(pos_host, plan)
         s, ev = self.compute, st.events
         if plan.cpu_fraction <= 0:
             s.record(ev[0])
-            self._replay(st, "layer", lambda: self._layer(st, layer, tables, use_cache))
+            self._replay(st, ("layer", measure), lambda: self._layer(st, layer, tables, use_cache, measure))
             s.record(ev[1])
             spans = ((ev[0], ev[1]),)
         else:
             s.record(ev[0])
-            self._replay(st, "select", lambda: self._select(st, tables, use_cache, for_cpu=True))
+            self._replay(st, ("select", measure),
+                         lambda: self._select(st, tables, use_cache, measure, for_cpu=True))
             s.record(ev[2])
-            self._replay(st, "attend", lambda: self._attend(st, layer, tables, use_cache))
+            self._replay(st, ("attend",), lambda: self._attend(st, layer, tables, use_cache))
             s.record(ev[3])
             ev[2].synchronize()  # the routing's CSR is on the host; the attention runs on
             n_cpu = int(st.counts_h[2])
@@ -189,7 +190,7 @@ class DevicePipeline:
             else:
                 st.set_cpu_partial(None, None, None)
             s.record(ev[4])
-            self._replay(st, "merge", lambda: self._merge(st))
+            self._replay(st, ("merge",), lambda: self._merge(st))
             s.record(ev[1])
             spans = ((ev[0], ev[3]), (ev[4], ev[1]))
         st.last_end = ev[1]
@@ -211,11 +212,16 @@ class DevicePipeline:
         demand = None
         if plan.measure_demand:
             demand = np.diff(st.demand_h.astype(np.int64)).reshape(plan.k_rows.shape)
-        busy = sum(cp.cuda.get_elapsed_time(a, b) for a, b in outcome.spans) / 1e3
-        outcome.counts = LayerCounts(hits, uva, n_cpu, admitted, evicted, demand, busy)
+        outcome.counts = LayerCounts(hits, uva, n_cpu, admitted, evicted, demand)
         return outcome.counts
 
-    def _replay(self, st: "_LayerState", name: str, body) -> None:
+    @staticmethod
+    def gpu_busy_s(outcome: LayerOutcome) -> float:
+        """The layer call's GPU work (its spans' CUDA events); read before the layer's next call."""
+        outcome.end.synchronize()
+        return sum(cp.cuda.get_elapsed_time(a, b) for a, b in outcome.spans) / 1e3
+
+    def _replay(self, st: "_LayerState", name: tuple, body) -> None:
         """Run ``body`` on ``compute``: eagerly the first time (kernels compile, counters
         allocate), then captured once as a CUDA graph and replayed (one launch, not ~10)."""
         with self.compute:
@@ -233,14 +239,16 @@ class DevicePipeline:
                 st.graphs[name] = graph
             graph.launch(self.compute)
 
-    def _select(self, st: "_LayerState", tables: cp.ndarray, use_cache: bool, for_cpu: bool) -> None:
+    def _select(self, st: "_LayerState", tables: cp.ndarray, use_cache: bool, measure: bool, for_cpu: bool) -> None:
         s = self.compute
         copy_bytes(st.params.data.ptr, st.params_h.ctypes.data, st.params.nbytes, s.ptr)
         append_kv(st.k_new, st.v_new, st.seq, tables, self.kmin, self.kmax, slots=st.no_slots, cache_pool=None,
                   kv_pages=self.kv_dev)
         quest_scores(st.q, self.kmin, self.kmax, tables, st.seq, scale=st.scale, query_scores=False,
                      out=(None, st.kv_scores))
-        if st.topp is not None:
+        if measure:
+            if st.topp is None:  # allocated on the first refresh (eagerly run, before any capture)
+                st.topp = select_buffers(st.hkv * st.key[0], st.key[2])
             select_topp(st.kv_scores, st.seq, self.mass_target, buffers=st.topp)
             copy_bytes(st.demand_h.ctypes.data, st.topp.indptr.data.ptr, st.demand_h.nbytes, s.ptr)
         force_blocks(st.kv_scores, st.seq, sink_blocks=self.sink_blocks, recent_blocks=self.recent_blocks)
@@ -268,9 +276,9 @@ class DevicePipeline:
             copy_bytes(dst.data.ptr, src.ctypes.data, dst.nbytes, s.ptr)
         merge_attention(st.o, st.m, st.l, out_dtype="float32", out=st.out)
 
-    def _layer(self, st: "_LayerState", layer: int, tables: cp.ndarray, use_cache: bool) -> None:
+    def _layer(self, st: "_LayerState", layer: int, tables: cp.ndarray, use_cache: bool, measure: bool) -> None:
         """The GPU-only layer: nothing for the CPU, so the merge normalises the GPU partial alone."""
-        self._select(st, tables, use_cache, for_cpu=False)
+        self._select(st, tables, use_cache, measure, for_cpu=False)
         self._attend(st, layer, tables, use_cache)
         merge_attention(st.o[:1], st.m[:1], st.l[:1], out_dtype="float32", out=st.out)
 
@@ -287,12 +295,12 @@ class _LayerState:
     graph captures addresses, so inputs are copied in and parameters written in place."""
 
     def __init__(self, key: tuple, hkv: int, d: int) -> None:
-        bsz, hq, width, bound, measure, _ = key
+        bsz, hq, width, bound, _ = key
         rows = bsz * hkv
         self.key, self.hkv, self.bound = key, hkv, bound
         self.scale = 1.0 / math.sqrt(d)
-        self.warm: set[str] = set()
-        self.graphs: dict[str, cp.cuda.graph.Graph] = {}
+        self.warm: set[tuple] = set()
+        self.graphs: dict[tuple, cp.cuda.graph.Graph] = {}
         self.last_end: cp.cuda.Event | None = None  # of the last call that used these buffers
         # reused call to call (read by ``counts`` before the next call): start, end, routed,
         # attended, merge start
@@ -311,7 +319,7 @@ class _LayerState:
         self.no_slots = cp.full((bsz, hkv), -1, cp.int32)  # the new token's block is partial: never cached
         self.kv_scores = cp.empty((bsz, hkv, width), cp.float32)
         self.sel = select_buffers(rows, bound)
-        self.topp = select_buffers(rows, width) if measure else None
+        self.topp = None  # the predictor's top-p buffers, made on the first refresh
         cap = self.sel.blocks.shape[0]
         self.sel_slot, self.cpu_blocks, self.admit_keys = (cp.empty(cap, cp.int32) for _ in range(3))
         self.cpu_indptr, self.counts = cp.empty(rows + 1, cp.int32), cp.empty(4, cp.int32)
