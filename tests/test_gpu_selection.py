@@ -162,6 +162,30 @@ def test_long_rows_use_large_shared_memory(by_mass: bool):
                 np.testing.assert_array_equal(rows[b * 2 + h], reference.select_topk(row[None], 700)[0], msg)
 
 
+@pytest.mark.parametrize("by_mass", [False, True])
+@pytest.mark.parametrize("kind", ["narrow", "equal"])
+def test_crowded_threshold_bins(by_mass: bool, kind: str):
+    """Thousands of keys in the threshold's radix bin: scores within 1e-4 of each other take
+    several passes before the candidates are few enough to rank; one score repeated 9,000
+    times never gets there and is settled by ids."""
+    rng, seed = gpu_util.fresh_rng()
+    t = 9_000 * 16
+    if kind == "narrow":
+        s = (1.0 + 1e-4 * rng.standard_normal((1, 2, 9_000))).astype(np.float32)
+    else:
+        s = np.full((1, 2, 9_000), 0.75, np.float32)
+    lens = cp.asarray(np.array([t], np.int32))
+    sel = select_topp(cp.asarray(s), lens, 0.37) if by_mass else select_topk(cp.asarray(s), lens, 1234)
+    rows = _rows(sel)
+    for h in range(2):
+        row = s[0, h].astype(np.float64)
+        msg = f"seed={seed} h={h}"
+        if by_mass:
+            _check_topp_row(rows[h], row, 0.37, msg)
+        else:
+            np.testing.assert_array_equal(rows[h], reference.select_topk(row[None], 1234)[0], msg)
+
+
 def test_repeated_launches_agree():
     """Back-to-back launches on one stream reuse the arrival counter: it must be left at zero."""
     rng, _ = gpu_util.fresh_rng()

@@ -1,9 +1,9 @@
 """Arrival counters for kernels whose last CTA finishes the job ("last block" reduction).
 
-A selection launch ends with one CTA that sees every other CTA's result (it packs all rows
-into the CSR lists): each CTA bumps a counter after publishing, and the one that brings it
-to the grid's count does the final step and sets the counter back to zero. That saves a
-second kernel launch but needs zeroed counters at launch time. (A last-CTA merge of
+A selection launch hands rows to CTAs in the order they start (a ticket counter) and ends
+with one CTA that knows every other is done: each CTA bumps a counter when it finishes, and
+the one that brings it to the grid's count resets the launch's scratch and sets the counters
+back to zero. That saves a second kernel launch but needs zeroed counters at launch time. (A last-CTA merge of
 split-K attention chunks was tried and dropped: one CTA folding tens of partials is a
 serial chain of loads, slower than merge.cu's separate, parallel launch.)
 

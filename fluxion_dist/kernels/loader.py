@@ -56,7 +56,8 @@ _DIM_CHECKS = ((("HEAD_DIM", 128),), (("HEAD_DIM", 64),))
 
 SOURCES: dict[str, KernelSource] = {
     "scoring": KernelSource("scoring.cu", ("quest_scores",), ("HEAD_DIM", "GROUP"), _DIM_GROUP_CHECKS),
-    "selection": KernelSource("selection.cu", ("select_blocks",), (), ((),)),
+    "selection": KernelSource("selection.cu", ("select_blocks",), ("SELECT_THREADS",),
+                              ((("SELECT_THREADS", 256),), (("SELECT_THREADS", 512),), (("SELECT_THREADS", 1024),))),
     "attention": KernelSource("attention.cu", ("sparse_attention_chunks",), ("HEAD_DIM", "GROUP"),
                               _DIM_GROUP_CHECKS),
     "merge": KernelSource("merge.cu", ("merge_partials",), ("HEAD_DIM",), _DIM_CHECKS),

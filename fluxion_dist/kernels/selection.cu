@@ -1,32 +1,41 @@
 // Top-k and top-p block selection on the GPU, no host round trip, one launch.
 //
-// -D BLOCK_TOKENS.
+// -D BLOCK_TOKENS, -D SELECT_THREADS (threads per CTA: 256 to 1024).
 //
 // One CTA per row (request, head). Both rules are one radix select over the scores' 32-bit
 // order-preserving keys, held in shared memory: top-k counts elements, top-p sums their
 // estimated softmax mass as fixed-point integers (exp(s - max) in units of 2^-40), so the
 // sums, and therefore the selection, are deterministic whatever order the atomics land in.
-// The radix starts at the highest bit where the row's keys differ, 8 bits a pass; at the end
-// the exact threshold key is known and elements equal to it are taken lowest id first, as
-// the float64 reference does. Selected coarse blocks are expanded to base block ids and
-// written ascending into a fixed-capacity scratch row. The last CTA to finish (an arrival
-// counter, left at zero again) packs every row into the CSR lists.
+//
+// The radix starts at the highest bit where the row's keys differ, 11 bits a pass. Passes
+// sweep the whole row only while the bin holding the threshold has more than CAND_LIMIT
+// keys (one pass for most rows); then that bin is copied out and the passes that resolve
+// the rest read only it. At the end the exact threshold key T
+// is known and elements equal to it are taken lowest id first, as the float64 reference
+// does. Selected coarse blocks are expanded to base block
+// ids and written ascending into a fixed-capacity scratch row. The last CTA to finish (an
+// arrival counter, left at zero again) packs every row into the CSR lists.
 #include "common.cuh"
 
-#define SELECT_THREADS 1024
-#define RADIX_BINS 256
-#define HIST_COPIES 4  // warps spread their atomics over copies (padded apart in banks)
+#define DIGIT_BITS 11
+#define RADIX_BINS (1 << DIGIT_BITS)
+#define BINS_PER_THREAD (RADIX_BINS / SELECT_THREADS)
+#define CAND_LIMIT 1024  // the threshold's bin is copied out once it holds at most this many keys
 #define MASS_ONE 1099511627776.0f  // 2^40
 #define LOAD_UNROLL 8  // global loads a thread keeps in flight at once
 
 #include "block_reduce.cuh"
 
+static_assert(SELECT_THREADS >= 256 && SELECT_THREADS <= 1024 && RADIX_BINS % SELECT_THREADS == 0,
+              "SELECT_THREADS must be 256, 512 or 1024");
+
 struct SelectShared {
-    unsigned long long hist[HIST_COPIES][RADIX_BINS + 1];
-    unsigned long long hist_total[RADIX_BINS];
+    unsigned int count[RADIX_BINS];
+    unsigned long long mass[RADIX_BINS];  // top-p only
+    unsigned int cand_key[CAND_LIMIT];  // the threshold's bin, once it is small
     unsigned long long scan_tmp[SELECT_WARPS];
     unsigned int red_lo[SELECT_WARPS], red_hi[SELECT_WARPS];
-    unsigned int digit;
+    unsigned int digit, digit_count, n_cand, thresh, row, start;
     unsigned long long rem;
     bool last;
 };
@@ -45,51 +54,85 @@ __device__ __forceinline__ unsigned long long mass_weight(unsigned int key, floa
     return (unsigned long long)__float2ll_rn(expf(key_value(key) - smax) * MASS_ONE);
 }
 
-// Folds the histogram copies and finds the digit whose bin holds the threshold: the bins
-// above it weigh less than `remaining`, with it at least `remaining`. Sets sh.digit and
-// sh.rem (what is still needed from inside that bin).
-__device__ void find_digit(SelectShared& sh, unsigned long long remaining) {
-    for (int bin = threadIdx.x; bin < RADIX_BINS; bin += SELECT_THREADS) {
-        unsigned long long t = 0;
+// The target weight of a top-p row from its total mass. The reference stops at
+// p * (1 - 1e-12) so that p = 1 survives rounding.
+__device__ __forceinline__ unsigned long long mass_target(float p, unsigned long long total) {
+    const unsigned long long t = (unsigned long long)ceil((double)p * (1.0 - 1e-12) * (double)total);
+    return min(max(t, 1ull), total);
+}
+
+// Finds the bin holding the threshold: the bins above it weigh less than `remaining`, with
+// it at least `remaining`. Thread t owns BINS_PER_THREAD bins counted down from the top, so
+// a scan in thread order is a sum from the top. Sets sh.digit, sh.digit_count and sh.rem
+// (what is still needed from inside that bin). With `p` >= 0 (top-p's first pass) the
+// target comes from the total first.
+__device__ void find_digit(SelectShared& sh, bool by_mass, unsigned long long remaining, float p) {
+    const int b_top = RADIX_BINS - 1 - BINS_PER_THREAD * threadIdx.x;
+    unsigned long long w[BINS_PER_THREAD], mine = 0ull;
 #pragma unroll
-        for (int c = 0; c < HIST_COPIES; ++c) t += sh.hist[c][bin];
-        sh.hist_total[bin] = t;
+    for (int j = 0; j < BINS_PER_THREAD; ++j) {
+        w[j] = by_mass ? sh.mass[b_top - j] : sh.count[b_top - j];
+        mine += w[j];
     }
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        const int lane = threadIdx.x;
-        // Lane l owns bins 255-8l .. 248-8l, walked from the top, held in registers.
-        unsigned long long h[8], lane_sum = 0;
+    unsigned long long total;
+    unsigned long long above = block_exclusive_scan(mine, sh.scan_tmp, total);
+    if (p >= 0.f) remaining = mass_target(p, total);
+    if (above < remaining && remaining <= above + mine) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) { h[j] = sh.hist_total[255 - 8 * lane - j]; lane_sum += h[j]; }
-        unsigned long long incl = lane_sum;
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-            const unsigned long long v = __shfl_up_sync(FULL_MASK, incl, off);
-            if (lane >= off) incl += v;
-        }
-        const unsigned int hit = __ballot_sync(FULL_MASK, incl >= remaining);
-        if (lane == (hit ? __ffs(hit) - 1 : 31)) {
-            unsigned long long acc = incl - lane_sum;
-            unsigned int digit = 248u - 8u * lane;
-            bool found = false;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                if (found) continue;
-                if (acc + h[j] >= remaining) { digit = 255u - 8u * lane - j; found = true; }
-                else acc += h[j];
+        for (int j = 0; j < BINS_PER_THREAD; ++j) {
+            if (above + w[j] >= remaining) {
+                sh.digit = b_top - j;
+                sh.digit_count = sh.count[b_top - j];
+                sh.rem = remaining - above;
+                break;
             }
-            sh.digit = digit;
-            sh.rem = remaining > acc ? remaining - acc : 0ull;
+            above += w[j];
         }
     }
     __syncthreads();
 }
 
-// Selects one row into dst[0, cap); returns how many base blocks it wrote.
-__device__ int select_row(SelectShared& sh, unsigned int* keys, const float* row, int n, int nb,
-                          int factor, bool by_mass, int k, float p, int* dst, int cap) {
-    const int tid = threadIdx.x, lane = tid & 31, copy = (tid >> 5) % HIST_COPIES;
+// One radix pass over the keys in src[0, len) that match `prefix` under `prefix_mask`: a
+// histogram of the next digit (bits top..lo), the bin holding the threshold found, prefix
+// and mask extended by it. `remaining` (the weight still needed) becomes what is needed
+// from inside that bin, `in_bin` its element count; returns the next top bit (lo - 1).
+__device__ int radix_pass(SelectShared& sh, const unsigned int* src, int len, int top, unsigned int& prefix,
+                          unsigned int& prefix_mask, bool by_mass, float smax, float p,
+                          unsigned long long& remaining, unsigned int& in_bin) {
+    const int lo = max(top - (DIGIT_BITS - 1), 0);
+    const unsigned int digit_mask = (2u << (top - lo)) - 1u;
+    for (int i = threadIdx.x; i < RADIX_BINS; i += SELECT_THREADS) {
+        sh.count[i] = 0u;
+        if (by_mass) sh.mass[i] = 0ull;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < len; i += SELECT_THREADS) {
+        const unsigned int key = src[i];
+        if ((key & prefix_mask) != prefix) continue;
+        const unsigned int bin = (key >> lo) & digit_mask;
+        atomicAdd(&sh.count[bin], 1u);
+        if (by_mass) atomicAdd(&sh.mass[bin], mass_weight(key, smax));
+    }
+    __syncthreads();
+    find_digit(sh, by_mass, remaining, p);
+    prefix |= sh.digit << lo;
+    prefix_mask |= digit_mask << lo;
+    remaining = sh.rem;
+    in_bin = sh.digit_count;
+    return lo - 1;
+}
+
+// Where a row's selection ends: keys above `thresh` are taken, and of the keys equal to it
+// the `need_eq` with the lowest ids. `thresh` = ~0u with need_eq = 0 takes nothing.
+struct Cut {
+    unsigned int thresh;
+    unsigned long long need_eq;
+};
+
+// Loads the row's n > 0 keys into keys[] and finds its cut.
+__device__ Cut find_cut(SelectShared& sh, unsigned int* keys, const float* row, int n, bool by_mass,
+                        int k, float p) {
+    const int tid = threadIdx.x;
     // All of a thread's loads are issued before the first store: the scores sit in L2 and
     // one round trip, not eight in a row, is what this costs.
     unsigned int klo = 0xffffffffu, khi = 0u;
@@ -114,134 +157,164 @@ __device__ int select_row(SelectShared& sh, unsigned int* keys, const float* row
     block_min_max(klo, khi, sh.red_lo, sh.red_hi);  // its barrier also publishes keys[]
     const float smax = key_value(khi);
 
-    // target: the weight the selection must reach; weights are 1 (top-k) or mass units.
-    unsigned long long target;
-    if (by_mass) {
-        unsigned long long w = 0, total;
-        for (int i = tid; i < n; i += SELECT_THREADS) w += mass_weight(keys[i], smax);
-        block_exclusive_scan(w, sh.scan_tmp, total);
-        // The reference stops at p * (1 - 1e-12) so that p = 1 survives rounding.
-        target = (unsigned long long)ceil((double)p * (1.0 - 1e-12) * (double)total);
-        target = min(max(target, 1ull), total);
-    } else {
-        target = (unsigned long long)max(min(k, n), 0);
-    }
-    if (target == 0ull) return 0;
+    // remaining: the weight the selection must still reach; weights are 1 (top-k) or mass
+    // units, whose target comes from the row's total (summed by the first pass).
+    unsigned long long remaining = by_mass ? 0ull : (unsigned long long)max(min(k, n), 0);
+    if (!by_mass && remaining == 0ull) return Cut{~0u, 0ull};
+    const bool take_all = !by_mass && remaining >= (unsigned long long)n;
 
-    // Radix select of the threshold key T: the weight of keys > T is below target, that of
-    // keys >= T reaches it; `remaining` ends as the weight still needed from keys == T.
-    const bool take_all = !by_mass && target >= (unsigned long long)n;
+    // Radix select of the threshold key T: the weight of keys > T is below the target, that
+    // of keys >= T reaches it; `remaining` ends as the weight still needed from keys == T.
     const unsigned int diff = klo ^ khi;
     int top = diff ? 31 - __clz(diff) : -1;
     unsigned int prefix_mask = top >= 0 ? ~((2u << top) - 1u) : ~0u;
     unsigned int prefix = khi & prefix_mask;
-    unsigned long long remaining = target;
-    for (; !take_all && top >= 0; top -= 8) {
-        const int lo = max(top - 7, 0);
-        const unsigned int digit_mask = (2u << (top - lo)) - 1u;
-        for (int i = tid; i < HIST_COPIES * (RADIX_BINS + 1); i += SELECT_THREADS) (&sh.hist[0][0])[i] = 0ull;
-        __syncthreads();
-        // Warp-uniform trip count: the match/reduce intrinsics need every lane.
-        for (int base = 0; base < n; base += SELECT_THREADS) {
-            const int i = base + tid;
-            const unsigned int key = i < n ? keys[i] : 0u;
-            const bool member = i < n && (key & prefix_mask) == prefix;
-            const unsigned int bin = member ? (key >> lo) & digit_mask : 0xffffffffu;
-            // One atomic per distinct bin per warp, not one per lane: a row's keys share
-            // their exponent, so the first pass puts most of a warp in one bin.
-            const unsigned int peers = __match_any_sync(FULL_MASK, bin);
-            if (member) {
-                unsigned long long sum = __popc(peers);
-                if (by_mass) {  // weights <= 2^40: two 20-bit halves keep 32-lane sums in 32 bits
-                    const unsigned long long w = mass_weight(key, smax);
-                    const unsigned int s_lo = __reduce_add_sync(peers, (unsigned int)(w & 0xfffffu));
-                    const unsigned int s_hi = __reduce_add_sync(peers, (unsigned int)(w >> 20));
-                    sum = ((unsigned long long)s_hi << 20) + s_lo;
-                }
-                if (lane == __ffs(peers) - 1) atomicAdd(&sh.hist[copy][bin], sum);
-            }
-        }
-        __syncthreads();
-        find_digit(sh, remaining);
-        prefix |= sh.digit << lo;
-        prefix_mask |= digit_mask << lo;
-        remaining = sh.rem;
-    }
-    const unsigned int thresh = take_all ? 0u : prefix;
+    unsigned int in_bin = (unsigned int)n;  // keys matching the prefix
+    unsigned int thresh = 0u;
     unsigned long long need_eq = ~0ull;  // how many keys == T to take, lowest ids first
     if (!take_all) {
+        bool summed = false;  // top-p: the target weight is known
+        if (by_mass && top < 0) {  // one key throughout
+            remaining = mass_target(p, (unsigned long long)n * mass_weight(khi, smax));
+            summed = true;
+        }
+        while (top >= 0 && in_bin > CAND_LIMIT) {
+            top = radix_pass(sh, keys, n, top, prefix, prefix_mask, by_mass, smax,
+                             by_mass && !summed ? p : -1.f, remaining, in_bin);
+            summed = true;
+        }
+        if (by_mass && !summed) {  // a short row had no pass to sum its mass
+            unsigned long long w = 0ull, total;
+            for (int i = tid; i < n; i += SELECT_THREADS) w += mass_weight(keys[i], smax);
+            block_exclusive_scan(w, sh.scan_tmp, total);
+            remaining = mass_target(p, total);
+        }
+        if (top >= 0) {
+            // The threshold's bin is copied out; the passes that resolve the rest of T read
+            // it, a few keys per thread, instead of sweeping the row.
+            if (tid == 0) sh.n_cand = 0u;
+            __syncthreads();
+            for (int i = tid; i < n; i += SELECT_THREADS) {
+                const unsigned int key = keys[i];
+                if ((key & prefix_mask) == prefix) sh.cand_key[atomicAdd(&sh.n_cand, 1u)] = key;
+            }
+            __syncthreads();
+            const int m = (int)sh.n_cand;
+            while (top >= 0 && in_bin > 1)
+                top = radix_pass(sh, sh.cand_key, m, top, prefix, prefix_mask, by_mass, smax, -1.f,
+                                 remaining, in_bin);
+            if (top >= 0) {  // one key left in the bin: it is T, whatever its low bits
+                for (int i = tid; i < m; i += SELECT_THREADS)
+                    if ((sh.cand_key[i] & prefix_mask) == prefix) sh.thresh = sh.cand_key[i];
+                __syncthreads();
+                prefix = sh.thresh;
+            }
+        }
+        thresh = prefix;
         const unsigned long long w_t = by_mass ? mass_weight(thresh, smax) : 1ull;
         if (w_t > 0ull) need_eq = (remaining + w_t - 1) / w_t;
     }
-
-    // Compaction in index order: each thread owns a contiguous span, so two scans (equal keys
-    // seen before me; base blocks written before me) give ascending output.
-    const int span = (n + SELECT_THREADS - 1) / SELECT_THREADS;
-    const int i0 = min(tid * span, n), i1 = min(i0 + span, n);
-    unsigned long long eq_mine = 0, unused;
-    for (int i = i0; i < i1; ++i) eq_mine += keys[i] == thresh;
-    const unsigned long long eq_before = block_exclusive_scan(eq_mine, sh.scan_tmp, unused);
-
-    unsigned long long out_mine = 0, eq_seen = eq_before, total_out;
-    for (int i = i0; i < i1; ++i) {
-        bool sel = keys[i] > thresh;
-        if (keys[i] == thresh) { sel = eq_seen < need_eq; ++eq_seen; }
-        if (sel) out_mine += min(factor, nb - i * factor);
-    }
-    unsigned long long pos = block_exclusive_scan(out_mine, sh.scan_tmp, total_out);
-
-    eq_seen = eq_before;
-    for (int i = i0; i < i1; ++i) {
-        bool sel = keys[i] > thresh;
-        if (keys[i] == thresh) { sel = eq_seen < need_eq; ++eq_seen; }
-        if (!sel) continue;
-        const int j_end = min((i + 1) * factor, nb);
-        for (int j = i * factor; j < j_end; ++j, ++pos)
-            if (pos < (unsigned long long)cap) dst[pos] = j;
-    }
-    return (int)min(total_out, (unsigned long long)cap);
+    return Cut{thresh, need_eq};
 }
 
-// Run by the last CTA: every row's count is final. Offsets by a scan over the rows, then a
-// flat copy in which each output position finds its row by binary search.
-__device__ void pack_csr(SelectShared& sh, unsigned int* offs, const int* counts, int rows,
-                         const int* rows_out, int cap, int* indptr, int* blocks_out) {
-    unsigned long long carry = 0;
-    for (int base = 0; base < rows; base += SELECT_THREADS) {
-        const int r = base + threadIdx.x;
-        const unsigned long long c = r < rows ? (unsigned long long)__ldcg(counts + r) : 0ull;
-        unsigned long long tot;
-        const unsigned long long ex = block_exclusive_scan(c, sh.scan_tmp, tot);
-        if (r < rows) { offs[r] = (unsigned int)(carry + ex); indptr[r] = (int)(carry + ex); }
-        carry += tot;
+// Single-pass CSR offsets (decoupled look-back): the row publishes its count at once, finds
+// its start by summing the published counts of the rows before it (stopping at a row that
+// has published its inclusive end), then publishes that end. Rows are handed out in the
+// order CTAs start (a ticket), so every row waited on belongs to a CTA already running.
+// status[r]: 0 nothing yet, AGGREGATE | count, or INCLUSIVE | end; reset by the last CTA.
+#define AGGREGATE 0x40000000u
+#define INCLUSIVE 0x80000000u
+#define STATUS_VALUE 0x3fffffffu
+__device__ unsigned int look_back(SelectShared& sh, int r, unsigned int count, unsigned int* status) {
+    volatile unsigned int* vs = status;
+    if (threadIdx.x == 0) vs[r] = (r == 0 ? INCLUSIVE : AGGREGATE) | count;
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        unsigned int start = 0u;
+        for (int j0 = r - 1; j0 >= 0; j0 -= 32) {
+            const int j = j0 - lane;
+            unsigned int st = 0u;
+            if (j >= 0)
+                do { st = vs[j]; } while (st == 0u);
+            const unsigned int incl = __ballot_sync(FULL_MASK, j >= 0 && (st & INCLUSIVE));
+            const int stop = incl ? __ffs(incl) - 1 : 32;  // the nearest inclusive row ends the walk
+            start += __reduce_add_sync(FULL_MASK, lane <= stop && j >= 0 ? st & STATUS_VALUE : 0u);
+            if (incl) break;
+        }
+        if (lane == 0) {
+            if (r > 0) vs[r] = INCLUSIVE | (start + count);
+            sh.start = start;
+        }
     }
-    if (threadIdx.x == 0) { offs[rows] = (unsigned int)carry; indptr[rows] = (int)carry; }
     __syncthreads();
-    const unsigned int total = (unsigned int)carry;
-    for (unsigned int base = 0; base < total; base += LOAD_UNROLL * SELECT_THREADS) {
-        int v[LOAD_UNROLL];
+    return sh.start;
+}
+
+// Writes the row's selected base blocks, ascending, at its place in the CSR lists. Warp w
+// owns a contiguous run of the row, read 32 keys at a time (no bank conflicts); a key's
+// place comes from ballots and shuffles inside the warp and from scans over the warps'
+// totals: first of the keys == T (the lowest ids of those are taken first), then of the
+// base blocks written. Between the two passes the row learns where it starts (look_back).
+__device__ void write_row(SelectShared& sh, const unsigned int* keys, int n, int nb, int factor, Cut cut,
+                          int cap, int r, unsigned int* status, int* indptr, int* blocks_out) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int seg = ((n + SELECT_WARPS - 1) / SELECT_WARPS + 31) & ~31;
+    const int w0 = min(warp * seg, n), w1 = min(w0 + seg, n);
+    const unsigned int lanes_below = (1u << lane) - 1u;
+    unsigned int eq_w = 0u;
+    for (int base = w0; base < w1; base += 32) {
+        const int i = base + lane;
+        eq_w += __popc(__ballot_sync(FULL_MASK, i < w1 && keys[i] == cut.thresh));
+    }
+    unsigned long long unused, total;
+    const unsigned long long eq_base = __shfl_sync(
+        FULL_MASK, block_exclusive_scan(lane == 0 ? eq_w : 0u, sh.scan_tmp, unused), 0);
+
+    // Base blocks the key at i adds if selected; eq_seen counts keys == T before the chunk.
+    auto adds = [&](int i, unsigned long long eq_seen, unsigned int& eq_bits) -> unsigned int {
+        const unsigned int key = i < w1 ? keys[i] : 0u;
+        const bool eq = i < w1 && key == cut.thresh;
+        eq_bits = __ballot_sync(FULL_MASK, eq);
+        const bool sel = i < w1 && (key > cut.thresh ||
+                                    (eq && eq_seen + __popc(eq_bits & lanes_below) < cut.need_eq));
+        return sel ? (unsigned int)min(factor, nb - i * factor) : 0u;
+    };
+    unsigned long long eq_seen = eq_base;
+    unsigned int out_w = 0u, eq_bits;
+    for (int base = w0; base < w1; base += 32) {
+        out_w += __reduce_add_sync(FULL_MASK, adds(base + lane, eq_seen, eq_bits));
+        eq_seen += __popc(eq_bits);
+    }
+    unsigned long long pos = __shfl_sync(
+        FULL_MASK, block_exclusive_scan(lane == 0 ? out_w : 0u, sh.scan_tmp, total), 0);
+    const unsigned int count = (unsigned int)min(total, (unsigned long long)cap);
+    const unsigned int start = look_back(sh, r, count, status);
+    if (tid == 0) {
+        indptr[r] = (int)start;
+        if (r == (int)gridDim.x - 1) indptr[r + 1] = (int)(start + count);
+    }
+
+    int* const dst = blocks_out + start;
+    eq_seen = eq_base;
+    for (int base = w0; base < w1; base += 32) {
+        const int i = base + lane;
+        const unsigned int c = adds(i, eq_seen, eq_bits);
+        unsigned int incl = c;  // inclusive scan of the chunk's block counts
 #pragma unroll
-        for (int j = 0; j < LOAD_UNROLL; ++j) {
-            const unsigned int idx = base + j * SELECT_THREADS + threadIdx.x;
-            v[j] = 0;
-            if (idx < total) {
-                int lo = 0, hi = rows;  // offs[lo] <= idx < offs[hi]
-                while (hi - lo > 1) {
-                    const int mid = (lo + hi) >> 1;
-                    if (offs[mid] <= idx) lo = mid; else hi = mid;
-                }
-                v[j] = __ldcg(rows_out + (long long)lo * cap + (idx - offs[lo]));
-            }
+        for (int off = 1; off < 32; off <<= 1) {
+            const unsigned int v = __shfl_up_sync(FULL_MASK, incl, off);
+            if (lane >= off) incl += v;
         }
-#pragma unroll
-        for (int j = 0; j < LOAD_UNROLL; ++j) {
-            const unsigned int idx = base + j * SELECT_THREADS + threadIdx.x;
-            if (idx < total) blocks_out[idx] = v[j];
-        }
+        unsigned long long at = pos + incl - c;
+        for (unsigned int j = 0; j < c; ++j, ++at)
+            if (at < (unsigned long long)cap) dst[at] = i * factor + (int)j;
+        pos += __shfl_sync(FULL_MASK, incl, 31);
+        eq_seen += __popc(eq_bits);
     }
 }
 
-// One CTA of 1024 threads per SM is the plan; without the 1 ptxas caps registers at 32.
+// One CTA per row; the minimum of one CTA per SM keeps ptxas from capping registers (at 32
+// for 1024 threads).
 __global__ void __launch_bounds__(SELECT_THREADS, 1) select_blocks(
     const float* __restrict__ scores,        // [B, heads, n_stride]; row r = b*heads + h
     int heads, int n_stride,
@@ -250,34 +323,33 @@ __global__ void __launch_bounds__(SELECT_THREADS, 1) select_blocks(
     int by_mass,                             // 0: top-k, 1: top-p
     const int* __restrict__ k_rows, int k_all,      // per-row k, or null -> k_all
     const float* __restrict__ p_rows, float p_all,  // per-row p, or null -> p_all
-    int* __restrict__ rows_out,              // [R, cap] scratch: base block ids, ascending
-    int cap,
-    int* __restrict__ counts,                // [R] scratch
+    int cap,                                 // at most this many base blocks per row
+    unsigned int* __restrict__ status,       // [R] scratch, zero at launch and left zero
     int* __restrict__ indptr,                // [R + 1]
     int* __restrict__ blocks_out,            // [>= total selected]
-    unsigned int* __restrict__ arrivals)     // [1], zero at launch and left zero
+    unsigned int* __restrict__ counters)     // [2] (ticket, arrivals), zero at launch and left zero
 {
-    extern __shared__ unsigned int dyn[];    // the row's keys; in the last CTA, the CSR offsets
+    extern __shared__ unsigned int keys[];   // the row's keys
     __shared__ SelectShared sh;
 
-    const int r = blockIdx.x;
+    if (threadIdx.x == 0) sh.row = atomicAdd(&counters[0], 1u);
+    __syncthreads();
+    const int r = (int)sh.row;
     const int nb = (seq_lens[r / heads] + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
     const int n = min((nb + factor - 1) / factor, n_stride);
-    int count = 0;
+    Cut cut{~0u, 0ull};
     if (n > 0) {
         const int k = k_rows != nullptr ? k_rows[r] : k_all;
         const float p = p_rows != nullptr ? p_rows[r] : p_all;
-        count = select_row(sh, dyn, scores + (long long)r * n_stride, n, nb, factor, by_mass != 0,
-                           k, p, rows_out + (long long)r * cap, cap);
+        cut = find_cut(sh, keys, scores + (long long)r * n_stride, n, by_mass != 0, k, p);
     }
-    if (threadIdx.x == 0) counts[r] = count;
+    write_row(sh, keys, n, nb, factor, cut, cap, r, status, indptr, blocks_out);
 
-    __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) sh.last = atomicAdd(arrivals, 1u) == gridDim.x - 1;
+    if (threadIdx.x == 0) sh.last = atomicAdd(&counters[1], 1u) == gridDim.x - 1;
     __syncthreads();
     if (!sh.last) return;
-    __threadfence();
-    pack_csr(sh, dyn, counts, gridDim.x, rows_out, cap, indptr, blocks_out);
-    if (threadIdx.x == 0) *arrivals = 0u;
+    // Every row has read what it needed: the scratch goes back to zero for the next launch.
+    for (int i = threadIdx.x; i < (int)gridDim.x; i += SELECT_THREADS) status[i] = 0u;
+    if (threadIdx.x == 0) { counters[0] = 0u; counters[1] = 0u; }
 }

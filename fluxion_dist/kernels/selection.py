@@ -10,6 +10,7 @@ a host-side bound and ``indptr[-1]`` tells the real length.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cupy as cp
@@ -20,8 +21,7 @@ from fluxion_dist.kernels.checks import expect
 from fluxion_dist.kernels.counters import stream_counters
 
 _SELECT_THREADS = 1024
-_STATIC_SMEM = 48 * 1024  # the default dynamic limit; more needs the kernel's opt-in
-_MAX_DYNAMIC_SMEM = 200 * 1024  # under the 227 KiB an sm_90 CTA may have, beside ~11 KiB static
+_MAX_DYNAMIC_SMEM = 188 * 1024  # under the 227 KiB an sm_90 CTA may have, beside ~29 KiB static
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,15 +43,14 @@ class SelectBuffers:
 
     indptr: cp.ndarray  # int32 [R + 1]
     blocks: cp.ndarray  # int32 [R * cap]
-    rows_out: cp.ndarray  # int32 [R, cap]
-    counts: cp.ndarray  # int32 [R]
+    status: cp.ndarray  # uint32 [R]: the rows' offsets in flight; zero between launches
 
 
 def select_buffers(rows: int, row_bound: int) -> SelectBuffers:
     """Buffers for ``rows`` rows of at most ``row_bound`` base blocks each."""
     cap = max(row_bound, 1)
     return SelectBuffers(cp.empty((rows + 1,), cp.int32), cp.empty((rows * cap,), cp.int32),
-                         cp.empty((rows, cap), cp.int32), cp.empty((rows,), cp.int32))
+                         cp.zeros((max(rows, 1),), cp.uint32))
 
 
 def select_topk(scores: cp.ndarray, seq_lens: cp.ndarray, k: int | cp.ndarray, *,
@@ -93,6 +92,14 @@ def select_topp(scores: cp.ndarray, seq_lens: cp.ndarray, p: float | cp.ndarray,
                    p_rows=p_rows, p_all=p_all, row_bound=n * factor, buffers=buffers)
 
 
+@functools.cache
+def _kernel() -> cp.RawKernel:
+    kernel = loader.get_kernel("selection", "select_blocks", SELECT_THREADS=_SELECT_THREADS)
+    # its ~29 KiB of static shared memory plus a row's keys pass the default 48 KiB: opt in once
+    kernel.max_dynamic_shared_size_bytes = _MAX_DYNAMIC_SMEM
+    return kernel
+
+
 def _check(scores: cp.ndarray, seq_lens: cp.ndarray, factor: int) -> tuple[int, int, int]:
     expect("scores", scores, np.float32, (None, None, None))
     expect("seq_lens", seq_lens, np.int32, (scores.shape[0],))
@@ -109,25 +116,22 @@ def _select(scores: cp.ndarray, seq_lens: cp.ndarray, factor: int, *, by_mass: b
     cap = max(row_bound, 1)  # zero-size buffers have a null pointer
     if buffers is None:
         buffers = select_buffers(rows, row_bound)
-    if buffers.rows_out.shape != (rows, cap) or buffers.indptr.shape != (rows + 1,):
-        raise ValueError(f"selection buffers are for {buffers.rows_out.shape} rows x cap; this launch needs "
-                         f"{(rows, cap)}")
+    if buffers.blocks.shape != (rows * cap,) or buffers.indptr.shape != (rows + 1,):
+        raise ValueError(f"selection buffers are for {buffers.indptr.shape[0] - 1} rows and {buffers.blocks.shape[0]} "
+                         f"blocks; this launch needs {rows} rows x {cap}")
     indptr, blocks = buffers.indptr, buffers.blocks
     if rows == 0:
         indptr.fill(0)
         return Selection(indptr, blocks, row_bound)
-    # Shared memory holds a row's keys, then (in the last CTA) the rows' CSR offsets.
-    smem = 4 * max(n, rows + 1)
+    smem = 4 * max(n, 1)  # a row's keys
     if smem > _MAX_DYNAMIC_SMEM:
-        raise ValueError(f"selection keeps a row's {n} scores and {rows} rows' offsets in shared memory: "
-                         f"{smem} bytes is over {_MAX_DYNAMIC_SMEM}; select at a coarser factor")
-    kernel = loader.get_kernel("selection", "select_blocks")
-    if smem > _STATIC_SMEM and kernel.max_dynamic_shared_size_bytes < smem:
-        kernel.max_dynamic_shared_size_bytes = _MAX_DYNAMIC_SMEM
+        raise ValueError(f"selection keeps a row's {n} scores in shared memory: {smem} bytes is over "
+                         f"{_MAX_DYNAMIC_SMEM}; select at a coarser factor")
+    kernel = _kernel()
     null = np.uint64(0)
     kernel((rows,), (_SELECT_THREADS,), (
         scores, np.int32(heads), np.int32(n), seq_lens, np.int32(factor), np.int32(by_mass),
         k_rows if k_rows is not None else null, np.int32(k_all),
         p_rows if p_rows is not None else null, np.float32(p_all),
-        buffers.rows_out, np.int32(cap), buffers.counts, indptr, blocks, stream_counters(1)), shared_mem=smem)
+        np.int32(cap), buffers.status, indptr, blocks, stream_counters(2)), shared_mem=smem)
     return Selection(indptr, blocks, row_bound)
