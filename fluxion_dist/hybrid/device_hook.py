@@ -128,6 +128,7 @@ class DeviceStepHook:
         self.plan_key = (tuple(self.nb.tolist()), self.request_ids, self.tables_host.shape[2])
         self.outcomes: list[tuple[int, LayerOutcome, float, float]] = []  # layer, outcome, wall, budget used
         self._in_event = cp.cuda.Event(disable_timing=True)
+        self._caller: int | None = None  # the caller's CUDA stream, read at the step's first call
         self.step = state.steps
         state.steps += 1
 
@@ -187,9 +188,11 @@ class DeviceStepHook:
             q_in.copy_(q)
             k_in.copy_(k)
             v_in.copy_(v)
-            caller = torch.cuda.current_stream().cuda_stream
+            if self._caller is None:  # a model runs a step's layers on one stream
+                self._caller = torch.cuda.current_stream().cuda_stream
+            caller = self._caller
             cp.cuda.runtime.eventRecord(self._in_event.ptr, caller)
-            pipe.compute.wait_event(self._in_event)
+            cp.cuda.runtime.streamWaitEvent(pipe.compute.ptr, self._in_event.ptr, 0)
         else:
             srcs = [x.to(dtype).contiguous() for x, dtype in ((q, torch.float32), (k, torch.bfloat16),
                                                               (v, torch.bfloat16))]  # alive until copied

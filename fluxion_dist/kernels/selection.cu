@@ -126,7 +126,7 @@ __device__ int radix_pass(SelectShared& sh, const unsigned int* src, int len, in
 // the `need_eq` with the lowest ids. `thresh` = ~0u with need_eq = 0 takes nothing.
 struct Cut {
     unsigned int thresh;
-    unsigned long long need_eq;
+    unsigned long long need_eq;  // ~0: every key equal to T
 };
 
 // Loads the row's n > 0 keys into keys[] and finds its cut.
@@ -212,7 +212,10 @@ __device__ Cut find_cut(SelectShared& sh, unsigned int* keys, const float* row, 
         }
         thresh = prefix;
         const unsigned long long w_t = by_mass ? mass_weight(thresh, smax) : 1ull;
-        if (w_t > 0ull) need_eq = (remaining + w_t - 1) / w_t;
+        // in_bin keys equal T (one, if T was found among the candidates): when all of them
+        // are taken, which is the usual case, nothing needs counting them in id order.
+        if (w_t > 0ull && (remaining + w_t - 1) / w_t < (unsigned long long)in_bin)
+            need_eq = (remaining + w_t - 1) / w_t;
     }
     return Cut{thresh, need_eq};
 }
@@ -252,38 +255,49 @@ __device__ unsigned int look_back(SelectShared& sh, int r, unsigned int count, u
 
 // Writes the row's selected base blocks, ascending, at its place in the CSR lists. Warp w
 // owns a contiguous run of the row, read 32 keys at a time (no bank conflicts); a key's
-// place comes from ballots and shuffles inside the warp and from scans over the warps'
-// totals: first of the keys == T (the lowest ids of those are taken first), then of the
-// base blocks written. Between the two passes the row learns where it starts (look_back).
+// place comes from ballots inside the warp and from scans over the warps' totals: first of
+// the keys == T, when only the lowest ids of those are taken, then of the base blocks
+// written. Between the two passes the row learns where it starts (look_back).
 __device__ void write_row(SelectShared& sh, const unsigned int* keys, int n, int nb, int factor, Cut cut,
                           int cap, int r, unsigned int* status, int* indptr, int* blocks_out) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int seg = ((n + SELECT_WARPS - 1) / SELECT_WARPS + 31) & ~31;
     const int w0 = min(warp * seg, n), w1 = min(w0 + seg, n);
     const unsigned int lanes_below = (1u << lane) - 1u;
-    unsigned int eq_w = 0u;
-    for (int base = w0; base < w1; base += 32) {
-        const int i = base + lane;
-        eq_w += __popc(__ballot_sync(FULL_MASK, i < w1 && keys[i] == cut.thresh));
-    }
+    const bool some_eq = cut.need_eq != ~0ull;  // uniform: the CTA's cut
+    const unsigned int need_eq = (unsigned int)min(cut.need_eq, 0xffffffffull);
     unsigned long long unused, total;
-    const unsigned long long eq_base = __shfl_sync(
-        FULL_MASK, block_exclusive_scan(lane == 0 ? eq_w : 0u, sh.scan_tmp, unused), 0);
+    unsigned int eq_base = 0u;
+    if (some_eq) {
+        unsigned int eq_w = 0u;
+        for (int base = w0; base < w1; base += 32) {
+            const int i = base + lane;
+            eq_w += __popc(__ballot_sync(FULL_MASK, i < w1 && keys[i] == cut.thresh));
+        }
+        eq_base = (unsigned int)__shfl_sync(
+            FULL_MASK, block_exclusive_scan(lane == 0 ? eq_w : 0u, sh.scan_tmp, unused), 0);
+    }
 
-    // Base blocks the key at i adds if selected; eq_seen counts keys == T before the chunk.
-    auto adds = [&](int i, unsigned long long eq_seen, unsigned int& eq_bits) -> unsigned int {
+    // Whether the key at i is selected; eq_seen counts keys == T before the chunk.
+    auto selected = [&](int i, unsigned int& eq_seen) -> bool {
         const unsigned int key = i < w1 ? keys[i] : 0u;
         const bool eq = i < w1 && key == cut.thresh;
-        eq_bits = __ballot_sync(FULL_MASK, eq);
-        const bool sel = i < w1 && (key > cut.thresh ||
-                                    (eq && eq_seen + __popc(eq_bits & lanes_below) < cut.need_eq));
-        return sel ? (unsigned int)min(factor, nb - i * factor) : 0u;
+        bool take_eq = eq;
+        if (some_eq) {
+            const unsigned int eq_bits = __ballot_sync(FULL_MASK, eq);
+            take_eq = eq && eq_seen + __popc(eq_bits & lanes_below) < need_eq;
+            eq_seen += __popc(eq_bits);
+        }
+        return i < w1 && (key > cut.thresh || take_eq);
     };
-    unsigned long long eq_seen = eq_base;
-    unsigned int out_w = 0u, eq_bits;
+    // A selected entry adds `factor` base blocks, fewer at the row's end.
+    auto adds = [&](int i) -> unsigned int { return (unsigned int)min(factor, nb - i * factor); };
+    unsigned int eq_seen = eq_base, out_w = 0u;
     for (int base = w0; base < w1; base += 32) {
-        out_w += __reduce_add_sync(FULL_MASK, adds(base + lane, eq_seen, eq_bits));
-        eq_seen += __popc(eq_bits);
+        const int i = base + lane;
+        const bool sel = selected(i, eq_seen);
+        out_w += factor == 1 ? __popc(__ballot_sync(FULL_MASK, sel))
+                             : __reduce_add_sync(FULL_MASK, sel ? adds(i) : 0u);
     }
     unsigned long long pos = __shfl_sync(
         FULL_MASK, block_exclusive_scan(lane == 0 ? out_w : 0u, sh.scan_tmp, total), 0);
@@ -298,7 +312,15 @@ __device__ void write_row(SelectShared& sh, const unsigned int* keys, int n, int
     eq_seen = eq_base;
     for (int base = w0; base < w1; base += 32) {
         const int i = base + lane;
-        const unsigned int c = adds(i, eq_seen, eq_bits);
+        const bool sel = selected(i, eq_seen);
+        if (factor == 1) {
+            const unsigned int bits = __ballot_sync(FULL_MASK, sel);
+            const unsigned long long at = pos + __popc(bits & lanes_below);
+            if (sel && at < (unsigned long long)cap) dst[at] = i;
+            pos += __popc(bits);
+            continue;
+        }
+        const unsigned int c = sel ? adds(i) : 0u;
         unsigned int incl = c;  // inclusive scan of the chunk's block counts
 #pragma unroll
         for (int off = 1; off < 32; off <<= 1) {
@@ -309,7 +331,6 @@ __device__ void write_row(SelectShared& sh, const unsigned int* keys, int n, int
         for (unsigned int j = 0; j < c; ++j, ++at)
             if (at < (unsigned long long)cap) dst[at] = i * factor + (int)j;
         pos += __shfl_sync(FULL_MASK, incl, 31);
-        eq_seen += __popc(eq_bits);
     }
 }
 
