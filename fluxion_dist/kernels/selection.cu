@@ -10,11 +10,11 @@
 // The radix starts at the highest bit where the row's keys differ, 11 bits a pass. Passes
 // sweep the whole row only while the bin holding the threshold has more than CAND_LIMIT
 // keys (one pass for most rows); then that bin is copied out and the passes that resolve
-// the rest read only it. At the end the exact threshold key T
-// is known and elements equal to it are taken lowest id first, as the float64 reference
-// does. Selected coarse blocks are expanded to base block
-// ids and written ascending into a fixed-capacity scratch row. The last CTA to finish (an
-// arrival counter, left at zero again) packs every row into the CSR lists.
+// the rest read only it. At the end the exact threshold key T is known and elements equal
+// to it are taken lowest id first, as the float64 reference does. Selected coarse blocks
+// are expanded to base block ids and written ascending straight into the CSR lists: each
+// row finds its offset from the counts the rows before it publish (look_back), and the last
+// CTA to finish (an arrival counter, left at zero again) resets that scratch.
 #include "common.cuh"
 
 #define DIGIT_BITS 11
