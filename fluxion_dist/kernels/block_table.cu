@@ -19,12 +19,16 @@
 //                   into the next slots of the layer's ring, evicting their old owners
 //                   (how many, and where the ring stands, are read on the device).
 //
-// classify is one CTA: a layer's selection is a few thousand entries, and in-order
-// compaction by CTA-wide scans keeps both CSRs sorted without a second pass.
+// classify gives each CTA a tile of SELECT_THREADS entries: an entry's lookups are a chain of
+// dependent loads (indptr, blocks, the table, slot_of), so tiles run side by side, not one
+// after another in one CTA; a tile's place in the CPU and admission lists comes from a scan
+// inside it and a look-back over the tiles before it (look_back.cuh), so both lists stay in
+// entry order (CSR-sorted) without a second pass.
 #include "common.cuh"
 
-#define SELECT_THREADS 1024
+#define SELECT_THREADS 256  // classify: entries per CTA
 #include "block_reduce.cuh"
+#include "look_back.cuh"
 
 #define SLOT_UVA (-1)
 #define FORCED_SCORE 3.0e38f  // finite: order keys and top-k ties still work on it
@@ -42,7 +46,7 @@ __global__ void force_blocks(float* __restrict__ scores,      // [B, heads, n_st
     }
 }
 
-__global__ void __launch_bounds__(SELECT_THREADS, 1) classify_entries(
+__global__ void __launch_bounds__(SELECT_THREADS) classify_entries(
     const int* __restrict__ indptr,        // [rows + 1] the selection, row = b * heads + h
     const int* __restrict__ blocks,        // [nnz] logical block ids
     int rows, int heads,
@@ -55,72 +59,88 @@ __global__ void __launch_bounds__(SELECT_THREADS, 1) classify_entries(
     int* __restrict__ cpu_indptr,          // [rows + 1] out
     int* __restrict__ cpu_blocks,          // [>= nnz] out
     int* __restrict__ admit_keys,          // [>= nnz] out, or null with slot_of null
-    int* __restrict__ counts)              // [4] out: hits, UVA reads, CPU, admissions
+    int* __restrict__ counts,              // [4] out: hits, UVA reads, CPU, admissions
+    unsigned int* __restrict__ counters,   // [2] (ticket, arrivals), zero at launch and left zero
+    unsigned long long* __restrict__ status,  // [gridDim.x] look-back scratch, likewise
+    int* __restrict__ row_cpu)             // [rows] CPU entries per row, likewise
 {
-    extern __shared__ int row_cpu[];  // [rows]
     __shared__ unsigned long long scan_tmp[SELECT_WARPS];
+    __shared__ unsigned long long before_sh;
+    __shared__ unsigned int tile_sh;
+    __shared__ bool last;
     const int tid = threadIdx.x;
-    for (int i = tid; i < rows; i += SELECT_THREADS) row_cpu[i] = 0;
+    if (tid == 0) tile_sh = atomicAdd(&counters[0], 1u);
     __syncthreads();
+    const int tile = (int)tile_sh;  // tiles in start order: the look-back needs it
 
     const int nnz = indptr[rows];
     const double frac = *cpu_fraction;
-    unsigned long long miss_carry = 0, cpu_carry = 0, admit_carry = 0;
-    for (int base = 0; base < nnz; base += SELECT_THREADS) {  // uniform trip count: scans below
-        const int e = base + tid;
-        const bool live = e < nnz;
-        int row = 0, blk = 0, key = 0, slot = SLOT_UVA;
-        bool full = false;
-        if (live) {
-            int lo = 0, hi = rows;  // the last row starting at or before e: indptr[lo] <= e < indptr[hi]
-            while (hi - lo > 1) {
-                const int mid = (lo + hi) >> 1;
-                if (indptr[mid] <= e) lo = mid; else hi = mid;
-            }
-            row = lo;
-            const int b = row / heads;
-            blk = blocks[e];
-            key = block_tables[(long long)b * max_blocks + blk] * heads + row % heads;
-            if (slot_of != nullptr) slot = slot_of[key];
-            full = (blk + 1) * BLOCK_TOKENS <= seq_lens[b];
+    const int e = tile * SELECT_THREADS + tid;
+    const bool live = e < nnz;
+    int row = 0, blk = 0, key = 0, slot = SLOT_UVA;
+    bool full = false;
+    if (live) {
+        int lo = 0, hi = rows;  // the last row starting at or before e: indptr[lo] <= e < indptr[hi]
+        while (hi - lo > 1) {
+            const int mid = (lo + hi) >> 1;
+            if (indptr[mid] <= e) lo = mid; else hi = mid;
         }
-        const bool miss = live && slot < 0;
-        unsigned long long tile_misses;
-        const unsigned long long r = miss_carry + block_exclusive_scan(miss ? 1ull : 0ull, scan_tmp, tile_misses);
-        const bool to_cpu = miss && (long long)((double)(r + 1) * frac) > (long long)((double)r * frac);
-        const bool admit = miss && full && slot_of != nullptr;
-        unsigned long long tile_packed;  // CPU entries in the low 32 bits, admissions in the high
-        const unsigned long long pos = block_exclusive_scan(
-            (to_cpu ? 1ull : 0ull) | (admit ? 1ull << 32 : 0ull), scan_tmp, tile_packed);
-        if (live) {
-            sel_slot[e] = to_cpu ? SLOT_CPU : slot;
-            if (to_cpu) {
-                cpu_blocks[cpu_carry + (pos & 0xffffffffull)] = blk;
-                atomicAdd(&row_cpu[row], 1);
-            }
-            if (admit) admit_keys[admit_carry + (pos >> 32)] = key;
-        }
-        miss_carry += tile_misses;
-        cpu_carry += tile_packed & 0xffffffffull;
-        admit_carry += tile_packed >> 32;
+        row = lo;
+        const int b = row / heads;
+        blk = blocks[e];
+        key = block_tables[(long long)b * max_blocks + blk] * heads + row % heads;
+        if (slot_of != nullptr) slot = slot_of[key];
+        full = (blk + 1) * BLOCK_TOKENS <= seq_lens[b];
     }
-    __syncthreads();
+    const bool miss = live && slot < 0;
+    const bool admit = miss && full && slot_of != nullptr;
+    // Misses in the low 32 bits, admissions in the high: one scan and one look-back for both.
+    // The CPU's share needs no count of its own: of the first r misses, floor(r * frac) go
+    // to the CPU (the per-miss rule below telescopes to that).
+    unsigned long long tile_total;
+    const unsigned long long mine = block_exclusive_scan((miss ? 1ull : 0ull) | (admit ? 1ull << 32 : 0ull),
+                                                         scan_tmp, tile_total);
+    const unsigned long long at = look_back(status, tile, tile_total, &before_sh) + mine;
+    const unsigned long long r = at & 0xffffffffull;  // misses before this entry
+    const long long cpu_before = (long long)((double)r * frac);
+    const bool to_cpu = miss && (long long)((double)(r + 1) * frac) > cpu_before;
+    if (live) {
+        sel_slot[e] = to_cpu ? SLOT_CPU : slot;
+        if (to_cpu) {
+            cpu_blocks[cpu_before] = blk;
+            atomicAdd(&row_cpu[row], 1);
+        }
+        if (admit) admit_keys[at >> 32] = key;
+    }
 
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(&counters[1], 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // Every tile is done: the CPU lists' row offsets, the counts, and the scratch back to zero.
     unsigned long long carry = 0;
     for (int base = 0; base < rows; base += SELECT_THREADS) {
-        const int r = base + tid;
+        const int i = base + tid;
+        const int c = i < rows ? __ldcg(row_cpu + i) : 0;
         unsigned long long tot;
-        const unsigned long long ex = block_exclusive_scan(r < rows ? (unsigned long long)row_cpu[r] : 0ull,
-                                                           scan_tmp, tot);
-        if (r < rows) cpu_indptr[r] = (int)(carry + ex);
+        const unsigned long long ex = block_exclusive_scan((unsigned long long)c, scan_tmp, tot);
+        if (i < rows) { cpu_indptr[i] = (int)(carry + ex); row_cpu[i] = 0; }
         carry += tot;
     }
+    const unsigned long long all = __ldcg(status + gridDim.x - 1) & LB_VALUE;
+    __syncthreads();  // every thread has read the last tile's status
+    for (int i = tid; i < (int)gridDim.x; i += SELECT_THREADS) status[i] = 0ull;
     if (tid == 0) {
+        const long long misses = (long long)(all & 0xffffffffull);
         cpu_indptr[rows] = (int)carry;
-        counts[0] = nnz - (int)miss_carry;
-        counts[1] = (int)(miss_carry - cpu_carry);
-        counts[2] = (int)cpu_carry;
-        counts[3] = (int)admit_carry;
+        counts[0] = nnz - (int)misses;
+        counts[1] = (int)(misses - (long long)carry);
+        counts[2] = (int)carry;
+        counts[3] = (int)(all >> 32);
+        counters[0] = 0u;
+        counters[1] = 0u;
     }
 }
 

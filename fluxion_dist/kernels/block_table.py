@@ -12,14 +12,14 @@ import numpy as np
 
 from fluxion_dist.kernels import loader
 from fluxion_dist.kernels.checks import BF16_BITS, expect
+from fluxion_dist.kernels.counters import stream_counters
 
 SLOT_UVA = -1
 SLOT_CPU = -2  # common.cuh: a selected block the CPU computes; the attention kernel skips it
-_CLASSIFY_THREADS = 1024
+_CLASSIFY_THREADS = 256  # block_table.cu's SELECT_THREADS: entries per CTA
 _FORCE_THREADS = 128
 _ADMIT_THREADS = 512  # a 16-token run at d=128 is 512 16-byte words: one load per thread (PCIe latency once)
 _ADMIT_GRID = 1024  # CTAs of an admission; each loops over its share of the runs
-_MAX_ROWS = 48 * 1024 // 4  # classify keeps a counter per row in (static-limit) shared memory
 
 
 def force_blocks(scores: cp.ndarray, seq_lens: cp.ndarray, *, sink_blocks: int, recent_blocks: int) -> None:
@@ -39,7 +39,7 @@ def force_blocks(scores: cp.ndarray, seq_lens: cp.ndarray, *, sink_blocks: int, 
 def classify_entries(indptr: cp.ndarray, blocks: cp.ndarray, block_tables: cp.ndarray, seq_lens: cp.ndarray, *,
                      heads: int, slot_of: cp.ndarray | None, cpu_fraction: cp.ndarray,
                      out: tuple[cp.ndarray, cp.ndarray, cp.ndarray, cp.ndarray | None, cp.ndarray]) -> None:
-    """Route every selected block: cache hit, UVA read or CPU (one CTA, no host round trip).
+    """Route every selected block: cache hit, UVA read or CPU (one launch, no host round trip).
 
     indptr int32 [R + 1], blocks int32 [>= nnz]: the selection, row ``b * heads + h``;
     block_tables int32 [B, max_blocks]; seq_lens int32 [B] (the new token included);
@@ -59,8 +59,8 @@ def classify_entries(indptr: cp.ndarray, blocks: cp.ndarray, block_tables: cp.nd
     expect("seq_lens", seq_lens, np.int32, (block_tables.shape[0],))
     if rows != block_tables.shape[0] * heads:
         raise ValueError(f"indptr has {rows} rows; {block_tables.shape[0]} requests x {heads} heads expected")
-    if not 0 < rows <= _MAX_ROWS:
-        raise ValueError(f"classify_entries takes 1 to {_MAX_ROWS} rows; got {rows}")
+    if rows <= 0:
+        raise ValueError(f"classify_entries needs at least one row; got {rows}")
     expect("cpu_fraction", cpu_fraction, np.float32, (1,))
     sel_slot, cpu_indptr, cpu_blocks, admit_keys, counts = out
     for name, a in (("sel_slot", sel_slot), ("cpu_blocks", cpu_blocks)):
@@ -73,10 +73,17 @@ def classify_entries(indptr: cp.ndarray, blocks: cp.ndarray, block_tables: cp.nd
             raise ValueError("admit_keys is needed with slot_of")
         expect("admit_keys", admit_keys, np.int32, (blocks.shape[0],))
     null = np.uint64(0)
-    loader.get_kernel("block_table", "classify_entries")((1,), (_CLASSIFY_THREADS,), (
+    # a tile of entries per CTA, up to the lists' capacity (nnz itself is only on the device)
+    tiles = max(1, -(-blocks.shape[0] // _CLASSIFY_THREADS))
+    # scratch, zero at launch and left zero: ticket and arrivals, the tiles' look-back words
+    # (uint64, 8-byte aligned at word 2), the CPU entries per row
+    scratch = stream_counters(2 + 2 * tiles + rows)
+    status = scratch[2:2 + 2 * tiles].view(np.uint64)
+    row_cpu = scratch[2 + 2 * tiles:2 + 2 * tiles + rows].view(np.int32)
+    loader.get_kernel("block_table", "classify_entries")((tiles,), (_CLASSIFY_THREADS,), (
         indptr, blocks, np.int32(rows), np.int32(heads), block_tables, np.int32(block_tables.shape[1]), seq_lens,
         slot_of if slot_of is not None else null, cpu_fraction, sel_slot, cpu_indptr, cpu_blocks,
-        admit_keys if slot_of is not None else null, counts), shared_mem=4 * rows)
+        admit_keys if slot_of is not None else null, counts, scratch, status, row_cpu))
 
 
 def admit_blocks(admit_keys: cp.ndarray, counts: cp.ndarray, ring: cp.ndarray, *, slot_base: int, slot_count: int,

@@ -13,8 +13,8 @@
 // the rest read only it. At the end the exact threshold key T is known and elements equal
 // to it are taken lowest id first, as the float64 reference does. Selected coarse blocks
 // are expanded to base block ids and written ascending straight into the CSR lists: each
-// row finds its offset from the counts the rows before it publish (look_back), and the last
-// CTA to finish (an arrival counter, left at zero again) resets that scratch.
+// row finds its offset from the counts the rows before it publish (look_back.cuh), and the
+// last CTA to finish (an arrival counter, left at zero again) resets that scratch.
 #include "common.cuh"
 
 #define DIGIT_BITS 11
@@ -25,6 +25,7 @@
 #define LOAD_UNROLL 8  // global loads a thread keeps in flight at once
 
 #include "block_reduce.cuh"
+#include "look_back.cuh"
 
 static_assert(SELECT_THREADS >= 256 && SELECT_THREADS <= 1024 && RADIX_BINS % SELECT_THREADS == 0,
               "SELECT_THREADS must be 256, 512 or 1024");
@@ -35,8 +36,8 @@ struct SelectShared {
     unsigned int cand_key[CAND_LIMIT];  // the threshold's bin, once it is small
     unsigned long long scan_tmp[SELECT_WARPS];
     unsigned int red_lo[SELECT_WARPS], red_hi[SELECT_WARPS];
-    unsigned int digit, digit_count, n_cand, thresh, row, start;
-    unsigned long long rem;
+    unsigned int digit, digit_count, n_cand, thresh, row;
+    unsigned long long rem, start;
     bool last;
 };
 
@@ -220,46 +221,13 @@ __device__ Cut find_cut(SelectShared& sh, unsigned int* keys, const float* row, 
     return Cut{thresh, need_eq};
 }
 
-// Single-pass CSR offsets (decoupled look-back): the row publishes its count at once, finds
-// its start by summing the published counts of the rows before it (stopping at a row that
-// has published its inclusive end), then publishes that end. Rows are handed out in the
-// order CTAs start (a ticket), so every row waited on belongs to a CTA already running.
-// status[r]: 0 nothing yet, AGGREGATE | count, or INCLUSIVE | end; reset by the last CTA.
-#define AGGREGATE 0x40000000u
-#define INCLUSIVE 0x80000000u
-#define STATUS_VALUE 0x3fffffffu
-__device__ unsigned int look_back(SelectShared& sh, int r, unsigned int count, unsigned int* status) {
-    volatile unsigned int* vs = status;
-    if (threadIdx.x == 0) vs[r] = (r == 0 ? INCLUSIVE : AGGREGATE) | count;
-    if (threadIdx.x < 32) {
-        const int lane = threadIdx.x;
-        unsigned int start = 0u;
-        for (int j0 = r - 1; j0 >= 0; j0 -= 32) {
-            const int j = j0 - lane;
-            unsigned int st = 0u;
-            if (j >= 0)
-                do { st = vs[j]; } while (st == 0u);
-            const unsigned int incl = __ballot_sync(FULL_MASK, j >= 0 && (st & INCLUSIVE));
-            const int stop = incl ? __ffs(incl) - 1 : 32;  // the nearest inclusive row ends the walk
-            start += __reduce_add_sync(FULL_MASK, lane <= stop && j >= 0 ? st & STATUS_VALUE : 0u);
-            if (incl) break;
-        }
-        if (lane == 0) {
-            if (r > 0) vs[r] = INCLUSIVE | (start + count);
-            sh.start = start;
-        }
-    }
-    __syncthreads();
-    return sh.start;
-}
-
 // Writes the row's selected base blocks, ascending, at its place in the CSR lists. Warp w
 // owns a contiguous run of the row, read 32 keys at a time (no bank conflicts); a key's
 // place comes from ballots inside the warp and from scans over the warps' totals: first of
 // the keys == T, when only the lowest ids of those are taken, then of the base blocks
 // written. Between the two passes the row learns where it starts (look_back).
 __device__ void write_row(SelectShared& sh, const unsigned int* keys, int n, int nb, int factor, Cut cut,
-                          int cap, int r, unsigned int* status, int* indptr, int* blocks_out) {
+                          int cap, int r, unsigned long long* status, int* indptr, int* blocks_out) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int seg = ((n + SELECT_WARPS - 1) / SELECT_WARPS + 31) & ~31;
     const int w0 = min(warp * seg, n), w1 = min(w0 + seg, n);
@@ -302,7 +270,7 @@ __device__ void write_row(SelectShared& sh, const unsigned int* keys, int n, int
     unsigned long long pos = __shfl_sync(
         FULL_MASK, block_exclusive_scan(lane == 0 ? out_w : 0u, sh.scan_tmp, total), 0);
     const unsigned int count = (unsigned int)min(total, (unsigned long long)cap);
-    const unsigned int start = look_back(sh, r, count, status);
+    const unsigned int start = (unsigned int)look_back(status, r, count, &sh.start);
     if (tid == 0) {
         indptr[r] = (int)start;
         if (r == (int)gridDim.x - 1) indptr[r + 1] = (int)(start + count);
@@ -345,7 +313,7 @@ __global__ void __launch_bounds__(SELECT_THREADS, 1) select_blocks(
     const int* __restrict__ k_rows, int k_all,      // per-row k, or null -> k_all
     const float* __restrict__ p_rows, float p_all,  // per-row p, or null -> p_all
     int cap,                                 // at most this many base blocks per row
-    unsigned int* __restrict__ status,       // [R] scratch, zero at launch and left zero
+    unsigned long long* __restrict__ status, // [R] look-back scratch, zero at launch and left zero
     int* __restrict__ indptr,                // [R + 1]
     int* __restrict__ blocks_out,            // [>= total selected]
     unsigned int* __restrict__ counters)     // [2] (ticket, arrivals), zero at launch and left zero
@@ -371,6 +339,6 @@ __global__ void __launch_bounds__(SELECT_THREADS, 1) select_blocks(
     __syncthreads();
     if (!sh.last) return;
     // Every row has read what it needed: the scratch goes back to zero for the next launch.
-    for (int i = threadIdx.x; i < (int)gridDim.x; i += SELECT_THREADS) status[i] = 0u;
+    for (int i = threadIdx.x; i < (int)gridDim.x; i += SELECT_THREADS) status[i] = 0ull;
     if (threadIdx.x == 0) { counters[0] = 0u; counters[1] = 0u; }
 }

@@ -43,14 +43,14 @@ class SelectBuffers:
 
     indptr: cp.ndarray  # int32 [R + 1]
     blocks: cp.ndarray  # int32 [R * cap]
-    status: cp.ndarray  # uint32 [R]: the rows' offsets in flight; zero between launches
+    status: cp.ndarray  # uint64 [R]: the rows' offsets in flight (look-back); zero between launches
 
 
 def select_buffers(rows: int, row_bound: int) -> SelectBuffers:
     """Buffers for ``rows`` rows of at most ``row_bound`` base blocks each."""
     cap = max(row_bound, 1)
     return SelectBuffers(cp.empty((rows + 1,), cp.int32), cp.empty((rows * cap,), cp.int32),
-                         cp.zeros((max(rows, 1),), cp.uint32))
+                         cp.zeros((max(rows, 1),), cp.uint64))
 
 
 def select_topk(scores: cp.ndarray, seq_lens: cp.ndarray, k: int | cp.ndarray, *,
