@@ -165,10 +165,11 @@ def run_policy(policy: str, shape: Shape, arena: HostArena, seqs, synth, cost, a
     q_all = torch.from_numpy(np.stack([np.stack([np.stack([queries[b][layer][step] for b in range(batch)])
                                                  for layer in range(shape.layers)]) for step in range(total)])).to(dev)
     pick = rng.integers(0, context, size=(total, shape.layers, batch))
-    k_all = torch.from_numpy(np.stack([[np.stack([synth[b].k[pick[t, layer, b]] for b in range(batch)])
-                                        for layer in range(shape.layers)] for t in range(total)])).to(dev, torch.bfloat16)
-    v_all = torch.from_numpy(np.stack([[np.stack([synth[b].v[pick[t, layer, b]] for b in range(batch)])
-                                        for layer in range(shape.layers)] for t in range(total)])).to(dev, torch.bfloat16)
+
+    def new_tokens(part: str) -> torch.Tensor:  # [steps, layers, B, Hkv, d] of synth's "k" or "v"
+        return torch.from_numpy(np.stack([[np.stack([getattr(synth[b], part)[pick[t, layer, b]] for b in range(batch)])
+                                           for layer in range(shape.layers)] for t in range(total)])).to(dev, torch.bfloat16)
+    k_all, v_all = new_tokens("k"), new_tokens("v")
     del queries
     for s in seqs:
         s.seq_len = context  # each policy decodes the same positions (overwriting the last one's tokens)

@@ -186,8 +186,8 @@ def test_decode_pipeline_equals_full_attention(hkv, group):
 
 
 def test_repeated_split_launches_agree():
-    """Split-K rows are merged by their last CTA through arrival counters that each launch
-    must leave at zero: back-to-back launches on one stream give the same answer."""
+    """Split-K rows go through the chunk scratch and merge.cu's launch: back-to-back launches on
+    one stream reuse that scratch and give the same answer."""
     rng, seed = gpu_util.fresh_rng()
     batch = gpu_util.make_paged_batch(rng, [5000, 333], 2, 128)
     q = cp.asarray(rng.standard_normal((2, 8, 128)).astype(np.float32))

@@ -56,6 +56,22 @@ fx_qk_step(const float *q, const uint16_t *const *krow, int d, float *st, const 
     for (int j_ = (lines) * (a) / (n); j_ < (lines) * (b) / (n); j_++)                         \
     _mm_prefetch((p) + 64 * j_, _MM_HINT_T0)
 
+/* The PV passes over d channels, W lanes a register: NG registers a pass while
+ * they fit, then one, each pass prefetching its share of the next V lines.
+ * Both ISA bodies' tiles use it with p, vrow, d, nt, o, pf, pf_lines, G in scope. */
+#define FX_PV_SWEEP(PASS, W, NG)                                                               \
+    do {                                                                                       \
+        int c_ = 0;                                                                            \
+        for (; c_ + (W) * (NG) <= d; c_ += (W) * (NG)) {                                       \
+            if (pf) FX_PF_SLICE(pf, pf_lines, c_, c_ + (W) * (NG), d);                         \
+            PASS(p, vrow, d, c_, nt, o, G, NG);                                                \
+        }                                                                                      \
+        for (; c_ < d; c_ += (W)) {                                                            \
+            if (pf) FX_PF_SLICE(pf, pf_lines, c_, c_ + (W), d);                                \
+            PASS(p, vrow, d, c_, nt, o, G, 1);                                                 \
+        }                                                                                      \
+    } while (0)
+
 /* Tokens per QK step: as many as keep T*G <= 8 accumulators. */
 #define FX_QK_T(G) (G == 1 ? 8 : G == 2 ? 4 : G <= 4 ? 2 : 1)
 
@@ -128,15 +144,7 @@ fx_pv_tile(const float *p, const uint16_t *const *vrow, int d, int nt, float *o,
            int pf_lines, const int G) {
     if (G <= 4) {
         const int NG = G == 1 ? 4 : G == 2 ? 2 : 1;
-        int c = 0;
-        for (; c + 16 * NG <= d; c += 16 * NG) {
-            if (pf) FX_PF_SLICE(pf, pf_lines, c, c + 16 * NG, d);
-            fx_pv_pass(p, vrow, d, c, nt, o, G, NG);
-        }
-        for (; c < d; c += 16) {
-            if (pf) FX_PF_SLICE(pf, pf_lines, c, c + 16, d);
-            fx_pv_pass(p, vrow, d, c, nt, o, G, 1);
-        }
+        FX_PV_SWEEP(fx_pv_pass, 16, NG);
     } else {
         for (int c = 0; c < d; c += 16) {
             if (pf) FX_PF_SLICE(pf, pf_lines, c, c + 16, d);

@@ -94,15 +94,7 @@ static inline __attribute__((always_inline)) void
 fx_pv_tile512(const float *p, const uint16_t *const *vrow, int d, int nt, float *o,
               const char *pf, int pf_lines, const int G) {
     const int NG = G <= 2 ? 4 : G <= 4 ? 2 : 1;
-    int c = 0;
-    for (; c + 32 * NG <= d; c += 32 * NG) {
-        if (pf) FX_PF_SLICE(pf, pf_lines, c, c + 32 * NG, d);
-        fx_pv_pass512(p, vrow, d, c, nt, o, G, NG);
-    }
-    for (; c < d; c += 32) {
-        if (pf) FX_PF_SLICE(pf, pf_lines, c, c + 32, d);
-        fx_pv_pass512(p, vrow, d, c, nt, o, G, 1);
-    }
+    FX_PV_SWEEP(fx_pv_pass512, 32, NG);
 }
 
 static void fx_scores_avx512(const float *q, const uint16_t *K, int d, int g, const int8_t *tok,

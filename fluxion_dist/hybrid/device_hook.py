@@ -34,6 +34,7 @@ from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks
 from fluxion_dist.hybrid.cost_model import CostModel
 from fluxion_dist.hybrid.device_budget import balanced_cpu_fraction, row_budgets
 from fluxion_dist.hybrid.device_pipeline import DevicePipeline, LayerOutcome, LayerPlan, copy_bytes
+from fluxion_dist.hybrid.operator import HybridAttentionError  # operator imports this module lazily
 from fluxion_dist.hybrid.step_report import LayerReport, StepReport
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ class DeviceStepHook:
         self.tables_host, self.tables_layers = state.tables.get(batch, request_ids, pipe.compute)
         self.pos_host = np.array([s.seq_len for s in batch], np.int32)
         if num_blocks(int(self.pos_host.max()) + 1) > self.tables_host.shape[2]:
-            raise op.error(f"a sequence has fewer pages than its {int(self.pos_host.max()) + 1} tokens need")
+            raise HybridAttentionError(f"a sequence has fewer pages than its {int(self.pos_host.max()) + 1} tokens need")
         self.nb = (self.pos_host + BLOCK_TOKENS) // BLOCK_TOKENS  # blocks once this step's token is in
         self.plan_key = (tuple(self.nb.tolist()), self.request_ids, self.tables_host.shape[2])
         self.outcomes: list[tuple[int, LayerOutcome, float, float]] = []  # layer, outcome, wall, budget used

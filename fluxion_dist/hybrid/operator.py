@@ -208,9 +208,6 @@ class HybridAttention:
         self._pool.shutdown(wait=True)
         self.pipeline = None  # the device pool and metadata mirror go back to CuPy's pool
 
-    def error(self, message: str) -> HybridAttentionError:
-        return HybridAttentionError(message)
-
     def release(self, request_id: str, pages: Sequence[int] = ()) -> None:
         """A request left: forget its predictor state and drop its pages from the cache."""
         self._known.discard(request_id)

@@ -39,7 +39,11 @@ def chunk_size(rows: int, max_row_blocks: int, sms: int) -> int:
 def num_split_chunks(rows: int, max_row_blocks: int, sms: int) -> tuple[int, int]:
     """``(chunk, num_chunks)`` the launcher picks for this grid."""
     chunk = chunk_size(rows, max_row_blocks, sms)
-    return chunk, max(1, -(-max_row_blocks // chunk))
+    return chunk, _num_chunks(max_row_blocks, chunk)
+
+
+def _num_chunks(max_row_blocks: int, chunk: int) -> int:
+    return max(1, -(-max_row_blocks // chunk))
 
 
 def split_k_parts(num_chunks: int, bsz: int, hq: int, d: int) -> tuple[cp.ndarray, cp.ndarray, cp.ndarray]:
@@ -108,7 +112,7 @@ def sparse_partial_attention(
         chunk = chunk_size(rows, max_row_blocks, sm_count(q.device.id))
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1; got {chunk}")
-    num_chunks = max(1, -(-max_row_blocks // chunk))
+    num_chunks = _num_chunks(max_row_blocks, chunk)
     null = np.uint64(0)
     if num_chunks == 1:
         parts = (null, null, null)

@@ -12,7 +12,7 @@ import numpy as np
 
 from fluxion_dist.kernels import loader
 from fluxion_dist.kernels.checks import BF16_BITS, expect
-from fluxion_dist.kernels.counters import stream_counters
+from fluxion_dist.kernels.counters import look_back_scratch
 
 SLOT_UVA = -1
 SLOT_CPU = -2  # common.cuh: a selected block the CPU computes; the attention kernel skips it
@@ -75,15 +75,11 @@ def classify_entries(indptr: cp.ndarray, blocks: cp.ndarray, block_tables: cp.nd
     null = np.uint64(0)
     # a tile of entries per CTA, up to the lists' capacity (nnz itself is only on the device)
     tiles = max(1, -(-blocks.shape[0] // _CLASSIFY_THREADS))
-    # scratch, zero at launch and left zero: ticket and arrivals, the tiles' look-back words
-    # (uint64, 8-byte aligned at word 2), the CPU entries per row
-    scratch = stream_counters(2 + 2 * tiles + rows)
-    status = scratch[2:2 + 2 * tiles].view(np.uint64)
-    row_cpu = scratch[2 + 2 * tiles:2 + 2 * tiles + rows].view(np.int32)
+    counters, status, row_cpu = look_back_scratch(tiles, rows)  # row_cpu: CPU entries per row
     loader.get_kernel("block_table", "classify_entries")((tiles,), (_CLASSIFY_THREADS,), (
         indptr, blocks, np.int32(rows), np.int32(heads), block_tables, np.int32(block_tables.shape[1]), seq_lens,
         slot_of if slot_of is not None else null, cpu_fraction, sel_slot, cpu_indptr, cpu_blocks,
-        admit_keys if slot_of is not None else null, counts, scratch, status, row_cpu))
+        admit_keys if slot_of is not None else null, counts, counters, status, row_cpu))
 
 
 def admit_blocks(admit_keys: cp.ndarray, counts: cp.ndarray, ring: cp.ndarray, *, slot_base: int, slot_count: int,

@@ -18,7 +18,7 @@ import numpy as np
 
 from fluxion_dist.kernels import loader
 from fluxion_dist.kernels.checks import expect
-from fluxion_dist.kernels.counters import stream_counters
+from fluxion_dist.kernels.counters import look_back_scratch
 
 _SELECT_THREADS = 1024
 _MAX_DYNAMIC_SMEM = 188 * 1024  # under the 227 KiB an sm_90 CTA may have, beside ~29 KiB static
@@ -43,14 +43,12 @@ class SelectBuffers:
 
     indptr: cp.ndarray  # int32 [R + 1]
     blocks: cp.ndarray  # int32 [R * cap]
-    status: cp.ndarray  # uint64 [R]: the rows' offsets in flight (look-back); zero between launches
 
 
 def select_buffers(rows: int, row_bound: int) -> SelectBuffers:
     """Buffers for ``rows`` rows of at most ``row_bound`` base blocks each."""
     cap = max(row_bound, 1)
-    return SelectBuffers(cp.empty((rows + 1,), cp.int32), cp.empty((rows * cap,), cp.int32),
-                         cp.zeros((max(rows, 1),), cp.uint64))
+    return SelectBuffers(cp.empty((rows + 1,), cp.int32), cp.empty((rows * cap,), cp.int32))
 
 
 def select_topk(scores: cp.ndarray, seq_lens: cp.ndarray, k: int | cp.ndarray, *,
@@ -128,10 +126,11 @@ def _select(scores: cp.ndarray, seq_lens: cp.ndarray, factor: int, *, by_mass: b
         raise ValueError(f"selection keeps a row's {n} scores in shared memory: {smem} bytes is over "
                          f"{_MAX_DYNAMIC_SMEM}; select at a coarser factor")
     kernel = _kernel()
+    counters, status, _ = look_back_scratch(rows)
     null = np.uint64(0)
     kernel((rows,), (_SELECT_THREADS,), (
         scores, np.int32(heads), np.int32(n), seq_lens, np.int32(factor), np.int32(by_mass),
         k_rows if k_rows is not None else null, np.int32(k_all),
         p_rows if p_rows is not None else null, np.float32(p_all),
-        np.int32(cap), buffers.status, indptr, blocks, stream_counters(2)), shared_mem=smem)
+        np.int32(cap), status, indptr, blocks, counters), shared_mem=smem)
     return Selection(indptr, blocks, row_bound)
