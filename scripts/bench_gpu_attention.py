@@ -6,7 +6,9 @@ block cache, and the same with every selected block read from pinned host memory
 UVA (cold); the measured pinned host-to-device memcpy bandwidth; and Quest scoring +
 top-k selection per layer. Then the ratios against the issue's targets.
 
-"sc+sel@64" scores 64-token blocks (factor 4) and takes the top 5% of those.
+"sc+sel@64" scores 64-token blocks (factor 4) and takes the top 5% of those. "select
+(forced)" is the top-k over scores with a sink and a recent window forced in, as the hybrid
+operator runs it.
 
 Timing: CUDA events around CUDA-graph replays of N consecutive layers, each on a different
 input set (different selections, metadata copies), so neither the host's launch overhead
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS
 from fluxion_dist.kernels.attention import sparse_partial_attention
+from fluxion_dist.kernels.block_table import force_blocks
 from fluxion_dist.kernels.scoring import quest_scores
 from fluxion_dist.kernels.selection import select_topk
 from fluxion_dist.kernels.uva import pinned_empty
@@ -195,12 +198,19 @@ def bench_context(stream, tokens: int, hq: int, hkv: int, d: int, budget: float,
     def select_only(i: int):
         return select_topk(scores[i][1], lens, k_blocks)
 
+    # as the hybrid operator selects: a sink and a recent window forced in (force_blocks)
+    with stream:
+        forced = [s[1].copy() for s in scores]
+        for f in forced:
+            force_blocks(f, lens, sink_blocks=1, recent_blocks=4)
+
     res["cached_us"] = time_graph(stream, lambda i: attend(i, cached=True), reps)
     res["cached_eager_us"] = time_eager(stream, lambda i: attend(i, cached=True), reps)
     res["uva_us"] = time_graph(stream, lambda i: attend(i, cached=False), max(5, reps // 5))
     res["uva_gbps"] = nnz * 2 * BLOCK_TOKENS * d * 2 / res["uva_us"] / 1e3
     res["score_us"] = time_graph(stream, score_only, reps)
     res["select_us"] = time_graph(stream, select_only, reps)
+    res["select_forced_us"] = time_graph(stream, lambda i: select_topk(forced[i], lens, k_blocks), reps)
     res["score_select_us"] = time_graph(stream, score_select, reps)
     res["score_select_eager_us"] = time_eager(stream, score_select, reps)
     res["score_select64_us"] = time_graph(stream, score_select64, reps)
@@ -252,11 +262,12 @@ def main() -> None:
           f"{args.hkv} KV heads, d={args.head_dim}, bf16, batch 1; budget {args.budget:.0%}")
     print(f"pinned H2D memcpy: {memcpy:.1f} GB/s")
     head = f"{'context':>8} {'SDPA us':>9} {'cached us':>10} {'(eager)':>8} {'UVA us':>8} {'UVA GB/s':>9} " \
-           f"{'score us':>9} {'select us':>10} {'sc+sel us':>10} {'(eager)':>8} {'sc+sel@64':>10}"
+           f"{'score us':>9} {'select us':>10} {'(forced)':>9} {'sc+sel us':>10} {'(eager)':>8} {'sc+sel@64':>10}"
     print(head)
     for r in results:
         print(f"{r['tokens']:>8} {r['sdpa_us']:>9.1f} {r['cached_us']:>10.1f} {r['cached_eager_us']:>8.1f} "
               f"{r['uva_us']:>8.1f} {r['uva_gbps']:>9.1f} {r['score_us']:>9.1f} {r['select_us']:>10.1f} "
+              f"{r['select_forced_us']:>9.1f} "
               f"{r['score_select_us']:>10.1f} {r['score_select_eager_us']:>8.1f} {r['score_select64_us']:>10.1f}")
     print("host time per launcher call, us: " + "; ".join(
         f"{r['tokens']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["host_us"].items()) for r in results))

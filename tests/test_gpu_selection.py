@@ -13,6 +13,7 @@ import cupy as cp  # noqa: E402
 
 from fluxion_dist.attention import reference  # noqa: E402
 from fluxion_dist.attention.layout import num_blocks  # noqa: E402
+from fluxion_dist.kernels.block_table import force_blocks  # noqa: E402
 from fluxion_dist.kernels.selection import Selection, select_topk, select_topp  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -184,6 +185,33 @@ def test_crowded_threshold_bins(by_mass: bool, kind: str):
             _check_topp_row(rows[h], row, 0.37, msg)
         else:
             np.testing.assert_array_equal(rows[h], reference.select_topk(row[None], 1234)[0], msg)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 6, 400, 100_000])
+@pytest.mark.parametrize("narrow", [False, True])
+def test_topk_with_forced_blocks(k: int, narrow: bool):
+    """Sinks and the recent window at force_blocks' 3e38 (5 a row here), as the hybrid selects:
+    they stretch the key range, so the first radix digit lumps the real scores (narrow:
+    within 1e-4) into one bin. They are taken first, lowest ids first when k is below their
+    count. One row holds an inf, which outranks them."""
+    rng, seed = gpu_util.fresh_rng()
+    seq_lens = (17, 1000, 40_000, 131_072)
+    s = _scores(rng, seq_lens, 2, 1, spread=1.0)
+    if narrow:
+        s = np.where(np.isinf(s), s, 1.0 + 1e-4 * s).astype(np.float32)
+    lens = cp.asarray(np.array(seq_lens, np.int32))
+    dev = cp.asarray(s)
+    force_blocks(dev, lens, sink_blocks=1, recent_blocks=4)
+    forced = cp.asnumpy(dev)
+    nb_big = num_blocks(seq_lens[2])
+    forced[2, 1, nb_big // 2] = np.inf
+    dev = cp.asarray(forced)
+    rows = _rows(select_topk(dev, lens, k))
+    for b, t in enumerate(seq_lens):
+        nb = num_blocks(t)
+        for h in range(2):
+            want = reference.select_topk(forced[b, h, :nb][None], k)[0]
+            np.testing.assert_array_equal(rows[b * 2 + h], want, err_msg=f"seed={seed} b={b} h={h} k={k}")
 
 
 def test_repeated_launches_agree():
