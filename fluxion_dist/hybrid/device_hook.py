@@ -137,17 +137,19 @@ class DeviceStepHook:
         """The layer's plan (and its budget used), from what the previous calls measured."""
         op, state, pipe = self.op, self.state, self.op.pipeline
         cfg = op.config
+        # every block: full, or a mass target of 1 (which needs them all, as in the host policy)
+        exact = cfg.policy == "full" or (cfg.policy == "fluxion" and cfg.mass_target >= 1.0)
         measure = False
         known = None
-        if cfg.policy == "fluxion" and cfg.mass_target < 1.0:
+        if cfg.policy == "fluxion" and not exact:
             known = [state.demand.get((rid, layer)) for rid in self.request_ids]
             measure = any(d is None for d in known) or (self.step + layer) % op.options.refresh_steps == 0
         key = (self.plan_key, state.demand_version.get(layer, 0))
         cached = state.plans.get(layer)
         if cached is None or cached[0] != key:
             nb, hkv, width = self.nb, pipe.kv_host.shape[1], self.tables_host.shape[2]
-            if cfg.policy == "full" or (cfg.policy == "fluxion" and cfg.mass_target >= 1.0):
-                k_rows = np.broadcast_to(nb[:, None], (len(nb), hkv))  # every block (as the host policy)
+            if exact:
+                k_rows = np.broadcast_to(nb[:, None], (len(nb), hkv))
             else:
                 demand = np.stack(known) if known is not None and all(d is not None for d in known) else None
                 k_rows = np.broadcast_to(row_budgets(demand, nb, budget=cfg.budget, sink_blocks=pipe.sink_blocks,

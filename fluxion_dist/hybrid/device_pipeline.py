@@ -165,17 +165,16 @@ class DevicePipeline:
         """One layer (see the module doc) over the inputs in ``st``. tables int32 [B, W] (device,
         stable for the layer: its address is captured) and its host twin; pos_host int32 [B], the
         tokens before this one."""
-        use_cache = plan.use_cache and self.slots_per_layer > 0
+        use_cache = self._caches(plan)
         measure = plan.measure_demand
         st.set_params(pos_host, plan)
         s, ev = self.compute, st.events
+        s.record(ev[0])
         if plan.cpu_fraction <= 0:
-            s.record(ev[0])
             self._replay(st, ("layer", measure), lambda: self._layer(st, layer, tables, use_cache, measure))
             s.record(ev[1])
             spans = ((ev[0], ev[1]),)
         else:
-            s.record(ev[0])
             self._replay(st, ("select", measure),
                          lambda: self._select(st, tables, use_cache, measure, for_cpu=True))
             s.record(ev[2])
@@ -205,7 +204,7 @@ class DevicePipeline:
         st, plan = outcome.state, outcome.plan
         hits, uva, n_cpu, n_admit = st.counts_h.tolist()
         admitted = evicted = 0
-        if plan.use_cache and self.slots_per_layer > 0:
+        if self._caches(plan):
             admitted = min(n_admit, self.slots_per_layer)
             evicted = max(0, self.filled[layer] + admitted - self.slots_per_layer)
             self.filled[layer] = min(self.slots_per_layer, self.filled[layer] + admitted)
@@ -214,6 +213,10 @@ class DevicePipeline:
             demand = np.diff(st.demand_h.astype(np.int64)).reshape(plan.k_rows.shape)
         outcome.counts = LayerCounts(hits, uva, n_cpu, admitted, evicted, demand)
         return outcome.counts
+
+    def _caches(self, plan: LayerPlan) -> bool:
+        """Whether the layer call admits its misses into the block cache."""
+        return plan.use_cache and self.slots_per_layer > 0
 
     @staticmethod
     def gpu_busy_s(outcome: LayerOutcome) -> float:
