@@ -7,7 +7,7 @@ import pytest
 
 from fluxion_dist.hybrid import CostModel
 from fluxion_dist.hybrid.device_budget import (SLOT_CPU, balanced_cpu_fraction, forced_count, head_kinds,
-                                               route_entries_reference, row_budgets, water_fill)
+                                               route_entries_reference, row_budget_lists, row_budgets, water_fill)
 from fluxion_dist.sparse.head_predictor import HeadKind
 from fluxion_dist.sparse.selection import forced_blocks
 
@@ -24,6 +24,21 @@ def test_water_fill_is_max_min_fair(seed):
     if short.any():  # every short row is at the level, which nobody unsatisfied exceeds by more than 1
         assert got[short].max() - got[short].min() <= 1
         assert np.all(got[~short] <= got[short].max())
+
+
+def test_water_fill_edges():
+    assert water_fill([0, 0, 0], -4).tolist() == [0, 0, 0]  # a negative cap grants nothing
+    assert water_fill([5, 1, 5], 0).tolist() == [0, 0, 0]
+    assert water_fill([5, 1, 5], 4).tolist() == [2, 1, 1]  # level 1, the spare unit to the lowest index short
+    assert water_fill([3, 4], 100).tolist() == [3, 4]
+
+
+def test_row_budget_lists_match_the_array_form():
+    nb, demand = [1000, 100, 7], [[3, 900, 15, 400], [2, 2, 2, 100], [0, 9, 1, 3]]
+    opts = dict(budget=0.05, sink_blocks=1, recent_blocks=9)
+    assert row_budget_lists(demand, nb, 4, **opts) == row_budgets(np.array(demand), np.array(nb), **opts).tolist()
+    fixed = row_budgets(None, np.array(nb), **opts)
+    assert row_budget_lists(None, nb, 4, **opts) == [[int(k)] * 4 for k in fixed[:, 0]]
 
 
 @pytest.mark.parametrize("tokens", [1, 15, 16, 17, 200, 1000, 4097])

@@ -4,7 +4,7 @@ The pipeline (:mod:`fluxion_dist.hybrid.device_pipeline`) keeps scoring, selecti
 routing on the GPU; what the host decides per layer is a handful of numbers, all here in
 NumPy so CI tests them:
 
-- ``row_budgets``: Fluxion's output-aware budget on the device path. Each (request, KV
+- ``row_budget_lists``: Fluxion's output-aware budget on the device path. Each (request, KV
   head) row's *demand* is the number of blocks its estimated softmax mass needs to reach
   the mass target (a top-p pass on the GPU, refreshed every few steps: the predictor's
   measurement). The layer's cap (``budget`` x the request's KV) is shared max-min fairly
@@ -35,52 +35,76 @@ SLOT_UVA, SLOT_CPU = -1, -2
 def forced_count(nb: np.ndarray, sink_blocks: int, recent_blocks: int) -> np.ndarray:
     """Blocks always kept (the first ``sink_blocks`` and last ``recent_blocks``) per context of ``nb`` blocks."""
     nb = np.asarray(nb, dtype=np.int64)
-    sinks = np.minimum(nb, sink_blocks)
-    recent = np.minimum(nb, recent_blocks)
-    overlap = np.maximum(sinks - np.maximum(nb - recent_blocks, 0), 0)
-    return sinks + recent - overlap
+    return np.array([_kept(int(n), sink_blocks, recent_blocks) for n in nb.ravel()], np.int64).reshape(nb.shape)
 
 
-def water_fill(demand: np.ndarray, cap: int) -> np.ndarray:
+def _kept(nb: int, sink_blocks: int, recent_blocks: int) -> int:
+    sinks, recent = min(nb, sink_blocks), min(nb, recent_blocks)
+    return sinks + recent - max(sinks - max(nb - recent_blocks, 0), 0)
+
+
+def water_fill(demand, cap: int) -> np.ndarray:
     """Max-min fair integer shares of ``cap`` for ``demand`` (>= 0): each row gets
     ``min(demand, level)``, the level as high as the cap allows; leftovers from the
     integer level go one each to the rows still short, lowest index first."""
-    demand = np.asarray(demand, dtype=np.int64)
-    if demand.sum() <= cap:
-        return demand.copy()
-    cap = max(int(cap), 0)
-    srt = np.sort(demand)
-    # with level = srt[i], rows below take their demand and the rest take srt[i]
-    below = np.concatenate(([0], np.cumsum(srt)[:-1]))
-    used_at = below + srt * (srt.size - np.arange(srt.size))
-    i = int(np.searchsorted(used_at, cap, side="right"))  # levels srt[:i] fit
-    level = (cap - below[i]) // (srt.size - i) if i < srt.size else srt[-1]
-    grant = np.minimum(demand, level)
-    spare = cap - int(grant.sum())
-    short = np.flatnonzero(grant < demand)[:spare]
-    grant[short] += 1
+    return np.array(_water_fill([int(x) for x in np.asarray(demand).ravel()], int(cap)), dtype=np.int64)
+
+
+def _water_fill(demand: list[int], cap: int) -> list[int]:
+    # Plain ints: a layer's rows are a few dozen numbers, and the host plans every layer of
+    # every step; NumPy's per-call overhead made this ~10x slower than the loop.
+    if sum(demand) <= cap:
+        return list(demand)
+    cap = max(cap, 0)
+    n = len(demand)
+    below = 0  # with the level at srt[i], rows below i take their demand and the rest take srt[i]
+    for i, d in enumerate(sorted(demand)):
+        if below + d * (n - i) > cap:
+            level = (cap - below) // (n - i)
+            break
+        below += d
+    else:
+        level = max(demand)
+    grant = [min(d, level) for d in demand]
+    spare = cap - sum(grant)
+    for j, d in enumerate(demand):
+        if spare <= 0:
+            break
+        if grant[j] < d:
+            grant[j] += 1
+            spare -= 1
     return grant
 
 
 def row_budgets(demand: np.ndarray | None, nb: np.ndarray, *, budget: float, sink_blocks: int,
                 recent_blocks: int) -> np.ndarray:
-    """Blocks per (request, KV head) row, int32 [B, Hkv], kept blocks included.
+    """Blocks per (request, KV head) row, int32 [B, Hkv] ([B, 1] without a demand), kept
+    blocks included: :func:`row_budget_lists` over arrays."""
+    nb_list = np.asarray(nb, dtype=np.int64).tolist()
+    rows = None if demand is None else np.asarray(demand, dtype=np.int64).tolist()
+    return np.array(row_budget_lists(rows, nb_list, 1 if rows is None else len(rows[0]), budget=budget,
+                                     sink_blocks=sink_blocks, recent_blocks=recent_blocks), dtype=np.int32)
 
-    ``demand`` int [B, Hkv] (blocks to reach the mass target; None: not measured yet, every
-    head gets an equal share, the fixed-budget rule); ``nb`` int [B] blocks per request.
+
+def row_budget_lists(demand: list[list[int]] | None, nb: list[int], hkv: int, *, budget: float, sink_blocks: int,
+                     recent_blocks: int) -> list[list[int]]:
+    """Blocks per (request, KV head) row, kept blocks included.
+
+    ``demand`` [B][Hkv] (blocks to reach the mass target; None: not measured yet, every head
+    gets an equal share, the fixed-budget rule); ``nb`` [B] blocks per request. Plain ints: the
+    host plans a layer whenever its demand is measured, and NumPy's per-call overhead on a few
+    dozen numbers cost more than the loops.
     """
-    nb = np.asarray(nb, dtype=np.int64)
-    kept = forced_count(nb, sink_blocks, recent_blocks)
-    if demand is None:
-        return np.minimum(np.maximum(np.ceil(budget * nb).astype(np.int64), kept), nb)[:, None].astype(np.int32)
-    demand = np.asarray(demand, dtype=np.int64)
-    out = np.empty(demand.shape, dtype=np.int64)
-    hkv = demand.shape[1]
-    for b in range(demand.shape[0]):
-        cap = int(np.ceil(budget * hkv * nb[b])) - hkv * int(kept[b])
-        extra = np.clip(demand[b] - kept[b], 0, nb[b] - kept[b])
-        out[b] = kept[b] + water_fill(extra, max(cap, 0))
-    return out.astype(np.int32)
+    out = []
+    for b, n in enumerate(nb):
+        k = _kept(n, sink_blocks, recent_blocks)
+        if demand is None:
+            out.append([min(max(math.ceil(budget * n), k), n)] * hkv)
+            continue
+        cap = math.ceil(budget * hkv * n) - hkv * k
+        extra = [min(max(x - k, 0), n - k) for x in demand[b]]
+        out.append([k + g for g in _water_fill(extra, max(cap, 0))])
+    return out
 
 
 def head_kinds(demand: np.ndarray, nb: np.ndarray, *, sink_blocks: int, recent_blocks: int,

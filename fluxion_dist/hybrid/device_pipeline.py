@@ -8,7 +8,7 @@ buffers, ``run_layer``):
 2. score: Quest upper bounds of every block for every KV head (``kernels.scoring``);
    on a predictor refresh, a top-p pass at the mass target measures each head's demand;
 3. select: sinks and the recent window forced in, top-k per (request, KV head) at the
-   per-row budget the host set (``device_budget.row_budgets``);
+   per-row budget the host set (``device_budget.row_budget_lists``);
 4. route (``kernels.block_table.classify_entries``): each selected block is a cache hit,
    a UVA read, or CPU work (an evenly spread share of the misses), with the CPU's CSR and
    the list of misses to admit into the cache;
@@ -161,15 +161,20 @@ class DevicePipeline:
         return st
 
     def run_layer(self, layer: int, plan: LayerPlan, st: "_LayerState", tables: cp.ndarray, tables_host: np.ndarray,
-                  pos_host: np.ndarray) -> LayerOutcome:
+                  pos_host: np.ndarray, after: int | None = None) -> LayerOutcome:
         """One layer (see the module doc) over the inputs in ``st``. tables int32 [B, W] (device,
         stable for the layer: its address is captured) and its host twin; pos_host int32 [B], the
-        tokens before this one."""
+        tokens before this one; ``after``: a stream (handle) whose work so far the layer waits
+        for (the caller's, which wrote the inputs), or None."""
         use_cache = self._caches(plan)
         measure = plan.measure_demand
         st.set_params(pos_host, plan)
         s, ev = self.compute, st.events
-        s.record(ev[0])
+        if after is None:
+            s.record(ev[0])
+        else:  # the start event doubles as the dependency on the caller: one call fewer per layer
+            cp.cuda.runtime.eventRecord(ev[0].ptr, after)
+            cp.cuda.runtime.streamWaitEvent(s.ptr, ev[0].ptr, 0)
         if plan.cpu_fraction <= 0:
             self._replay(st, ("layer", measure), lambda: self._layer(st, layer, tables, use_cache, measure))
             s.record(ev[1])
@@ -202,6 +207,7 @@ class DevicePipeline:
             return outcome.counts
         outcome.end.synchronize()
         st, plan = outcome.state, outcome.plan
+        st.last_end = None  # its latest call (the contract: counts are read before the next one) is done
         hits, uva, n_cpu, n_admit = st.counts_h.tolist()
         admitted = evicted = 0
         if self._caches(plan):
@@ -227,20 +233,20 @@ class DevicePipeline:
     def _replay(self, st: "_LayerState", name: tuple, body) -> None:
         """Run ``body`` on ``compute``: eagerly the first time (kernels compile, counters
         allocate), then captured once as a CUDA graph and replayed (one launch, not ~10)."""
-        with self.compute:
-            if not self.use_graphs or name not in st.warm:
-                body()
-                st.warm.add(name)
-                return
-            graph = st.graphs.get(name)
-            if graph is None:
+        graph = st.graphs.get(name)
+        if graph is None:
+            with self.compute:
+                if not self.use_graphs or name not in st.warm:
+                    body()
+                    st.warm.add(name)
+                    return
                 self.compute.begin_capture()
                 try:
                     body()
                 finally:
                     graph = self.compute.end_capture()
                 st.graphs[name] = graph
-            graph.launch(self.compute)
+        graph.launch(self.compute)
 
     def _select(self, st: "_LayerState", tables: cp.ndarray, use_cache: bool, measure: bool, for_cpu: bool) -> None:
         s = self.compute
@@ -304,7 +310,7 @@ class _LayerState:
         self.scale = 1.0 / math.sqrt(d)
         self.warm: set[tuple] = set()
         self.graphs: dict[tuple, cp.cuda.graph.Graph] = {}
-        self.last_end: cp.cuda.Event | None = None  # of the last call that used these buffers
+        self.last_end: cp.cuda.Event | None = None  # of the last call that used these buffers, until seen done
         # reused call to call (read by ``counts`` before the next call): start, end, routed,
         # attended, merge start
         self.events = tuple(cp.cuda.Event() for _ in range(5))
