@@ -91,6 +91,38 @@ def test_cuda_tensors_in_and_out():
     np.testing.assert_allclose(got["cuda"], got["cpu"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("form", ["bf16", "fp16", "strided"])
+def test_cuda_inputs_of_any_dtype_and_layout(form):
+    """bf16 and fp16 q (the model's dtype), and non-contiguous q/k/v views, give what the
+    float32 call of a twin operator gives, in the caller's dtype."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 8, 128, generator=gen)
+    k, v = torch.randn(2, 2, 128, generator=gen), torch.randn(2, 2, 128, generator=gen)
+    if form in ("bf16", "fp16"):
+        q = q.to(torch.bfloat16 if form == "bf16" else torch.float16)
+    q32, k16, v16 = q.float(), k.bfloat16(), v.bfloat16()
+    got = {}
+    for name, args in (("ref", (q32, k16, v16)), ("form", (q, k, v))):
+        dec = Decode([500, 1200], 2, 4, d=128, seed=9, steps=5)
+        op = dec.operator("fluxion", "gpu", budget=0.2, mass=0.9)
+        args = [a.cuda() for a in args]
+        if form == "strided":  # every other head of a wider tensor: views with gaps
+            args = [torch.stack([a, a], 2).flatten(1, 2)[:, ::2] for a in args]
+            assert not args[0].is_contiguous()
+        got[name] = []
+        for _ in range(4):  # eager, captured and replayed graphs alike
+            hook = op.step(dec.seqs, dec.ids)
+            got[name] += [hook(layer, *args) for layer in range(dec.layers)]
+            hook.report()
+            for seq in dec.seqs:
+                seq.seq_len += 1
+        op.close()
+    for ref, out in zip(got["ref"], got["form"]):
+        assert out.dtype == (torch.float32 if form == "strided" else q.dtype)
+        np.testing.assert_allclose(out.float().cpu().numpy(), ref.to(out.dtype).float().cpu().numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_calibration_measures_gpu_rates():
     cost = calibrate(128, 8, 4, num_threads=2, blocks_per_row=256)
     assert cost.has_gpu and cost.uva_bytes_per_s > 1e9 and cost.cached_bytes_per_s > cost.uva_bytes_per_s

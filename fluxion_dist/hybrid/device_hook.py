@@ -15,9 +15,10 @@ GPU), plans the layer from them:
   counts and the host's own time per layer (fluxion, full: a split makes the host wait
   mid-layer), fixed (fixed_hybrid), 0 (quest_gpu) or 1 (cpu_only).
 
-then q and the new K/V are copied into the layer's buffers on the caller's stream, one
-``DevicePipeline.run_layer`` is queued, and the output is copied out on the caller's stream
-after it (a CUDA tensor in, a CUDA tensor out, without a host wait unless the layer has a
+then the addresses of q, the new K/V and a fresh output tensor go into the layer's pinned
+parameters, one ``DevicePipeline.run_layer`` is queued after the caller's stream, whose
+later work waits for it; the layer's graph itself reads the inputs and writes the output
+(a CUDA tensor in, a CUDA tensor out, without a host wait unless the layer has a
 CPU share; a CPU tensor in, a CPU tensor out).
 """
 
@@ -36,6 +37,9 @@ from fluxion_dist.hybrid.device_budget import balanced_cpu_fraction, row_budget_
 from fluxion_dist.hybrid.device_pipeline import DevicePipeline, LayerOutcome, LayerPlan, copy_bytes
 from fluxion_dist.hybrid.operator import HybridAttentionError  # operator imports this module lazily
 from fluxion_dist.hybrid.step_report import LayerReport, StepReport
+from fluxion_dist.kernels.staging import io_words
+
+_STAGED = {torch.float32: "float32", torch.bfloat16: "bfloat16"}  # dtypes the graph reads and writes itself
 
 if TYPE_CHECKING:
     from fluxion_dist.hybrid.operator import HybridAttention, PagedSequenceView
@@ -183,29 +187,34 @@ class DeviceStepHook:
         st = pipe.prepare(layer, plan, bsz, q.shape[1], self.tables_host.shape[2])
         caller = None
         if q.is_cuda:
-            # the copies in (with any dtype cast) and the output's copy run on the caller's
-            # stream, so its tensors are never read from another stream
+            # the layer's graph reads q, k, v and writes the output where the caller's tensors
+            # are (kernels.staging), ordered on the caller's stream by events: no copies queued here
             if self._caller is None:  # a model runs a step's layers on one stream
                 self._caller = torch.cuda.current_stream().cuda_stream
             caller = self._caller
-            if st.torch_views is None:
-                kv = (torch.from_dlpack(a.view(cp.int16)).view(torch.bfloat16) for a in (st.k_new, st.v_new))
-                st.torch_views = (torch.from_dlpack(st.q), *kv, torch.from_dlpack(st.out))
-            for view, src in zip(st.torch_views, (q, k, v)):
-                _copy(view, src, caller)
+            q_src = q if q.dtype in _STAGED and q.is_contiguous() else q.float().contiguous()
+            k_src, v_src = (x if x.dtype == torch.bfloat16 and x.is_contiguous() else x.to(torch.bfloat16).contiguous()
+                            for x in (k, v))
+            # a temporary above may be freed on return: the caller's stream, whose later work
+            # could reuse its memory, waits for the layer first
+            result = torch.empty(q.shape, dtype=q.dtype if q.dtype in _STAGED else torch.float32, device=q.device)
+            st.io_h[:] = io_words(q_src.data_ptr(), k_src.data_ptr(), v_src.data_ptr(), result.data_ptr(),
+                                  _STAGED[q_src.dtype], _STAGED[result.dtype])
         else:
             srcs = [x.to(dtype).contiguous() for x, dtype in ((q, torch.float32), (k, torch.bfloat16),
                                                               (v, torch.bfloat16))]  # alive until copied
             for dst, src in zip((st.q, st.k_new, st.v_new), srcs):
                 copy_bytes(dst.data.ptr, src.data_ptr(), dst.nbytes, pipe.compute.ptr)
+            # the graph's staging then copies each buffer onto itself
+            st.io_h[:] = io_words(st.q.data.ptr, st.k_new.data.ptr, st.v_new.data.ptr, st.out.data.ptr,
+                                  "float32", "float32")
         res = pipe.run_layer(layer, plan, st, self.tables_layers[layer], self.tables_host[layer], self.pos_host,
                              after=caller)
         state.unread[layer] = (res, self.request_ids)
         if q.is_cuda:
             cp.cuda.runtime.streamWaitEvent(caller, res.end.ptr, 0)
-            out = st.torch_views[3]
-            result = _copy(torch.empty(out.shape, dtype=q.dtype, device=q.device), out, caller)
-            # (``out`` is rewritten at this layer's next call)
+            if result.dtype != q.dtype:
+                result = result.to(q.dtype)
         else:
             res.end.synchronize()
             result = torch.from_numpy(cp.asnumpy(res.out)).to(q.dtype)
@@ -230,16 +239,6 @@ class DeviceStepHook:
         if self.outcomes:
             span = cp.cuda.get_elapsed_time(self.outcomes[0][1].spans[0][0], self.outcomes[-1][1].end) / 1e3
         return StepReport(tuple(reports), gpu_span_s=span)
-
-
-def _copy(dst: torch.Tensor, src: torch.Tensor, stream: int) -> torch.Tensor:
-    """dst <- src on ``stream`` (the current one): one memcpy where no cast or gather is needed,
-    which costs the host a third less than torch's copy_ (and the hook does four per layer)."""
-    if src.dtype == dst.dtype and src.is_contiguous():
-        copy_bytes(dst.data_ptr(), src.data_ptr(), dst.nbytes, stream)
-    else:
-        dst.copy_(src)
-    return dst
 
 
 def _bucket(k_max: int, width: int) -> int:

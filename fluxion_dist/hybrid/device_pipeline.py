@@ -1,8 +1,9 @@
 """GPU-resident layer pipeline of the hybrid operator: one layer of one decode step.
 
-Life of a layer call (``prepare``, the caller copies q and the new K/V into the state's
-buffers, ``run_layer``):
+Life of a layer call (``prepare``, the caller names its q, new K/V and output tensors in
+the state's io block, ``run_layer``):
 
+0. stage: the graph reads q and the new K/V from the caller's tensors (``kernels.staging``);
 1. append: the new token's K/V go into its arena page (pinned host memory, written through
    UVA, so the CPU path sees it) and its block's min/max into the device metadata mirror;
 2. score: Quest upper bounds of every block for every KV head (``kernels.scoring``);
@@ -15,7 +16,7 @@ buffers, ``run_layer``):
 5. the GPU partial over hits (pool) and UVA reads (in place); CPU entries are skipped;
 6. the misses are admitted into the cache after the attention that may read the slots they
    evict (how many is read on the device);
-7. the exact merge of the GPU partial with the CPU's, if any.
+7. the exact merge of the GPU partial with the CPU's, if any, written to the caller's output.
 
 Two ways through it, chosen by the host's plan (``LayerPlan.cpu_fraction``):
 
@@ -52,6 +53,7 @@ from fluxion_dist.kernels.merge import merge_attention
 from fluxion_dist.kernels.scoring import quest_scores
 from fluxion_dist.kernels.device import sm_count
 from fluxion_dist.kernels.selection import select_buffers, select_topk, select_topp
+from fluxion_dist.kernels.staging import IO_WORDS, stage_inputs, stage_output
 from fluxion_dist.kernels.uva import map_host_array
 
 
@@ -141,9 +143,9 @@ class DevicePipeline:
             self.slot_of[keys] = -1
 
     def prepare(self, layer: int, plan: LayerPlan, bsz: int, hq: int, width: int) -> "_LayerState":
-        """The layer's state for this call, free to write: the caller copies q (float32
-        [B, Hq, d]) and the new K/V (bf16 bits [B, Hkv, d]) into ``q``, ``k_new``, ``v_new``
-        in order before ``compute``'s next work, then calls ``run_layer``."""
+        """The layer's state for this call, free to write: the caller names its q, new K/V
+        and output tensors in ``io_h`` (``kernels.staging.io_words``; the layer's graph reads
+        and writes them), then calls ``run_layer``."""
         # A layer alternates between a few shapes (budget buckets): each keeps its buffers and
         # graphs (with and without the predictor's pass), so a switch back costs nothing.
         key = (bsz, hq, width, plan.max_row_blocks, plan.use_cache)
@@ -250,7 +252,8 @@ class DevicePipeline:
 
     def _select(self, st: "_LayerState", tables: cp.ndarray, use_cache: bool, measure: bool, for_cpu: bool) -> None:
         s = self.compute
-        copy_bytes(st.params.data.ptr, st.params_h.ctypes.data, st.params.nbytes, s.ptr)
+        copy_bytes(st.block.data.ptr, st.block_h.ctypes.data, st.block.nbytes, s.ptr)
+        stage_inputs(st.io, st.q, st.k_new, st.v_new)
         append_kv(st.k_new, st.v_new, st.seq, tables, self.kmin, self.kmax, slots=st.no_slots, cache_pool=None,
                   kv_pages=self.kv_dev)
         quest_scores(st.q, self.kmin, self.kmax, tables, st.seq, scale=st.scale, query_scores=False,
@@ -284,12 +287,14 @@ class DevicePipeline:
         for dst, src in ((st.o[1], st.o_h), (st.m[1], st.m_h), (st.l[1], st.l_h)):
             copy_bytes(dst.data.ptr, src.ctypes.data, dst.nbytes, s.ptr)
         merge_attention(st.o, st.m, st.l, out_dtype="float32", out=st.out)
+        stage_output(st.io, st.out)
 
     def _layer(self, st: "_LayerState", layer: int, tables: cp.ndarray, use_cache: bool, measure: bool) -> None:
         """The GPU-only layer: nothing for the CPU, so the merge normalises the GPU partial alone."""
         self._select(st, tables, use_cache, measure, for_cpu=False)
         self._attend(st, layer, tables, use_cache)
         merge_attention(st.o[:1], st.m[:1], st.l[:1], out_dtype="float32", out=st.out)
+        stage_output(st.io, st.out)
 
 
 def copy_bytes(dst: int, src: int, nbytes: int, stream: int) -> None:
@@ -314,10 +319,13 @@ class _LayerState:
         # reused call to call (read by ``counts`` before the next call): start, end, routed,
         # attended, merge start
         self.events = tuple(cp.cuda.Event() for _ in range(5))
-        self.torch_views: tuple | None = None  # the hook's torch views of q, k_new, v_new, out
-        # parameters, one pinned block copied in by the graph: pos [B] | k_rows [B*Hkv] | cpu fraction
-        self.params_h = cupyx.empty_pinned((bsz + rows + 1,), np.int32)
-        self.params = cp.empty(self.params_h.shape, cp.int32)
+        # one pinned block the graph copies in first: io (the call's tensors, int64 [IO_WORDS])
+        # | params: pos [B] | k_rows [B*Hkv] | cpu fraction
+        io_bytes = IO_WORDS * 8
+        self.block_h = cupyx.empty_pinned((io_bytes + 4 * (bsz + rows + 1),), np.uint8)
+        self.block = cp.empty(self.block_h.shape, cp.uint8)
+        self.io_h, self.io = self.block_h[:io_bytes].view(np.int64), self.block[:io_bytes].view(cp.int64)
+        self.params_h, self.params = self.block_h[io_bytes:].view(np.int32), self.block[io_bytes:].view(cp.int32)
         self._k_rows: np.ndarray | None = None  # the plan's array last written into params_h
         self.seq = self.params[:bsz]  # pos, then + 1 by the append
         self.k_rows = self.params[bsz:bsz + rows].reshape(bsz, hkv)

@@ -63,6 +63,7 @@ SOURCES: dict[str, KernelSource] = {
     "merge": KernelSource("merge.cu", ("merge_partials",), ("HEAD_DIM",), _DIM_CHECKS),
     "append": KernelSource("append.cu", ("append_kv",), ("HEAD_DIM",), _DIM_CHECKS),
     "block_table": KernelSource("block_table.cu", ("force_blocks", "classify_entries", "admit_blocks", "advance_ring"), (), ((),)),
+    "staging": KernelSource("staging.cu", ("stage_inputs", "stage_output"), (), ((),)),
 }
 
 
