@@ -107,12 +107,33 @@ __device__ int radix_pass(SelectShared& sh, const unsigned int* src, int len, in
         if (by_mass) sh.mass[i] = 0ull;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < len; i += SELECT_THREADS) {
-        const unsigned int key = src[i];
-        if ((key & prefix_mask) != prefix) continue;
-        const unsigned int bin = (key >> lo) & digit_mask;
-        atomicAdd(&sh.count[bin], 1u);
-        if (by_mass) atomicAdd(&sh.mass[bin], mass_weight(key, smax));
+    if (!by_mass) {
+        for (int i = threadIdx.x; i < len; i += SELECT_THREADS) {
+            const unsigned int key = src[i];
+            if ((key & prefix_mask) == prefix) atomicAdd(&sh.count[(key >> lo) & digit_mask], 1u);
+        }
+    } else {
+        // Top-p: the lanes of a warp that hit one bin add their count and mass once, through
+        // their leader. Real scores crowd into a few bins of a digit, and 64-bit same-address
+        // shared atomics serialise: the predictor's pass took up to ~250 us at 128k without
+        // this (the match costs more than it saves on top-k's 32-bit counts).
+        const unsigned int lane = threadIdx.x & 31;
+        for (int base = 0; base < len; base += SELECT_THREADS) {  // uniform trip count: whole warps
+            const int i = base + threadIdx.x;
+            const unsigned int key = i < len ? src[i] : 0u;
+            const bool hit = i < len && (key & prefix_mask) == prefix;
+            const unsigned int hits = __ballot_sync(FULL_MASK, hit);
+            if (!hit) continue;
+            const unsigned int bin = (key >> lo) & digit_mask;
+            const unsigned int peers = __match_any_sync(hits, bin);
+            const unsigned long long w = mass_weight(key, smax);
+            unsigned long long sum = 0ull;
+            for (unsigned int m = peers; m; m &= m - 1u) sum += __shfl_sync(peers, w, __ffs(m) - 1);
+            if (lane == (unsigned int)(__ffs(peers) - 1)) {
+                atomicAdd(&sh.count[bin], (unsigned int)__popc(peers));
+                atomicAdd(&sh.mass[bin], sum);
+            }
+        }
     }
     __syncthreads();
     find_digit(sh, by_mass, remaining, p);
@@ -195,9 +216,17 @@ __device__ Cut find_cut(SelectShared& sh, unsigned int* keys, const float* row, 
             // it, a few keys per thread, instead of sweeping the row.
             if (tid == 0) sh.n_cand = 0u;
             __syncthreads();
-            for (int i = tid; i < n; i += SELECT_THREADS) {
-                const unsigned int key = keys[i];
-                if ((key & prefix_mask) == prefix) sh.cand_key[atomicAdd(&sh.n_cand, 1u)] = key;
+            const unsigned int lane = tid & 31;
+            for (int base = 0; base < n; base += SELECT_THREADS) {  // one counter bump per warp
+                const int i = base + tid;
+                const unsigned int key = i < n ? keys[i] : 0u;
+                const bool in = i < n && (key & prefix_mask) == prefix;
+                const unsigned int ins = __ballot_sync(FULL_MASK, in);
+                if (ins == 0u) continue;
+                unsigned int at = 0u;
+                if (lane == (unsigned int)(__ffs(ins) - 1)) at = atomicAdd(&sh.n_cand, (unsigned int)__popc(ins));
+                at = __shfl_sync(FULL_MASK, at, __ffs(ins) - 1);
+                if (in) sh.cand_key[at + __popc(ins & ((1u << lane) - 1u))] = key;
             }
             __syncthreads();
             const int m = (int)sh.n_cand;
