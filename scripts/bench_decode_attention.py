@@ -144,7 +144,7 @@ def sdpa_ms(shape: Shape, context: int, batch: int, steps: int, device: str) -> 
             for i in range(shape.layers):
                 layer(i)
             per_layer.append((time.perf_counter() - t0) * 1e3 / shape.layers)
-    del kvs
+    kvs.clear()  # the KV goes back to the allocator before the policies run
     return statistics.median(per_layer) * shape.model_layers
 
 
@@ -217,6 +217,30 @@ def run_policy(policy: str, shape: Shape, arena: HostArena, seqs, synth, cost, a
                float(np.mean([r.predicted_gpu_idle_fraction for r in steps])) if gpu_work else None)
 
 
+def kernel_profile(run, run_args: tuple, calls: int) -> None:
+    """Run ``run(*run_args)`` under the CUDA profiler (CUPTI sees the kernels inside CUDA graphs too) and
+    print each GPU kernel's and copy's time: per launch (median, p90, max) and per layer call."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run(*run_args)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    durs: dict[str, list[float]] = {}
+    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            durs.setdefault(e["name"].split("(")[0][:40], []).append(float(e.get("dur", 0.0)))
+    print(f"    {'GPU work (fluxion)':<40} {'launches':>8} {'median us':>9} {'p90 us':>8} {'max us':>8} {'us/layer':>8}")
+    for name, d in sorted(durs.items(), key=lambda kv: -sum(kv[1])):
+        d.sort()
+        print(f"    {name:<40} {len(d):>8} {statistics.median(d):>9.1f} {d[int(0.9 * len(d))]:>8.1f} {d[-1]:>8.1f} "
+              f"{sum(d) / calls:>8.1f}")
+
+
 def print_table(rows: list[Row], sdpa: dict[tuple[int, int], float]) -> None:
     head = (f"{'context':>8} {'B':>2} {'method':<14} {'ms/step':>9} {'x SDPA':>7} {'fixed_hyb/x':>11} "
             f"{'budget':>7} {'cpu blk':>9} {'gpu blk':>9} {'cached':>9} {'idle meas':>9} {'idle pred':>9}")
@@ -254,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--cache-slots", type=int, default=1 << 21, help="GPU block-cache slots (8 KiB each at d=128)")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--kernel-profile", action="store_true",
+                   help="GPU: also profile fluxion's kernels per context and batch (one more, untimed run)")
     args = p.parse_args(argv)
 
     if args.smoke:
@@ -289,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_policy(policy, shape, arena, seqs, synth, cost, args, device, context)
                 rows.append(row)
                 print(f"  {context} x{batch} {policy}: {row.ms_per_step:.3f} ms/step", flush=True)
+                if policy == "fluxion" and args.kernel_profile and device == "gpu":
+                    kernel_profile(run_policy, (policy, shape, arena, seqs, synth, cost, args, device, context),
+                                   calls=(args.warmup + args.steps) * shape.layers)
                 if device == "gpu":
                     import cupy as cp
 
