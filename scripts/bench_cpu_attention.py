@@ -4,7 +4,10 @@ One run prints one table for an 8B-shaped layer (8 KV heads, 32 query heads,
 d=128, bf16): for each context and budget, the median time of our kernel and of
 the torch baseline (gather + bmm, same thread count), the KV bytes each read
 per second, and the ratios ours/ceiling and ours/torch. The ceiling is a
-multithreaded streaming read of a buffer far larger than the caches.
+multithreaded streaming read of a buffer far larger than the caches; beside it,
+the same scattered (page, head) runs as each row's selection read with no
+arithmetic (``_stream.scattered_read``): the ceiling of the kernel's access
+pattern, which no prefetcher streams.
 
 Every repeat draws a fresh random selection and first streams through a
 cache-sized slice of the ceiling buffer, so no repeat finds its blocks in
@@ -80,22 +83,36 @@ class Ceiling:
         return statistics.median(self.samples) / 1e9
 
 
-def time_calls(rng, batch, budget, repeats, ceiling, run) -> tuple[int, float, float]:
-    """Median seconds of ``run(call)`` over fresh selections, caches flushed; the KV bytes read;
-    and the median ceiling (bytes/s) sampled between these repeats, under the same load."""
+def time_calls(rng, batch, budget, repeats, ceiling, run, prepare=lambda call: call) -> tuple[int, float, float]:
+    """Median seconds of ``run(prepare(call))`` (``prepare`` untimed) over fresh selections,
+    caches flushed; the KV bytes read; and the median ceiling (bytes/s) sampled between these
+    repeats, under the same load."""
     hkv, d = batch.kv_pages.shape[1], batch.q.shape[-1]
     times, nbytes, first = [], 0, len(ceiling.samples)
     for _ in range(repeats):
         indptr, blocks = random_selection(rng, batch.seq_lens, hkv, budget)
         nbytes = blocks.size * 2 * BLOCK_TOKENS * d * 2  # contexts are whole blocks
+        empty = prepare((batch.q, batch.kv_pages, batch.block_tables, batch.seq_lens, np.zeros_like(indptr),
+                         blocks[:0], 1 / np.sqrt(d)))
+        call = prepare((batch.q, batch.kv_pages, batch.block_tables, batch.seq_lens, indptr, blocks, 1 / np.sqrt(d)))
         ceiling.sample()
         ceiling.flush()
-        run((batch.q, batch.kv_pages, batch.block_tables, batch.seq_lens, np.zeros_like(indptr),
-             blocks[:0], 1 / np.sqrt(d)))
+        run(empty)
         t = time.perf_counter()
-        run((batch.q, batch.kv_pages, batch.block_tables, batch.seq_lens, indptr, blocks, 1 / np.sqrt(d)))
+        run(call)
         times.append(time.perf_counter() - t)
     return nbytes, statistics.median(times), statistics.median(ceiling.samples[first:])
+
+
+def run_starts(call) -> tuple[np.ndarray, np.ndarray, int]:
+    """The kernel call's selection as (arena words, start word of each selected (page, head) run,
+    run length in words), in the kernel's order: for ``_stream.scattered_read``."""
+    _, kv, tables, _, indptr, blocks, _ = call
+    hkv = kv.shape[1]
+    run_words = kv[0, 0].nbytes // 8
+    rows = np.repeat(np.arange(indptr.size - 1), np.diff(indptr))
+    pages = tables[rows // hkv, blocks[:rows.size]].astype(np.int64)
+    return kv.reshape(-1).view(np.uint64), (pages * hkv + rows % hkv) * run_words, run_words
 
 
 def hot_rate(rng, args, group, isa) -> float:
@@ -145,11 +162,14 @@ def main() -> None:
             if not args.no_torch:
                 _, torch_s, _ = time_calls(rng, batch, budget, args.torch_repeats, ceiling, lambda call:
                                         torch_sparse_partial_attention(*call, num_threads=args.threads))
+            # the same scattered runs read with no arithmetic: the ceiling of this access pattern
+            _, scattered_s, _ = time_calls(rng, batch, budget, args.repeats, ceiling, lambda a:
+                                           _stream.scattered_read(*a, args.threads), prepare=run_starts)
             for isa, prefetch, chunks in itertools.product(args.isa, args.prefetch, args.chunks_per_thread):
                 nbytes, ours, near = time_calls(rng, batch, budget, args.repeats, ceiling, lambda call:
                                           sparse_partial_attention(*call, num_threads=args.threads, isa=isa,
                                                                    prefetch=prefetch, chunks_per_thread=chunks))
-                rows.append((ctx, budget, (isa, prefetch, chunks), nbytes, ours, near / 1e9, torch_s))
+                rows.append((ctx, budget, (isa, prefetch, chunks), nbytes, ours, near / 1e9, scattered_s, torch_s))
         del batch
 
     hot = {isa: hot_rate(rng, args, group, isa) for isa in args.isa} if args.hot else {}
@@ -169,14 +189,15 @@ def main() -> None:
     print()
     knobs = len(args.isa) * len(args.prefetch) * len(args.chunks_per_thread) > 1
     head = "| context | budget | KV read MiB |" + (" isa | prefetch | chunks/thr |" if knobs else "")
-    head += " ours ms | ours GB/s | ceiling GB/s | ours/ceiling | torch ms | torch GB/s | ours/torch |"
+    head += (" ours ms | ours GB/s | ceiling GB/s | ours/ceiling | scattered read GB/s | scattered/ceiling |"
+             " ours/scattered | torch ms | torch GB/s | ours/torch |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
-    for ctx, budget, knob, nbytes, ours, near, torch_s in rows:
-        gb = nbytes / ours / 1e9
+    for ctx, budget, knob, nbytes, ours, near, scattered_s, torch_s in rows:
+        gb, sgb = nbytes / ours / 1e9, nbytes / scattered_s / 1e9
         line = f"| {ctx // 1024}k | {budget:.0%} | {nbytes / 2**20:.1f} |"
         line += "".join(f" {k} |" for k in knob) if knobs else ""
-        line += f" {ours * 1e3:.2f} | {gb:.1f} | {near:.1f} | {gb / near:.2f} |"
+        line += f" {ours * 1e3:.2f} | {gb:.1f} | {near:.1f} | {gb / near:.2f} | {sgb:.1f} | {sgb / near:.2f} | {gb / sgb:.2f} |"
         if torch_s is None:
             line += " - | - | - |"
         else:
