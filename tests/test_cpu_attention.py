@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from fluxion_dist.attention import reference as ref
-from fluxion_dist.attention.layout import num_blocks
 from fluxion_dist.cpu._checks import ISA_HEAD_DIM
 from fluxion_dist.cpu.attention import sparse_partial_attention
 from tests.cpu_util import ISAS

@@ -1,10 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """The DRAM read ceilings the attention kernel is judged against.
 
-A streaming sum over a buffer far larger than the caches, split into one
+A streaming fold over a buffer far larger than the caches, split into one
 contiguous slice per OpenMP thread, is the best case for every prefetcher: no
-scattered reads, no arithmetic to hide. The sum is returned so the reads
-cannot be optimised away.
+scattered reads, no arithmetic to hide. The scattered read folds the attention
+kernel's own (page, head) runs instead: the ceiling of its access pattern. The
+folds are returned so the reads cannot be optimised away.
 """
 
 from cython.parallel cimport prange
@@ -33,16 +34,11 @@ cdef extern from *:
 
 def stream_read(const uint64_t[::1] buf, int num_threads):
     """XOR-fold every word of `buf` using `num_threads` threads; returns the fold."""
-    cdef int64_t n = buf.shape[0], t, i, lo, hi
-    cdef uint64_t acc = 0, part
+    cdef uint64_t acc
+    if buf.shape[0] == 0:
+        return 0
     with nogil:
-        for t in prange(num_threads, schedule='static', num_threads=num_threads):
-            lo = n * t // num_threads
-            hi = n * (t + 1) // num_threads
-            part = 0
-            for i in range(lo, hi):
-                part = part ^ buf[i]
-            acc ^= part
+        acc = _fold(&buf[0], buf.shape[0], NULL, 0, num_threads)
     return acc
 
 
@@ -51,15 +47,28 @@ def scattered_read(const uint64_t[::1] words, const int64_t[::1] starts, int64_t
     them per thread, the next run prefetched): the same scattered reads as the attention
     kernel's, with no arithmetic, so the ceiling of that access pattern rather than of a
     stream."""
-    cdef int64_t n = starts.shape[0], t, e, lo, hi
-    cdef uint64_t acc = 0, part
+    cdef uint64_t acc
+    if starts.shape[0] == 0:
+        return 0
     with nogil:
-        for t in prange(num_threads, schedule='static', num_threads=num_threads):
-            lo = n * t // num_threads
-            hi = n * (t + 1) // num_threads
+        acc = _fold(&words[0], starts.shape[0], &starts[0], run_words, num_threads)
+    return acc
+
+
+cdef uint64_t _fold(const uint64_t *words, int64_t n, const int64_t *starts, int64_t run_words,
+                    int num_threads) noexcept nogil:
+    # n words, one contiguous slice per thread (starts NULL), or n runs, a share per thread
+    cdef int64_t t, e, lo, hi
+    cdef uint64_t acc = 0, part
+    for t in prange(num_threads, schedule='static', num_threads=num_threads):
+        lo = n * t // num_threads
+        hi = n * (t + 1) // num_threads
+        if starts == NULL:
+            part = fx_fold_run(words + lo, NULL, hi - lo)
+        else:
             part = 0
             for e in range(lo, hi):
-                part = part ^ fx_fold_run(&words[starts[e]], &words[starts[e + 1]] if e + 1 < hi else NULL,
+                part = part ^ fx_fold_run(words + starts[e], words + starts[e + 1] if e + 1 < hi else NULL,
                                           run_words)
-            acc ^= part
+        acc ^= part
     return acc

@@ -33,6 +33,9 @@ fluxion        predictor + budget selector balanced, priority scheduler   yes
 ``device_pipeline.DevicePipeline``: the same policies, but scoring, selection (per-head budgets
 from the predictor's measured demand, ``device_budget``), the cache table and the routing of
 each block stay on the device, replayed as CUDA graphs; the host only runs the CPU's share.
+There every head is selected in 16-token blocks, the unit of the arena and of the cache (the
+README's "Granularity on a GPU" says why the granularity selector and token masks stay on
+the host-selection path).
 The life above is the host-selection path (``cpu`` and ``emulated``), the one CI exercises.
 
 **No GPU.** With ``device="cpu"`` (or ``"auto"`` on a machine where
