@@ -17,9 +17,11 @@
 #define IO_Q_DTYPE 4
 #define IO_OUT_DTYPE 5
 
-// q [nq] (fp32 or bf16) -> fp32; k_new, v_new [nkv] bf16 bits, copied as they are.
-__global__ void stage_inputs(const long long* __restrict__ io, float* __restrict__ q,
-                             bf16_t* __restrict__ k_new, bf16_t* __restrict__ v_new, int nq, int nkv)
+// q [nq] (fp32 or bf16) -> fp32; k_new, v_new [nkv] bf16 bits, copied as they are. No
+// __restrict__ on the buffers: a host-tensor call names the buffers themselves in io (each
+// element is copied onto itself).
+__global__ void stage_inputs(const long long* __restrict__ io, float* q, bf16_t* k_new, bf16_t* v_new,
+                             int nq, int nkv)
 {
     const float* q_f32 = reinterpret_cast<const float*>(io[IO_Q]);
     const bf16_t* q_bf16 = reinterpret_cast<const bf16_t*>(io[IO_Q]);
@@ -37,7 +39,7 @@ __global__ void stage_inputs(const long long* __restrict__ io, float* __restrict
 }
 
 // out [n] fp32 -> the caller's output (fp32, or bf16 rounded to nearest even as torch does).
-__global__ void stage_output(const long long* __restrict__ io, const float* __restrict__ out, int n)
+__global__ void stage_output(const long long* __restrict__ io, const float* out, int n)
 {
     const bool to_bf16 = io[IO_OUT_DTYPE] == 1;
     float* dst_f32 = reinterpret_cast<float*>(io[IO_OUT]);
