@@ -126,9 +126,12 @@ class DevicePipeline:
     def load_metadata(self, pages: np.ndarray, kmin: np.ndarray, kmax: np.ndarray) -> None:
         """Mirror a new request's block metadata (from the KV store) onto the device."""
         if pages.size:
-            idx = cp.asarray(pages, dtype=cp.int64)
-            self.kmin[idx] = cp.asarray(kmin)
-            self.kmax[idx] = cp.asarray(kmax)
+            # on ``compute``: a non-blocking stream is not ordered after CuPy's default one,
+            # so the layers queued next could otherwise score stale metadata
+            with self.compute:
+                idx = cp.asarray(pages, dtype=cp.int64)
+                self.kmin[idx] = cp.asarray(kmin)
+                self.kmax[idx] = cp.asarray(kmax)
 
     def invalidate(self, pages: np.ndarray) -> None:
         """Forget whatever the cache holds of ``pages`` (recycled or released)."""
