@@ -229,7 +229,7 @@ def kernel_profile(run, run_args: tuple, calls: int) -> None:
         run(*run_args)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        trace = json.load(open(f.name))
+        trace = json.load(f)  # the profiler wrote the file by name; this handle reads it from the start
     durs: dict[str, list[float]] = {}
     for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
         if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):

@@ -1,8 +1,9 @@
 """Host-side decisions of the GPU-resident layer pipeline: per-head budgets and the CPU share.
 
 The pipeline (:mod:`fluxion_dist.hybrid.device_pipeline`) keeps scoring, selection and
-routing on the GPU; what the host decides per layer is a handful of numbers, all here in
-NumPy so CI tests them:
+routing on the GPU; what the host decides per layer is a handful of numbers, all here, on
+the host alone, so CI tests them (plain ints where the host runs them every layer; the
+NumPy forms for the tests and the reference):
 
 - ``row_budget_lists``: Fluxion's output-aware budget on the device path. Each (request, KV
   head) row's *demand* is the number of blocks its estimated softmax mass needs to reach
