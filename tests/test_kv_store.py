@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -71,6 +73,29 @@ def test_arena_layout_contract():
     assert arena.pages.strides == (8 * 8192, 8192, 4096, 256, 2)
     assert arena.pages.ctypes.data % 4096 == 0 and arena.pages.flags.c_contiguous
     assert not arena.pinned
+
+
+def _vm_flags(addr: int) -> list[str]:
+    """The kernel's VmFlags of the mapping holding ``addr`` (from /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="this kernel has no transparent huge pages")
+def test_arena_is_advised_for_huge_pages():
+    # Scattered (page, head) reads pay a TLB miss per 4 KiB page; "hg" is MADV_HUGEPAGE.
+    arena = Arena(KVGeometry(num_layers=1, num_kv_heads=8, head_dim=128), 64, pin="off")
+    assert "hg" in _vm_flags(arena.pages.ctypes.data)
+    assert "hg" in _vm_flags(arena.kmax.ctypes.data)
 
 
 @pytest.mark.skipif(cuda_backend() is not None, reason="a CUDA device is present: pinning works here")

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS, from_bf16_bits, num_blocks
+from kv_store.arena import map_anonymous
 
 NAN_BITS = 0x7FC0  # bf16 quiet NaN
 
@@ -36,13 +37,12 @@ class PagedBatch:
 
 
 def page_aligned(n: int, dtype) -> np.ndarray:
-    """An uninitialised 1-D array starting on a 4 KiB boundary, like the KV store's pinned pages
-    (numpy's own allocations are only 16-byte aligned, so every other 32-byte row load would
-    straddle two cache lines, which the real arena never does)."""
+    """An uninitialised 1-D array in memory mapped the way the KV store maps its arena
+    (:func:`kv_store.arena.map_anonymous`: 4 KiB-aligned, advised for huge pages), so kernels
+    and benchmarks read the same kind of memory the service does (numpy's own allocations are
+    only 16-byte aligned, so every other 32-byte row load would straddle two cache lines)."""
     itemsize = np.dtype(dtype).itemsize
-    raw = np.empty(n * itemsize + 4096, dtype=np.uint8)
-    skip = -raw.ctypes.data % 4096
-    return raw[skip:skip + n * itemsize].view(dtype)
+    return np.frombuffer(map_anonymous(n * itemsize), dtype=np.uint8)[:n * itemsize].view(dtype)
 
 
 def random_bf16_bits(rng: np.random.Generator, shape: tuple[int, ...], std: float = 1.0,
