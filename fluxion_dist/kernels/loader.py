@@ -56,8 +56,9 @@ _DIM_CHECKS = ((("HEAD_DIM", 128),), (("HEAD_DIM", 64),))
 
 SOURCES: dict[str, KernelSource] = {
     "scoring": KernelSource("scoring.cu", ("quest_scores",), ("HEAD_DIM", "GROUP"), _DIM_GROUP_CHECKS),
-    "selection": KernelSource("selection.cu", ("select_blocks",), ("SELECT_THREADS",),
-                              ((("SELECT_THREADS", 256),), (("SELECT_THREADS", 512),), (("SELECT_THREADS", 1024),))),
+    "selection": KernelSource("selection.cu", ("select_blocks",), ("SELECT_THREADS", "BY_MASS"),
+                              tuple((("BY_MASS", m), ("SELECT_THREADS", t)) for t, m in
+                                    ((256, 0), (512, 1), (1024, 0), (1024, 1)))),
     "attention": KernelSource("attention.cu", ("sparse_attention_chunks",), ("HEAD_DIM", "GROUP"),
                               _DIM_GROUP_CHECKS),
     "merge": KernelSource("merge.cu", ("merge_partials",), ("HEAD_DIM",), _DIM_CHECKS),

@@ -91,8 +91,8 @@ def select_topp(scores: cp.ndarray, seq_lens: cp.ndarray, p: float | cp.ndarray,
 
 
 @functools.cache
-def _kernel() -> cp.RawKernel:
-    kernel = loader.get_kernel("selection", "select_blocks", SELECT_THREADS=_SELECT_THREADS)
+def _kernel(by_mass: bool) -> cp.RawKernel:
+    kernel = loader.get_kernel("selection", "select_blocks", SELECT_THREADS=_SELECT_THREADS, BY_MASS=int(by_mass))
     # its ~29 KiB of static shared memory plus a row's keys pass the default 48 KiB: opt in once
     kernel.max_dynamic_shared_size_bytes = _MAX_DYNAMIC_SMEM
     return kernel
@@ -125,11 +125,11 @@ def _select(scores: cp.ndarray, seq_lens: cp.ndarray, factor: int, *, by_mass: b
     if smem > _MAX_DYNAMIC_SMEM:
         raise ValueError(f"selection keeps a row's {n} scores in shared memory: {smem} bytes is over "
                          f"{_MAX_DYNAMIC_SMEM}; select at a coarser factor")
-    kernel = _kernel()
+    kernel = _kernel(by_mass)
     counters, status, _ = look_back_scratch(rows)
     null = np.uint64(0)
     kernel((rows,), (_SELECT_THREADS,), (
-        scores, np.int32(heads), np.int32(n), seq_lens, np.int32(factor), np.int32(by_mass),
+        scores, np.int32(heads), np.int32(n), seq_lens, np.int32(factor),
         k_rows if k_rows is not None else null, np.int32(k_all),
         p_rows if p_rows is not None else null, np.float32(p_all),
         np.int32(cap), status, indptr, blocks, counters), shared_mem=smem)
