@@ -9,6 +9,7 @@ the sequence, page inside the arena) run inside the kernels, in parallel.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -62,7 +63,7 @@ def positive_int(name: str, value) -> int:
 
 def finite_scale(scale) -> float:
     scale = float(scale)
-    if not np.isfinite(scale) or scale <= 0:
+    if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a finite positive number; got {scale}")
     return scale
 
@@ -72,6 +73,7 @@ def _runnable() -> tuple[str, ...]:
     return AUTO_ORDER[AUTO_ORDER.index(_attention.cpu_isa()):]
 
 
+@functools.cache  # per call on the decode path; a raise is not cached
 def resolve_isa(isa: Isa, head_dim: int) -> int:
     """The kernel body to run, as the C code's ISA number. "auto" takes the widest one this CPU
     runs whose vector fits head_dim; a named one must be runnable, or this raises."""
@@ -93,20 +95,26 @@ def arena(q, kv_pages, block_tables, seq_lens) -> ArenaDims:
     contiguous("q", array("q", q, np.float32, 3))
     array("kv_pages", kv_pages, np.uint16, 5)
     b, hq, d = q.shape
-    p, hkv, two, bt, kd = kv_pages.shape
-    if (two, bt, kd) != (2, BLOCK_TOKENS, d):
-        raise ValueError(f"kv_pages must be [P, Hkv, 2, {BLOCK_TOKENS}, d={d}]; got {kv_pages.shape}")
-    inner = (2 * BLOCK_TOKENS * d * 2, BLOCK_TOKENS * d * 2, d * 2, 2)
-    # A dimension of size 1 is never stepped over, so its stride may be anything.
-    bad_inner = any(n > 1 and s != want for n, s, want in zip(kv_pages.shape[1:], kv_pages.strides[1:], inner))
-    page = kv_pages.strides[0]
-    if bad_inner or (p > 1 and (page % 2 or abs(page) < hkv * inner[0])):
-        raise ValueError(f"kv_pages pages must each be contiguous (strides (>= {hkv * inner[0]},) + {inner}); "
-                         f"got {kv_pages.strides}")
+    _page_layout(kv_pages.shape, kv_pages.strides, d)
+    p, hkv = kv_pages.shape[:2]
     if b < 1 or hkv < 1 or d < 1 or hq % hkv:
         raise ValueError(f"need B >= 1, d >= 1 and query heads ({hq}) a multiple of KV heads ({hkv})")
     max_blocks = tables(block_tables, seq_lens, b)
     return ArenaDims(b, hq, hkv, d, p, max_blocks)
+
+
+@functools.lru_cache(maxsize=64)  # the decode path passes the same arena every layer
+def _page_layout(shape: tuple[int, ...], strides: tuple[int, ...], d: int) -> None:
+    p, hkv, two, bt, kd = shape
+    if (two, bt, kd) != (2, BLOCK_TOKENS, d):
+        raise ValueError(f"kv_pages must be [P, Hkv, 2, {BLOCK_TOKENS}, d={d}]; got {shape}")
+    inner = (2 * BLOCK_TOKENS * d * 2, BLOCK_TOKENS * d * 2, d * 2, 2)
+    # A dimension of size 1 is never stepped over, so its stride may be anything.
+    bad_inner = any(n > 1 and s != want for n, s, want in zip(shape[1:], strides[1:], inner))
+    page = strides[0]
+    if bad_inner or (p > 1 and (page % 2 or abs(page) < hkv * inner[0])):
+        raise ValueError(f"kv_pages pages must each be contiguous (strides (>= {hkv * inner[0]},) + {inner}); "
+                         f"got {strides}")
 
 
 def tables(block_tables, seq_lens, b: int) -> int:
