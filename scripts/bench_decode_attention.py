@@ -220,16 +220,19 @@ def run_policy(policy: str, shape: Shape, arena: HostArena, seqs, synth, cost, a
 def kernel_profile(run, run_args: tuple, calls: int) -> None:
     """Run ``run(*run_args)`` under the CUDA profiler (CUPTI sees the kernels inside CUDA graphs too) and
     print each GPU kernel's and copy's time: per launch (median, p90, max) and per layer call."""
-    import json
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run(*run_args)
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        trace = json.load(f)  # the profiler wrote the file by name; this handle reads it from the start
+    # The profiler replaces the file it is given rather than writing into it: a handle opened
+    # before the export reads an empty file, so the trace is read back by path.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
     durs: dict[str, list[float]] = {}
     for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
         if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
