@@ -7,8 +7,9 @@ Layout (the contract of ``fluxion_dist/attention/KERNEL_API.md``):
 - ``kmin, kmax: uint16 [P, Hkv, d]``, the Quest metadata of page ``p`` at row ``p``.
 
 The three arrays are views of one anonymous mmap (page-aligned, so cudaHostRegister and
-UCX registration take it whole), advised for transparent huge pages (:func:`map_anonymous`). The Cython path, the GPU kernels (through UVA when
-pinned) and the UCX receiver all use these exact bytes: nothing here copies.
+UCX registration take it whole, and advised for transparent huge pages: :func:`map_anonymous`).
+The Cython path, the GPU kernels (through UVA when pinned) and the UCX receiver all use these
+exact bytes: nothing here copies.
 """
 
 from __future__ import annotations
