@@ -7,7 +7,7 @@ import pytest
 
 from fluxion_dist.hybrid import CostModel
 from fluxion_dist.hybrid.device_budget import (SLOT_CPU, balanced_cpu_fraction, forced_count, head_kinds,
-                                               route_entries_reference, row_budget_lists, row_budgets, water_fill)
+                                               route_entries_reference, row_budget_lists, water_fill)
 from fluxion_dist.sparse.head_predictor import HeadKind
 from fluxion_dist.sparse.selection import forced_blocks
 
@@ -17,7 +17,7 @@ def test_water_fill_is_max_min_fair(seed):
     rng = np.random.default_rng(seed)
     demand = rng.integers(0, 500, rng.integers(1, 12))
     cap = int(rng.integers(0, demand.sum() + 50))
-    got = water_fill(demand, cap)
+    got = np.array(water_fill(demand.tolist(), cap))
     assert np.all(got <= demand) and np.all(got >= 0)
     assert got.sum() == min(cap, demand.sum())
     short = got < demand
@@ -27,18 +27,17 @@ def test_water_fill_is_max_min_fair(seed):
 
 
 def test_water_fill_edges():
-    assert water_fill([0, 0, 0], -4).tolist() == [0, 0, 0]  # a negative cap grants nothing
-    assert water_fill([5, 1, 5], 0).tolist() == [0, 0, 0]
-    assert water_fill([5, 1, 5], 4).tolist() == [2, 1, 1]  # level 1, the spare unit to the lowest index short
-    assert water_fill([3, 4], 100).tolist() == [3, 4]
+    assert water_fill([0, 0, 0], -4) == [0, 0, 0]  # a negative cap grants nothing
+    assert water_fill([5, 1, 5], 0) == [0, 0, 0]
+    assert water_fill([5, 1, 5], 4) == [2, 1, 1]  # level 1, the spare unit to the lowest index short
+    assert water_fill([3, 4], 100) == [3, 4]
 
 
-def test_row_budget_lists_match_the_array_form():
-    nb, demand = [1000, 100, 7], [[3, 900, 15, 400], [2, 2, 2, 100], [0, 9, 1, 3]]
+def test_row_budget_lists_without_demand_give_every_head_the_fixed_share():
+    # 5% of each request's blocks, never below the kept sink and window (10 blocks), never above
+    # the request's blocks (7)
     opts = dict(budget=0.05, sink_blocks=1, recent_blocks=9)
-    assert row_budget_lists(demand, nb, 4, **opts) == row_budgets(np.array(demand), np.array(nb), **opts).tolist()
-    fixed = row_budgets(None, np.array(nb), **opts)
-    assert row_budget_lists(None, nb, 4, **opts) == [[int(k)] * 4 for k in fixed[:, 0]]
+    assert row_budget_lists(None, [1000, 100, 7], 4, **opts) == [[50] * 4, [10] * 4, [7] * 4]
 
 
 @pytest.mark.parametrize("tokens", [1, 15, 16, 17, 200, 1000, 4097])
@@ -52,13 +51,13 @@ def test_forced_count_covers_sinks_and_window(tokens):
 def test_row_budgets_give_needles_all_and_share_the_rest():
     nb = np.array([1000, 100])
     demand = np.array([[3, 900, 15, 400], [2, 2, 2, 100]])
-    k = row_budgets(demand, nb, budget=0.05, sink_blocks=1, recent_blocks=9)
+    k = np.array(row_budget_lists(demand.tolist(), nb.tolist(), 4, budget=0.05, sink_blocks=1, recent_blocks=9))
     kept = forced_count(nb, 1, 9)
     assert np.all(k >= kept[:, None])
     assert k[0, 2] == 15  # the retrieval head gets its whole demand
     assert k[0].sum() <= np.ceil(0.05 * 4 * 1000)
     assert abs(int(k[0, 1]) - int(k[0, 3])) <= 1 and k[0, 3] > 15  # dense heads split the rest evenly
-    fixed = row_budgets(None, nb, budget=0.05, sink_blocks=1, recent_blocks=9)
+    fixed = np.array(row_budget_lists(None, nb.tolist(), 1, budget=0.05, sink_blocks=1, recent_blocks=9))
     assert fixed.shape == (2, 1) and fixed[0, 0] == 50 and fixed[1, 0] == 10
 
 

@@ -2,8 +2,8 @@
 
 The pipeline (:mod:`fluxion_dist.hybrid.device_pipeline`) keeps scoring, selection and
 routing on the GPU; what the host decides per layer is a handful of numbers, all here, on
-the host alone, so CI tests them (plain ints where the host runs them every layer; the
-NumPy forms for the tests and the reference):
+the host alone, so CI tests them (plain ints where the host runs them every layer, NumPy
+where they run once per refresh or serve the reference):
 
 - ``row_budget_lists``: Fluxion's output-aware budget on the device path. Each (request, KV
   head) row's *demand* is the number of blocks its estimated softmax mass needs to reach
@@ -44,14 +44,10 @@ def _kept(nb: int, sink_blocks: int, recent_blocks: int) -> int:
     return sinks + recent - max(sinks - max(nb - recent_blocks, 0), 0)
 
 
-def water_fill(demand, cap: int) -> np.ndarray:
+def water_fill(demand: list[int], cap: int) -> list[int]:
     """Max-min fair integer shares of ``cap`` for ``demand`` (>= 0): each row gets
     ``min(demand, level)``, the level as high as the cap allows; leftovers from the
     integer level go one each to the rows still short, lowest index first."""
-    return np.array(_water_fill([int(x) for x in np.asarray(demand).ravel()], int(cap)), dtype=np.int64)
-
-
-def _water_fill(demand: list[int], cap: int) -> list[int]:
     # Plain ints: a layer's rows are a few dozen numbers, and the host plans every layer of
     # every step; NumPy's per-call overhead made this ~10x slower than the loop.
     if sum(demand) <= cap:
@@ -77,16 +73,6 @@ def _water_fill(demand: list[int], cap: int) -> list[int]:
     return grant
 
 
-def row_budgets(demand: np.ndarray | None, nb: np.ndarray, *, budget: float, sink_blocks: int,
-                recent_blocks: int) -> np.ndarray:
-    """Blocks per (request, KV head) row, int32 [B, Hkv] ([B, 1] without a demand), kept
-    blocks included: :func:`row_budget_lists` over arrays."""
-    nb_list = np.asarray(nb, dtype=np.int64).tolist()
-    rows = None if demand is None else np.asarray(demand, dtype=np.int64).tolist()
-    return np.array(row_budget_lists(rows, nb_list, 1 if rows is None else len(rows[0]), budget=budget,
-                                     sink_blocks=sink_blocks, recent_blocks=recent_blocks), dtype=np.int32)
-
-
 def row_budget_lists(demand: list[list[int]] | None, nb: list[int], hkv: int, *, budget: float, sink_blocks: int,
                      recent_blocks: int) -> list[list[int]]:
     """Blocks per (request, KV head) row, kept blocks included.
@@ -104,7 +90,7 @@ def row_budget_lists(demand: list[list[int]] | None, nb: list[int], hkv: int, *,
             continue
         cap = math.ceil(budget * hkv * n) - hkv * k
         extra = [min(max(x - k, 0), n - k) for x in demand[b]]
-        out.append([k + g for g in _water_fill(extra, max(cap, 0))])
+        out.append([k + g for g in water_fill(extra, max(cap, 0))])
     return out
 
 
