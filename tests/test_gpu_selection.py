@@ -111,6 +111,17 @@ def test_topp_matches_reference(factor: int, p: float, spread: float):
                             f"seed={seed} b={b} h={h} p={p}")
 
 
+def test_topp_one_takes_every_block():
+    """p = 1 takes all of a row, even entries whose mass is far below the kernel's 2^-40
+    fixed-point unit (scores spread over ~100 nats)."""
+    rng, seed = gpu_util.fresh_rng()
+    s = _scores(rng, SEQ_LENS, 2, 1, spread=16.0)
+    rows = _rows(select_topp(cp.asarray(s), cp.asarray(np.array(SEQ_LENS, np.int32)), 1.0))
+    for b, t in enumerate(SEQ_LENS):
+        for h in range(2):
+            np.testing.assert_array_equal(rows[b * 2 + h], np.arange(num_blocks(t)), err_msg=f"seed={seed} b={b}")
+
+
 def test_topp_per_row_mass_and_ties():
     rng, seed = gpu_util.fresh_rng()
     heads = 3

@@ -137,12 +137,16 @@ def estimated_mass(scores) -> np.ndarray:
 
 
 def select_topp(scores, p: float) -> list[np.ndarray]:
-    """Per row, the fewest highest-scoring blocks whose estimated mass reaches ``p``."""
+    """Per row, the fewest highest-scoring blocks whose estimated mass reaches ``p``;
+    ``p = 1`` takes every block (a block's mass is never exactly zero)."""
     if not 0.0 < p <= 1.0:
         raise ValueError(f"top-p mass must be in (0, 1]; got {p}")
     mass = estimated_mass(scores)
     out = []
     for row in mass:
+        if p >= 1.0:
+            out.append(np.arange(row.size, dtype=np.int64))
+            continue
         order = np.argsort(-row, kind="stable")
         csum = np.cumsum(row[order])
         n = int(np.searchsorted(csum, p * (1 - 1e-12))) + 1

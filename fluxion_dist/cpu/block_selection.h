@@ -185,6 +185,11 @@ static fx_cut fx_topk_cut(const float *x, int64_t n, int64_t k, int skip_ninf, u
 static fx_cut fx_topp_cut(const float *x, int64_t n, double p, uint64_t *keys, double *w) {
     fx_cut cut = {0, 0};
     if (n == 0) return cut;
+    if (p >= 1.0) { /* every value, as the reference */
+        cut.threshold = UINT64_MAX;
+        cut.count = n;
+        return cut;
+    }
     double mx = -INFINITY, total = 0.0;
     for (int64_t i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
     for (int64_t i = 0; i < n; i++) {

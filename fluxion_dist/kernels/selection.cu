@@ -58,8 +58,8 @@ __device__ __forceinline__ unsigned long long mass_weight(unsigned int key, floa
     return (unsigned long long)__float2ll_rn(expf(key_value(key) - smax) * MASS_ONE);
 }
 
-// The target weight of a top-p row from its total mass. The reference stops at
-// p * (1 - 1e-12) so that p = 1 survives rounding.
+// The target weight of a top-p row (p < 1) from its total mass. The reference stops at
+// p * (1 - 1e-12), so a cumulative mass within rounding of p reaches it.
 __device__ __forceinline__ unsigned long long mass_target(float p, unsigned long long total) {
     const unsigned long long t = (unsigned long long)ceil((double)p * (1.0 - 1e-12) * (double)total);
     return min(max(t, 1ull), total);
@@ -186,7 +186,9 @@ __device__ Cut find_cut(SelectShared& sh, unsigned int* keys, const float* row, 
     // units, whose target comes from the row's total (summed by the first pass).
     unsigned long long remaining = by_mass ? 0ull : (unsigned long long)max(min(k, n), 0);
     if (!by_mass && remaining == 0ull) return Cut{~0u, 0ull};
-    const bool take_all = !by_mass && remaining >= (unsigned long long)n;
+    // p = 1 takes every entry, as the reference does: the fixed-point weights round masses
+    // under 2^-41 of the row's maximum to zero, so a mass sum cannot tell them apart.
+    const bool take_all = by_mass ? p >= 1.f : remaining >= (unsigned long long)n;
 
     // Radix select of the threshold key T: the weight of keys > T is below the target, that
     // of keys >= T reaches it; `remaining` ends as the weight still needed from keys == T.
