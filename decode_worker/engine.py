@@ -28,7 +28,8 @@ class PagedKV(Protocol):
     def block_tables(self, request_id: str) -> list[list[int]]: ...
 
     def ensure_tokens(self, request_id: str, num_tokens: int) -> None:
-        """Grow the request's pages to hold ``num_tokens``; raises ``StoreFull`` if it cannot."""
+        """Check the pages reserved at admission hold ``num_tokens``; raises ``StoreFull`` if not
+        (pages never grow after admission)."""
 
 
 @dataclass(slots=True)
@@ -43,7 +44,7 @@ class PagedSequence:
 class TokenEvent:
     request_id: str
     token: int | None  # None when the request ends without a new token (an error)
-    finish_reason: str | None = None  # "stop" | "length" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "error" | "abort" (the actor's, on cancel)
     error: str | None = None
 
 

@@ -92,7 +92,7 @@ class HybridAttentionError(FluxionError, ValueError):
 
 
 class PagedSequenceView(Protocol):
-    """What the operator reads of a sequence (``decode_worker.host_kv_attention.PagedSequence`` fits)."""
+    """What the operator reads of a sequence (``decode_worker.engine.PagedSequence`` fits)."""
 
     block_tables: list[list[int]]  # per layer: the sequence's pages in token order (incl. the new token's)
     seq_len: int  # tokens already in the pages, before this step's token

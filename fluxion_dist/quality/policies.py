@@ -107,7 +107,8 @@ class QuestFixed:
 
 
 def fluxion_policy(budget: float = 0.05, mass_target: float = 0.95) -> Policy | None:
-    """The Fluxion policy of ``fluxion_dist.sparse``, or None where that package is not installed yet."""
+    """The served Fluxion policy (``fluxion_dist.sparse`` through ``quality.fluxion_adapter``);
+    None if the adapter cannot be imported."""
     try:
         from fluxion_dist.quality.fluxion_adapter import FluxionPolicy
     except ImportError:

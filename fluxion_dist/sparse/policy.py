@@ -11,7 +11,8 @@ business, so ``quest_gpu``, ``cpu_only`` and ``fixed_hybrid`` select identically
   step) -> granularity-budget selector.
 
 AsyncTLS token refinement (``hierarchical.refine_tokens``) needs the candidates' keys,
-which a policy over metadata does not read; the operator applies it after fetching.
+which a policy over metadata does not read; the served operator does not apply it
+(decisions are whole 16-token blocks).
 """
 
 from __future__ import annotations
