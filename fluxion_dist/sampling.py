@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
+
+# torch.Generator.manual_seed takes a 64-bit value; the API keeps seeds non-negative and signed-safe.
+MAX_SEED = 2**63 - 1
+# Below this, logits / temperature overflows float32 and softmax gives inf/nan.
+MIN_TEMPERATURE = 1e-2
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +27,13 @@ class Sampler:
     """Holds a request's generator so a seeded request is reproducible across workers."""
 
     def __init__(self, params: SamplingParams) -> None:
+        t = params.temperature
+        if not (t == 0 or (math.isfinite(t) and t >= MIN_TEMPERATURE)):
+            raise ValueError(f"temperature must be 0 or a finite value >= {MIN_TEMPERATURE}, not {t}")
+        if not 0 < params.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], not {params.top_p}")
+        if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, {MAX_SEED}], not {params.seed}")
         self.params = params
         self._gen = None
         if params.temperature > 0:

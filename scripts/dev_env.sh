@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create (once) and refresh the project's virtual environment in .venv, then activate it.
 # Sourced by run_demo.sh and run_tests.sh; reinstalls only when packaging or Cython sources change.
+# Sourced into a user's shell: keep strict mode only while this file runs, then restore the caller's.
+_fluxion_saved_opts="$(set +o)"
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FLUXION_VENV:-$root/.venv}"
@@ -21,3 +23,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 # shellcheck disable=SC1091
 source "$venv/bin/activate"
+eval "$_fluxion_saved_opts"
+unset _fluxion_saved_opts

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import AsyncIterator, Protocol
@@ -11,18 +12,32 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxion_dist.config.schema import ServerConfig
 from fluxion_dist.model.tokenizer import Tokenizer
 from fluxion_dist.sampling import SamplingParams
 from fluxion_dist.server.errors import AdmissionRefused, WorkerFailed
-from fluxion_dist.server.protocol import (CompletionRequest, completion_chunk, completion_id, error_body,
-                                          usage)
+from fluxion_dist.server.protocol import (CompletionRequest, UnsupportedParameter, completion_chunk,
+                                          completion_id, error_body, usage)
+
+# A prompt of N tokens is rarely more than this many characters; longer text is refused before
+# the tokenizer sees it (tokenizing 50 MB blocks the router's event loop for seconds).
+MAX_CHARS_PER_TOKEN = 16
+# Request bodies above this many bytes get 413 before they are read in full.
+BODY_BYTES_PER_TOKEN = 64
+MIN_BODY_LIMIT = 1 << 20
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 
 
 class Backend(Protocol):
     def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[int]:
         """Yield the completion's token ids; raises AdmissionRefused or WorkerFailed."""
+
+    def finished(self, request_id: str) -> None:
+        """The app has all it wants (a stop string matched): closing the stream next is a normal finish."""
 
     async def health(self) -> dict: ...
 
@@ -30,22 +45,52 @@ class Backend(Protocol):
 
 
 class _Detokenizer:
-    """Turns the token stream into text deltas and stops at a stop string (not included)."""
+    """Turns the token stream into text deltas and stops at a stop string (not included).
+
+    Stream and non-stream read the same text: ``push`` returns what is safe to send now and
+    ``flush`` the rest at the end. Held back are only a tail that could still become a stop
+    string and a trailing U+FFFD for at most ``MAX_INCOMPLETE`` tokens (a UTF-8 character is
+    at most 4 bytes; a replacement character that survives longer is genuine text).
+    """
+
+    MAX_INCOMPLETE = 3
 
     def __init__(self, tok: Tokenizer, stops: list[str]) -> None:
         self.tok, self.stops, self.ids, self.sent = tok, stops, [], ""
-        self.stopped = False
+        self.text, self.stopped, self._held_tokens = "", False, 0
 
     def push(self, token: int) -> str:
         self.ids.append(token)
         text = self.tok.decode(self.ids)
+        cut = min((at for at in (text.find(s) for s in self.stops) if at >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = text[:cut], True
+            return ""
+        self.text = text
+        if text.endswith("\ufffd") and self._held_tokens < self.MAX_INCOMPLETE:
+            self._held_tokens += 1  # maybe a multi-byte character still incomplete
+            return ""
+        self._held_tokens = 0
+        safe = len(text) - self._stop_prefix_len(text)
+        if safe <= len(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):safe], text[:safe]
+        return delta
+
+    def _stop_prefix_len(self, text: str) -> int:
+        """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+        best = 0
         for s in self.stops:
-            at = text.find(s)
-            if at >= 0:
-                text, self.stopped = text[:at], True
-        if text.endswith("\ufffd") and not self.stopped:
-            return ""  # a multi-byte character is still incomplete
-        delta, self.sent = text[len(self.sent):], text
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+    def flush(self) -> str:
+        """The text not sent yet (after the last token, or up to the stop string)."""
+        delta = self.text[len(self.sent):] if self.text.startswith(self.sent) else ""
+        self.sent = self.text
         return delta
 
 
@@ -53,14 +98,80 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
     return JSONResponse(error_body(message, kind, param, status), status_code=status)
 
 
-def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend) -> FastAPI:
+class _BodyLimit:
+    """ASGI wrapper: 413 for a body over ``limit`` bytes, by Content-Length or while it streams in."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await _send_413(send, self.limit)
+        seen, started = 0, False
+
+        async def send_tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send_tracked)
+        except _BodyTooLarge:
+            if not started:
+                await _send_413(send, self.limit)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _send_413(send, limit: int) -> None:
+    body = json.dumps(error_body(f"request body exceeds {limit} bytes", "invalid_request_error", None,
+                                 413)).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend) -> _BodyLimit:
+    """The API as an ASGI app: FastAPI behind the body-size limit."""
     app = FastAPI(title="fluxion-dist", docs_url=None, redoc_url=None)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: Request, exc: RequestValidationError):
         first = exc.errors()[0]
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, UnsupportedParameter):
+            return _error(400, str(cause), param=cause.param)
         loc = ".".join(str(p) for p in first["loc"] if p != "body")
         return _error(400, f"{loc or 'body'}: {first['msg']}", param=loc or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        kind = _ERROR_TYPES.get(exc.status_code, "server_error" if exc.status_code >= 500 else
+                                "invalid_request_error")
+        return _error(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception):
+        return _error(500, f"internal error: {type(exc).__name__}", "server_error")
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -84,10 +195,24 @@ def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend) -> Fast
                                             "created": 0, "owned_by": "fluxion-dist"}]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         if req.model != cfg.served_model_name:
             return _error(404, f"model {req.model!r} does not exist; this server has {cfg.served_model_name!r}",
                           param="model")
+        if isinstance(req.prompt, str):
+            if len(req.prompt) > cfg.max_prompt_tokens * MAX_CHARS_PER_TOKEN:
+                return _error(400, f"prompt has {len(req.prompt)} characters, more than {cfg.max_prompt_tokens} "
+                                   f"tokens can hold; the limit is {cfg.max_prompt_tokens} tokens", param="prompt")
+            try:
+                req.prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return _error(400, f"prompt is not valid Unicode text (lone surrogate at {e.start})",
+                              param="prompt")
+            for s in req.stop_strings:
+                try:
+                    s.encode("utf-8")
+                except UnicodeEncodeError:
+                    return _error(400, "stop strings must be valid Unicode text", param="stop")
         prompt = tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
         if any(not 0 <= t < tokenizer.vocab_size for t in prompt):
             return _error(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
@@ -121,17 +246,31 @@ def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend) -> Fast
 
         if not req.stream:
             n = 0
-            try:
+
+            async def collect() -> None:
+                nonlocal n
                 async for t in tokens():
                     n += 1
                     detok.push(t)
                     if detok.stopped:
+                        backend.finished(cid)
                         break
+
+            work, gone = asyncio.create_task(collect()), asyncio.create_task(_until_disconnect(request))
+            try:  # a client that hangs up aborts its request (the stream's cleanup frees its pages)
+                await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not work.done():
+                    work.cancel()
+                    await asyncio.gather(work, return_exceptions=True)
+                    return _error(499, "client closed the request", "client_abort")
+                work.result()
             except WorkerFailed as e:
                 return _error(503, str(e), "server_error")
             finally:
+                gone.cancel()
                 await stream.aclose()
-            body = completion_chunk(cid, req.model, detok.sent, finish_reason(n), created)
+            text = detok.sent + detok.flush()
+            body = completion_chunk(cid, req.model, text, finish_reason(n), created)
             body["usage"] = usage(len(prompt), n)
             if req.return_token_ids:
                 body["choices"][0]["token_ids"] = detok.ids
@@ -146,7 +285,11 @@ def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend) -> Fast
                     if delta:
                         yield _sse(completion_chunk(cid, req.model, delta, None, created))
                     if detok.stopped:
+                        backend.finished(cid)
                         break
+                rest = detok.flush()
+                if rest:
+                    yield _sse(completion_chunk(cid, req.model, rest, None, created))
                 yield _sse(completion_chunk(cid, req.model, "", finish_reason(n), created))
                 if req.stream_options and req.stream_options.include_usage:
                     tail = completion_chunk(cid, req.model, "", None, created)
@@ -160,7 +303,8 @@ def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend) -> Fast
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    return app
+    limit = max(MIN_BODY_LIMIT, cfg.max_prompt_tokens * BODY_BYTES_PER_TOKEN)
+    return _BodyLimit(app, limit)
 
 
 def _sse(obj: dict) -> bytes:

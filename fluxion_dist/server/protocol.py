@@ -10,7 +10,11 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+
+from fluxion_dist.sampling import MAX_SEED, MIN_TEMPERATURE
+
+MAX_STOP_STRINGS = 4
 
 
 class StreamOptions(BaseModel):
@@ -18,20 +22,57 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
-    prompt: str | list[int] | list[str]
-    max_tokens: int = Field(default=16, ge=1)
+    prompt: str | list[StrictInt] | list[str]
+    max_tokens: StrictInt = Field(default=16, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     n: Literal[1] = 1
     ignore_eos: bool = False
     return_token_ids: bool = False  # vLLM's extension: the completion's token ids beside its text
+    # Accepted only at their no-op values; anything else is a 400 naming the field (see _unsupported).
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_floor(cls, v):
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None:
+            if len(stops) > MAX_STOP_STRINGS:
+                raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+            if any(s == "" for s in stops):
+                raise ValueError("stop strings must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        bad = {"logprobs": self.logprobs is not None, "echo": self.echo,
+               "best_of": self.best_of not in (None, 1), "suffix": bool(self.suffix),
+               "presence_penalty": self.presence_penalty != 0, "frequency_penalty": self.frequency_penalty != 0,
+               "logit_bias": bool(self.logit_bias)}
+        for name, is_set in bad.items():
+            if is_set:
+                raise UnsupportedParameter(name)
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -49,6 +90,14 @@ class CompletionRequest(BaseModel):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class UnsupportedParameter(ValueError):
+    """A request field this server accepts only at its default; the app answers 400 naming it."""
+
+    def __init__(self, param: str) -> None:
+        self.param = param
+        super().__init__(f"{param} is not supported by this server")
 
 
 def completion_id() -> str:

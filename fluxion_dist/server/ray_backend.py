@@ -36,8 +36,20 @@ class RouterMetrics:
                               registry=self.registry, buckets=buckets)
         self.queue = Histogram("fluxion_queue_seconds", "admission + worker choice time",
                                registry=self.registry, buckets=buckets)
-        self.requests = PCounter("fluxion_requests", "finished requests by outcome", ["outcome"],
-                                 registry=self.registry)
+        self.requests = PCounter("fluxion_requests", "finished requests by outcome "
+                                 "(ok, rejected_429, client_abort, error)", ["outcome"], registry=self.registry)
+        self.e2e = Histogram("fluxion_e2e_latency_seconds", "request arrival to last token",
+                             registry=self.registry, buckets=buckets + (60, 120))
+        self.itl = Histogram("fluxion_itl_seconds", "time between consecutive output tokens",
+                             registry=self.registry, buckets=buckets)
+        self.prompt_tokens = PCounter("fluxion_prompt_tokens", "prompt tokens of admitted requests",
+                                      registry=self.registry)
+        self.generation_tokens = PCounter("fluxion_generation_tokens", "output tokens streamed",
+                                          registry=self.registry)
+        self.running = Gauge("fluxion_requests_running", "requests past admission, generating",
+                             registry=self.registry)
+        self.waiting = Gauge("fluxion_requests_waiting", "requests waiting for admission or prefill",
+                             registry=self.registry)
         self.kv_occupancy = Gauge("fluxion_kv_occupancy_ratio", "decode KV store pages in use",
                                   ["worker"], registry=self.registry)
         self.kv_bytes = PCounter("fluxion_kv_transferred_bytes", "KV bytes pushed prefill -> decode",
@@ -52,7 +64,18 @@ class RayBackend:
     def __init__(self, prefill: dict[str, ray.actor.ActorHandle], decode: dict[str, ray.actor.ActorHandle]) -> None:
         self.prefill, self.decode = prefill, decode
         self._prefill_inflight: Counter[str] = Counter()
+        self._finished: set[str] = set()
         self.metrics = RouterMetrics()
+
+    def finished(self, request_id: str) -> None:
+        self._finished.add(request_id)
+
+    async def _refresh_occupancy(self, name: str) -> None:
+        try:
+            load = await asyncio.wait_for(self.decode[name].load.remote(), 2)
+        except Exception:
+            return
+        self.metrics.kv_occupancy.labels(name).set(load["used_pages"] / max(load["total_pages"], 1))
 
     async def _loads(self) -> dict[str, dict]:
         names = list(self.decode)
@@ -85,9 +108,26 @@ class RayBackend:
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[int]:
         t0 = time.perf_counter()
-        decode_name, address = await self._admit(request_id, len(prompt), params.max_tokens)
+        m = self.metrics
+        m.waiting.inc()
+        waiting = True
+        try:
+            decode_name, address = await self._admit(request_id, len(prompt), params.max_tokens)
+        except AdmissionRefused:
+            m.requests.labels("rejected_429").inc()
+            raise
+        except BaseException:
+            m.requests.labels("client_abort" if _is_abort() else "error").inc()
+            raise
+        finally:
+            m.waiting.dec()
+            waiting = False
+        await self._refresh_occupancy(decode_name)
         prefill_name = min(self.prefill, key=lambda n: self._prefill_inflight[n])
-        self.metrics.queue.observe(time.perf_counter() - t0)
+        m.queue.observe(time.perf_counter() - t0)
+        m.prompt_tokens.inc(len(prompt))
+        m.waiting.inc()
+        waiting = True
         outcome = "error"
         try:
             self._prefill_inflight[prefill_name] += 1
@@ -95,7 +135,9 @@ class RayBackend:
                 done = await self.prefill[prefill_name].prefill.remote(
                     request_id, prompt, address, params.temperature, params.top_p, params.seed)
             except RayTaskError as e:
-                if isinstance(e.cause, RemoteStoreFull):  # another request took the room since admit
+                # Another request took the room since admit, or the prefill side's own store is full.
+                if isinstance(e.cause, (RemoteStoreFull, StoreFull)):
+                    outcome = "rejected_429"
                     raise AdmissionRefused(f"KV stores are full: {e.cause}") from None
                 raise WorkerFailed(f"prefill worker {prefill_name} failed: {_reason(e)}") from None
             except RayActorError as e:
@@ -103,29 +145,49 @@ class RayBackend:
             finally:
                 self._prefill_inflight[prefill_name] -= 1
             first = done["token"]
-            t_first = time.perf_counter()
-            self.metrics.ttft.observe(t_first - t0)
-            self.metrics.kv_bytes.inc(done["kv_bytes"])
-            self.metrics.kv_transfer.observe(done["transfer_s"])
-            yield first
+            t_first = t_last = time.perf_counter()
+            m.waiting.dec()
+            waiting = False
+            m.running.inc()
+            m.ttft.observe(t_first - t0)
+            m.kv_bytes.inc(done["kv_bytes"])
+            m.kv_transfer.observe(done["transfer_s"])
+            m.generation_tokens.inc()
             n = 1
-            gen = self.decode[decode_name].generate.options(num_returns="streaming").remote(
-                request_id, first, dataclasses.asdict(params))
             try:
-                async for ref in gen:
-                    yield await ref
-                    n += 1
-            except (RayActorError, RayTaskError) as e:
-                raise WorkerFailed(f"decode worker {decode_name} failed: {_reason(e)}") from None
-            if n > 1:
-                self.metrics.tpot.observe((time.perf_counter() - t_first) / (n - 1))
-            outcome = "ok"
+                yield first
+                gen = self.decode[decode_name].generate.options(num_returns="streaming").remote(
+                    request_id, first, dataclasses.asdict(params))
+                try:
+                    async for ref in gen:
+                        token = await ref
+                        now = time.perf_counter()
+                        m.itl.observe(now - t_last)
+                        m.generation_tokens.inc()
+                        t_last = now
+                        n += 1
+                        yield token
+                except (RayActorError, RayTaskError) as e:
+                    raise WorkerFailed(f"decode worker {decode_name} failed: {_reason(e)}") from None
+                outcome = "ok"
+            finally:
+                m.running.dec()
+                if n > 1:
+                    m.tpot.observe((t_last - t_first) / (n - 1))
+                m.e2e.observe(time.perf_counter() - t0)
+        except (GeneratorExit, asyncio.CancelledError):
+            outcome = "ok" if request_id in self._finished else "client_abort"
+            raise
         finally:
-            self.metrics.requests.labels(outcome).inc()
+            if waiting:
+                m.waiting.dec()
+            self._finished.discard(request_id)
+            m.requests.labels(outcome).inc()
             try:  # frees the pages whatever happened; a dead worker's restart frees them too
                 await asyncio.wait_for(self.decode[decode_name].abort.remote(request_id), 10)
             except Exception:
                 pass
+            await self._refresh_occupancy(decode_name)
 
     async def health(self) -> dict:
         actors = {**self.prefill, **self.decode}
@@ -136,6 +198,11 @@ class RayBackend:
 
     def metrics_text(self) -> bytes:
         return generate_latest(self.metrics.registry)
+
+
+def _is_abort() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _reason(e: BaseException) -> str:
