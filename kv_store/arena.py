@@ -36,8 +36,8 @@ def map_anonymous(nbytes: int) -> mmap.mmap:
     """``nbytes`` of zeroed, page-aligned anonymous memory, advised for transparent huge pages.
 
     Decoding reads the arena as scattered 8 KiB (page, head) runs: with 4 KiB pages each run
-    costs two TLB misses, and the CPU path read 6-14% slower on such an arena (32k and 128k
-    contexts, 2-core VM) than on the same bytes in 2 MiB pages. Where THP is "madvise" (a common
+    costs two TLB misses, so the CPU path reads it slower than the same bytes in 2 MiB pages
+    (docs/benchmarks.md, CPU path). Where THP is "madvise" (a common
     default) an mmap gets huge pages only when asked; the advice is a no-op where THP is off.
     """
     mem = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

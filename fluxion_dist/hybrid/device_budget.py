@@ -49,7 +49,7 @@ def water_fill(demand: list[int], cap: int) -> list[int]:
     ``min(demand, level)``, the level as high as the cap allows; leftovers from the
     integer level go one each to the rows still short, lowest index first."""
     # Plain ints: a layer's rows are a few dozen numbers, and the host plans every layer of
-    # every step; NumPy's per-call overhead made this ~10x slower than the loop.
+    # every step; NumPy's per-call overhead on so few numbers costs more than the loop.
     if sum(demand) <= cap:
         return list(demand)
     cap = max(cap, 0)

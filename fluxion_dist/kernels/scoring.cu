@@ -19,8 +19,8 @@ static_assert(HEAD_DIM % 8 == 0 && ROW_LANES <= 32 && 32 % ROW_LANES == 0,
 static_assert(GROUP >= 1 && GROUP <= 16, "GROUP out of range");
 
 // 16 bytes of one metadata row. Each row group reads a whole 256-byte row; the L2::256B hint
-// lets L2 fetch all of it on the first miss instead of the 32-byte sectors one load touches:
-// 15.5 -> 14.9 us for the 33.5 MB of 128k tokens on the H100. Read-only for the kernel's
+// lets L2 fetch all of it on the first miss instead of the 32-byte sectors one load touches
+// (measured in docs/benchmarks.md, GPU kernels). Read-only for the kernel's
 // life (.nc), and no L1 allocation: nothing reads a row twice.
 __device__ __forceinline__ uint4 load_meta(const bf16_t* p) {
     uint4 v;

@@ -17,9 +17,8 @@ from fluxion_dist.kernels.checks import BF16_BITS, expect, expect_aligned, posit
 
 _THREADS = 64  # SCORE_THREADS in scoring.cu
 _SCORE_PASSES = 2  # SCORE_PASSES in scoring.cu: blocks per row group per tile at factor 1
-# Base level: resident CTAs per SM the strided grid aims for. Small CTAs, many of them: on the
-# H100 (128k tokens) 64 threads x 8 CTAs per SM x 2 passes scored in 14.7 us, 128 x 4 x 4 in
-# 16.0 (both with scoring.cu's L2::256B loads); 32k: 5.8 vs 6.8.
+# Base level: resident CTAs per SM the strided grid aims for. Small CTAs, many of them: the
+# fastest shape of a sweep over threads, tiles and CTAs per SM (docs/benchmarks.md, GPU kernels).
 _CTAS_PER_SM = 8
 
 

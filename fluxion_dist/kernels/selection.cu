@@ -2,7 +2,7 @@
 //
 // -D BLOCK_TOKENS, -D SELECT_THREADS (threads per CTA: 256 to 1024), -D BY_MASS (0: top-k,
 // 1: top-p). The two rules are built apart: top-k's kernel then carries none of top-p's 64-bit
-// mass code or shared memory, which made it 0.7 us (6%) faster at 128k on the H100.
+// mass code or shared memory, which makes it faster (docs/benchmarks.md, GPU kernels).
 //
 // One CTA per row (request, head). Both rules are one radix select over the scores' 32-bit
 // order-preserving keys, held in shared memory: top-k counts elements, top-p sums their
@@ -118,8 +118,8 @@ __device__ int radix_pass(SelectShared& sh, const unsigned int* src, int len, in
     } else {
         // Top-p: the lanes of a warp that hit one bin add their count and mass once, through
         // their leader. Real scores crowd into a few bins of a digit, and 64-bit same-address
-        // shared atomics serialise: the predictor's pass took up to ~250 us at 128k without
-        // this (the match costs more than it saves on top-k's 32-bit counts).
+        // shared atomics serialise, which gave the predictor's pass long tails without this
+        // (the match costs more than it saves on top-k's 32-bit counts).
         const unsigned int lane = threadIdx.x & 31;
         for (int base = 0; base < len; base += SELECT_THREADS) {  // uniform trip count: whole warps
             const int i = base + threadIdx.x;
