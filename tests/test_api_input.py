@@ -153,3 +153,40 @@ async def test_include_usage():
             events = [json.loads(ln[6:]) async for ln in r.aiter_lines()
                       if ln.startswith("data: ") and ln != "data: [DONE]"]
     assert events[-1]["usage"]["completion_tokens"] == 4 and events[-1]["choices"] == []
+
+
+async def test_non_streaming_client_disconnect_closes_the_backend_stream():
+    import asyncio
+
+    closed = asyncio.Event()
+
+    class Slow(FakeBackend):
+        async def generate(self, request_id, prompt, params):
+            try:
+                while True:
+                    await asyncio.sleep(0.01)
+                    yield 65
+            finally:
+                closed.set()
+
+    app = build_app(ServerConfig(max_prompt_tokens=64), ByteTokenizer(), Slow())
+    body = json.dumps(_body(max_tokens=1000)).encode()
+    sent_body = False
+
+    async def receive():
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(0.2)  # the client hangs up mid-generation
+        return {"type": "http.disconnect"}
+
+    async def send(_):
+        pass
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "scheme": "http", "server": ("t", 80), "client": ("c", 1),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    await asyncio.wait_for(app(scope, receive, send), 5)
+    assert closed.is_set()
