@@ -190,9 +190,13 @@ def test_metrics_and_health(service):
     text = client.get("/metrics").text
     for name in ("fluxion_ttft_seconds_bucket", "fluxion_tpot_seconds_bucket", "fluxion_queue_seconds_bucket",
                  "fluxion_requests_total", "fluxion_kv_transferred_bytes_total", "fluxion_kv_transfer_seconds_bucket",
-                 "fluxion_kv_occupancy_ratio", "fluxion_sparse_budget_used_ratio"):
+                 "fluxion_kv_occupancy_ratio", "fluxion_sparse_budget_used_ratio",
+                 "fluxion_e2e_latency_seconds_bucket", "fluxion_itl_seconds_bucket", "fluxion_prompt_tokens_total",
+                 "fluxion_generation_tokens_total", "fluxion_requests_running", "fluxion_requests_waiting"):
         assert name in text, name
     assert "fluxion_kv_transferred_bytes_total 0.0" not in text
+    assert "fluxion_requests_running 0.0" in text and 'outcome="rejected_429"' in text
+    assert all(line.endswith(" 0.0") for line in text.splitlines() if line.startswith("fluxion_kv_occupancy_ratio{"))
     health = client.get("/health").json()
     assert health["healthy"] and len(health["workers"]) == 2
 
