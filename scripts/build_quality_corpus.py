@@ -1,0 +1,146 @@
+"""Build the quality model's natural-text corpus from Debian's ``r-cran-janeaustenr``.
+
+The package's ``data/Rdata.rdb`` is a run of records, each a 4-byte big-endian
+uncompressed length then a zlib stream of R's XDR serialisation; the six novels
+are character vectors (one element per line). This parses that format directly
+(no R needed), joins lines into paragraphs, and writes
+``fluxion_dist/data/quality_corpus/austen.txt.xz`` (one paragraph a line)::
+
+    python scripts/build_quality_corpus.py            # apt-get download, then extract
+    python scripts/build_quality_corpus.py --deb PATH # from a downloaded .deb
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import lzma
+import struct
+import subprocess
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[1] / "fluxion_dist" / "data" / "quality_corpus"
+RDB = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
+
+
+class RReader:
+    """The subset of R's XDR serialisation that data sets use."""
+
+    def __init__(self, buf: bytes) -> None:
+        if buf[:2] != b"X\n":
+            raise ValueError("not XDR serialisation")
+        self.b, self.p, self.refs = buf, 2, []
+        version = self.int()
+        self.int(), self.int()
+        if version == 3:
+            n = self.int()
+            self.p += n  # native encoding name
+
+    def int(self) -> int:
+        (v,) = struct.unpack_from(">i", self.b, self.p)
+        self.p += 4
+        return v
+
+    def length(self) -> int:
+        n = self.int()
+        if n == -1:
+            hi, lo = self.int(), self.int()
+            n = (hi << 32) | (lo & 0xFFFFFFFF)
+        return n
+
+    def item(self):
+        flags = self.int()
+        t, attr, tag = flags & 0xFF, flags & (1 << 9), flags & (1 << 10)
+        if t in (254, 253, 252, 251, 250, 242, 241):
+            return None
+        if t == 255:
+            return self.refs[(flags >> 8) - 1]
+        if t == 1:  # SYMSXP
+            s = self.item()
+            self.refs.append(s)
+            return s
+        if t == 9:  # CHARSXP
+            n = self.int()
+            if n == -1:
+                return None
+            s = self.b[self.p:self.p + n].decode("utf-8", "replace")
+            self.p += n
+            return s
+        if t in (2, 6, 239, 240):  # pairlist / language
+            a = self.item() if attr else None
+            k = self.item() if tag else None
+            car = self.item()
+            cdr = self.item()
+            return [(k, car)] + (cdr if isinstance(cdr, list) else [])
+        if t in (10, 13):
+            n = self.length()
+            v = list(struct.unpack_from(f">{n}i", self.b, self.p))
+            self.p += 4 * n
+        elif t == 14:
+            n = self.length()
+            v = list(struct.unpack_from(f">{n}d", self.b, self.p))
+            self.p += 8 * n
+        elif t in (16, 19, 20):
+            v = [self.item() for _ in range(self.length())]
+        else:
+            raise ValueError(f"R type {t} not handled")
+        if attr:
+            self.item()
+        return v
+
+
+def rdb_records(data: bytes):
+    p = 0
+    while p < len(data):
+        d = zlib.decompressobj()
+        out = d.decompress(data[p + 4:])
+        yield out
+        p = len(data) - len(d.unused_data)
+
+
+def paragraphs(lines: list[str]) -> list[str]:
+    out, cur = [], []
+    for ln in lines + [""]:
+        ln = (ln or "").strip()
+        if ln:
+            cur.append(ln)
+        elif cur:
+            out.append(" ".join(" ".join(cur).replace("_", "").split()))
+            cur = []
+    return out
+
+
+def extract(rdb: bytes) -> list[str]:
+    paras = []
+    for rec in rdb_records(rdb):
+        v = RReader(rec).item()
+        if isinstance(v, list) and v and all(isinstance(s, (str, type(None))) for s in v) and len(v) > 1000:
+            paras += paragraphs(v)
+    return paras
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--deb", type=Path)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        deb = args.deb
+        if deb is None:
+            subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp, check=True)
+            deb = next(Path(tmp).glob("r-cran-janeaustenr_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), f"{tmp}/x"], check=True)
+        rdb = Path(f"{tmp}/x/{RDB}").read_bytes()
+        print(f"{deb.name} sha256 {hashlib.sha256(deb.read_bytes()).hexdigest()}")
+    text = "\n".join(extract(rdb)) + "\n"
+    OUT.mkdir(parents=True, exist_ok=True)
+    blob = lzma.compress(text.encode("utf-8"), preset=9)
+    (OUT / "austen.txt.xz").write_bytes(blob)
+    print(f"{len(text.split())} words, {len(blob)} bytes xz, sha256 {hashlib.sha256(blob).hexdigest()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
