@@ -54,11 +54,17 @@ def test_row_budgets_give_needles_all_and_share_the_rest():
     k = np.array(row_budget_lists(demand.tolist(), nb.tolist(), 4, budget=0.05, sink_blocks=1, recent_blocks=9))
     kept = forced_count(nb, 1, 9)
     assert np.all(k >= kept[:, None])
-    assert k[0, 2] == 15  # the retrieval head gets its whole demand
+    assert k[0, 2] == kept[0] + 15  # the retrieval head gets its whole demand, beyond the kept blocks
     assert k[0].sum() <= np.ceil(0.05 * 4 * 1000)
-    assert abs(int(k[0, 1]) - int(k[0, 3])) <= 1 and k[0, 3] > 15  # dense heads split the rest evenly
+    assert abs(int(k[0, 1]) - int(k[0, 3])) <= 1 and k[0, 3] > kept[0] + 15  # dense heads split the rest evenly
     fixed = np.array(row_budget_lists(None, nb.tolist(), 1, budget=0.05, sink_blocks=1, recent_blocks=9))
     assert fixed.shape == (2, 1) and fixed[0, 0] == 50 and fixed[1, 0] == 10
+
+
+def test_row_budgets_ask_the_demand_beyond_the_forced_blocks():
+    # a needle head whose demand (3 blocks) is below the forced count (10) still gets its 3 on top
+    k = row_budget_lists([[3, 0]], [1000], 2, budget=0.05, sink_blocks=1, recent_blocks=9)
+    assert k == [[13, 10]]
 
 
 def test_head_kinds_from_demand():
