@@ -29,6 +29,20 @@ class ModelConfig:
     seed: int = field(default=0, metadata=doc("seed of the tiny model's random weights", ge=0))
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata=doc("compute dtype"))
     max_model_len: int = field(default=32768, metadata=doc("longest prompt + output, in tokens", ge=16))
+    load_format: Literal["auto", "dummy"] = field(default="auto", metadata=doc(
+        "auto: the checkpoint's safetensors (or the tiny model when path is unset); dummy (vLLM's "
+        "meaning): only path's config.json is read and the weights are seeded random ones, built "
+        "directly on the device in dtype; path may name a directory, a config.json, or "
+        "'builtin:llama-3.1-8b' / 'builtin:qwen3-8b'"))
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=doc(
+        "where a worker keeps the weights: auto: its GPU when Ray gave it one (num_gpus > 0) and "
+        "CUDA works, else the CPU"))
+
+    def __post_init__(self) -> None:
+        from fluxion_dist.errors import ConfigError
+        if self.load_format == "dummy" and self.path is None:
+            raise ConfigError("model.load_format: 'dummy' needs model.path to name an HF config.json "
+                              "(a directory, a config.json file, or 'builtin:llama-3.1-8b' / 'builtin:qwen3-8b')")
 
 
 @dataclass(frozen=True, slots=True)
