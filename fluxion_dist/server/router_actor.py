@@ -8,7 +8,7 @@ import ray
 import uvicorn
 
 from fluxion_dist.config import config_from_dict
-from fluxion_dist.model.loader import load_from_config
+from fluxion_dist.model.loader import tokenizer_from_config
 from fluxion_dist.server.app import build_app
 from fluxion_dist.server.ray_backend import RayBackend
 
@@ -16,7 +16,7 @@ from fluxion_dist.server.ray_backend import RayBackend
 class Router:
     def __init__(self, config: dict, prefill_names: list[str], decode_names: list[str]) -> None:
         self.cfg = config_from_dict(config)
-        _, tokenizer = load_from_config(self.cfg.model)
+        tokenizer = tokenizer_from_config(self.cfg.model)
         ns = self.cfg.cluster.namespace
         self.backend = RayBackend({n: ray.get_actor(n, namespace=ns) for n in prefill_names},
                                   {n: ray.get_actor(n, namespace=ns) for n in decode_names})
