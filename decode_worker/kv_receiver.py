@@ -7,7 +7,7 @@ import asyncio
 from decode_worker.sequence_pages import SequencePages
 from fluxion_dist.config import DeployConfig
 from fluxion_dist.model.arch import ModelArch
-from fluxion_dist.server.kv_setup import fabric, store_config, transport_config
+from fluxion_dist.config.kv_setup import fabric, store_config, transport_config
 from kv_store import KVServer, KVStore, TransferState, TransferTimeout
 
 

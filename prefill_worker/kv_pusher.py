@@ -8,7 +8,7 @@ import torch
 
 from fluxion_dist.config import DeployConfig
 from fluxion_dist.model.arch import ModelArch
-from fluxion_dist.server.kv_setup import fabric, store_config, transport_config
+from fluxion_dist.config.kv_setup import fabric, store_config, transport_config
 from kv_store import KVSender, KVStore, PeerConnection, SendTransfer, TransferState
 
 
