@@ -75,11 +75,10 @@ def dummy_model(arch: ModelArch, device: torch.device | str = "cpu", dtype: torc
     """
     device = torch.device(device)
     with torch.device("meta"):
-        model = CausalLM(arch)
+        model = CausalLM(arch).to(dtype)  # cast while weightless: to_empty then allocates dtype only
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
-        p.data = p.data.to(dtype)
         if name.endswith("norm.weight"):
             p.data.normal_(0.0, 0.02, generator=gen).add_(1.0)
         elif name.endswith("embed_tokens.weight"):
