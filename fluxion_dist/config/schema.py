@@ -35,8 +35,8 @@ class ModelConfig:
         "directly on the device in dtype; path may name a directory, a config.json, or "
         "'builtin:llama-3.1-8b' / 'builtin:qwen3-8b'"))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=doc(
-        "where a worker keeps the weights: auto: its GPU when Ray gave it one (num_gpus > 0) and "
-        "CUDA works, else the CPU"))
+        "where a worker keeps the weights: cpu; cuda (the worker's GPU; an error where none is "
+        "usable); auto: the CPU while the decode engine builds its step's tensors on the host"))
 
     def __post_init__(self) -> None:
         from fluxion_dist.errors import ConfigError

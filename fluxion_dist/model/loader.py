@@ -103,9 +103,8 @@ def tokenizer_from_config(cfg: ModelConfig) -> Tokenizer:
 def load_from_config(cfg: ModelConfig, device: torch.device | str | None = None) -> tuple[CausalLM, Tokenizer]:
     """Build the model ``cfg`` names on ``device``.
 
-    Default: ``model.device`` when set explicitly; with ``auto`` the CPU for now, because the
-    decode engine still builds host tensors per step (the GPU model runner, issue 22, will pass
-    ``resolve_device(cfg)`` here)."""
+    Default: ``model.device`` when set explicitly; ``auto`` builds on the CPU, because the
+    decode engine builds its step's tensors on the host."""
     dtype = _DTYPES[cfg.dtype]
     if device is None:
         device = "cpu" if cfg.device == "auto" else resolve_device(cfg)
