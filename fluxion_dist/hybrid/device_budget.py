@@ -91,7 +91,6 @@ def row_budget_lists(demand: list[list[int]] | None, nb: list[int], hkv: int, *,
         cap = math.ceil(budget * hkv * n) - hkv * k
         # the demand was measured over every block, ranked by score: the forced sinks and
         # window need not hold its mass, so the whole demand is asked for beyond them
-        # (subtracting k left early layers, demand 0.1-3% of blocks, nothing but the forced)
         extra = [min(max(x, 0), n - k) for x in demand[b]]
         out.append([k + g for g in water_fill(extra, max(cap, 0))])
     return out

@@ -65,6 +65,7 @@ class RayBackend:
         self.prefill, self.decode = prefill, decode
         self._prefill_inflight: Counter[str] = Counter()
         self._finished: set[str] = set()
+        self._refreshes: set[asyncio.Future] = set()  # held so the loop does not drop them
         self.metrics = RouterMetrics()
 
     def finished(self, request_id: str) -> None:
@@ -122,7 +123,10 @@ class RayBackend:
         finally:
             m.waiting.dec()
             waiting = False
-        await self._refresh_occupancy(decode_name)
+        # off the request's path: one more round trip to the worker would add to its TTFT
+        refresh = asyncio.ensure_future(self._refresh_occupancy(decode_name))
+        self._refreshes.add(refresh)
+        refresh.add_done_callback(self._refreshes.discard)
         prefill_name = min(self.prefill, key=lambda n: self._prefill_inflight[n])
         m.queue.observe(time.perf_counter() - t0)
         m.prompt_tokens.inc(len(prompt))
