@@ -36,7 +36,8 @@ class ModelConfig:
         "'builtin:llama-3.1-8b' / 'builtin:qwen3-8b'"))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=doc(
         "where a worker keeps the weights: cpu; cuda (the worker's GPU; an error where none is "
-        "usable); auto: the CPU while the decode engine builds its step's tensors on the host"))
+        "usable); auto: cuda where the process can use a GPU (a worker given decode.num_gpus or "
+        "prefill.num_gpus > 0: Ray hides the GPUs from the others), else the CPU"))
 
     def __post_init__(self) -> None:
         from fluxion_dist.errors import ConfigError
@@ -91,6 +92,9 @@ class PrefillConfig:
     max_restarts: int = field(default=3, metadata=doc("Ray restarts of a dead actor", ge=0))
     node_resource: str | None = field(default=None, metadata=doc(
         "custom Ray resource that marks prefill nodes (see cluster_configs/ray_*.yaml); unset: any node"))
+    chunk_tokens: int = field(default=8192, metadata=doc(
+        "GPU prefill: prompt tokens per forward chunk (bounds the activation memory, so prompts up "
+        "to model.max_model_len fit)", ge=16))
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +106,9 @@ class DecodeConfig:
         "custom Ray resource that marks decode nodes (see cluster_configs/ray_*.yaml); unset: any node"))
     max_batch_size: int = field(default=16, metadata=doc("sequences decoded together per step", ge=1))
     max_restarts: int = field(default=3, metadata=doc("Ray restarts of a dead actor", ge=0))
+    enforce_eager: bool = field(default=False, metadata=doc(
+        "GPU decode: launch each step's kernels eagerly instead of replaying a CUDA graph per padded "
+        "batch size (debugging; the CPU always runs eagerly)"))
     sparse: SparseConfig = field(default_factory=SparseConfig, metadata=doc("decode attention policy"))
 
 
