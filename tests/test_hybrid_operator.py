@@ -138,3 +138,43 @@ def test_bad_inputs_raise_typed_errors():
     with pytest.raises(HybridAttentionError, match="GPU rates"):
         HybridAttention(dec.arena, SparseConfig(), CostModel.cpu_only(32, 5.0), HybridOptions(1, device="emulated"))
     op.close()
+
+
+@pytest.mark.parametrize("policy", ["quest_gpu", "fluxion"])
+def test_recorded_selection_is_what_was_attended(policy):
+    """record_selection: per layer the CSR of logical blocks; the output is the reference over
+    exactly those blocks; a request asking for full attention reads every block."""
+    from fluxion_dist.policy import RequestSparse
+
+    dec = Decode([700, 1100, 901], 2, 4, steps=3, seed=11)
+    op = dec.operator(policy, "cpu", budget=0.1, mass=0.9, record_selection=True)
+    own = [None, RequestSparse("full", 1.0), RequestSparse(policy, 0.2)]
+    for _ in range(2):
+        hook = op.step(dec.seqs, dec.ids, own)
+        b = len(dec.seqs)
+        for layer in range(dec.layers):
+            q = dec.rng.standard_normal((b, dec.hq, dec.d)).astype(np.float32)
+            kn = bf16(dec.rng.standard_normal((b, dec.hkv, dec.d)).astype(np.float32))
+            vn = bf16(dec.rng.standard_normal((b, dec.hkv, dec.d)).astype(np.float32))
+            got = hook(layer, torch.from_numpy(q), torch.from_numpy(kn), torch.from_numpy(vn)).numpy()
+            indptr, blocks = hook.selections[layer]
+            assert indptr.dtype == np.int32 and blocks.dtype == np.int32 and indptr.size == b * dec.hkv + 1
+            for i in range(b):
+                dec.k[i][layer] = np.concatenate([dec.k[i][layer], kn[i][None]])
+                dec.v[i][layer] = np.concatenate([dec.v[i][layer], vn[i][None]])
+                nb = -(-dec.k[i][layer].shape[0] // 16)
+                rows = [blocks[indptr[i * dec.hkv + h]:indptr[i * dec.hkv + h + 1]].astype(np.int64)
+                        for h in range(dec.hkv)]
+                for r in rows:
+                    assert np.all(np.diff(r) > 0) and r[-1] == nb - 1  # ascending, the new token's block in
+                if i == 1:
+                    assert all(r.size == nb for r in rows)
+                want = reference.merge_partials([reference.partial_attention(q[i], dec.k[i][layer],
+                                                                             dec.v[i][layer], rows)])
+                np.testing.assert_allclose(got[i], want, rtol=2e-4, atol=2e-5)
+        for s in dec.seqs:
+            s.seq_len += 1
+        rep = hook.report()
+        assert len(rep.budget_per_request) == 3 and rep.budget_per_request[1] == pytest.approx(1.0)
+        assert rep.budget_per_request[0] < rep.budget_per_request[2] < 1.0
+    op.close()

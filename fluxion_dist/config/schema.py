@@ -58,14 +58,44 @@ class KVStoreConfig:
 
 @dataclass(frozen=True, slots=True)
 class TransportConfig:
+    """The KV transfer prefill -> decode. The one transport config: ``kv_store`` runs on it."""
+
     backend: Literal["ucx", "fake"] = field(default="ucx", metadata=doc(
         "ucx: UCXX between processes; fake: in-process, for tests"))
-    ucx_tls: str = field(default="sm,self,tcp", metadata=doc("UCX_TLS for the transfer endpoints"))
+    ucx_tls: str = field(default="sm,self,tcp", metadata=doc(
+        "UCX_TLS for the transfer endpoints: 'sm,self' (or 'tcp,cma') within a host, 'tcp' or 'rc' "
+        "across hosts"))
     ucx_net_devices: str = field(default="all", metadata=doc("UCX_NET_DEVICES, e.g. 'lo' or 'mlx5_0:1'"))
+    ucx_error_handling: bool = field(default=False, metadata=doc(
+        "UCX peer error handling; UCX refuses it with shared-memory endpoints, so it suits tcp/rc "
+        "only (the heartbeat notices a dead peer either way)"))
     layers_in_flight: int = field(default=4, metadata=doc(
         "layers a prefill worker may have on the wire at once", ge=1, le=256))
     timeout_s: float = field(default=30.0, metadata=doc(
-        "a transfer with no progress for this long fails its request", gt=0))
+        "a transfer or peer with no progress for this long fails (its pages are freed)", gt=0))
+    heartbeat_s: float = field(default=1.0, metadata=doc(
+        "each side of a KV connection pings the other this often; under timeout_s / 2", gt=0))
+    connect_timeout_s: float = field(default=10.0, metadata=doc(
+        "a prefill worker's handshake with a decode worker's KV server fails after this long", gt=0))
+    offer_deadline_s: float = field(default=30.0, metadata=doc(
+        "an admitted request whose KV offer has not reached the decode worker by then is forgotten "
+        "and its reserved pages freed", gt=0))
+
+    def __post_init__(self) -> None:
+        from fluxion_dist.errors import ConfigError
+        if not self.ucx_tls or any(not part.strip() for part in self.ucx_tls.split(",")):
+            raise ConfigError(f"transport.ucx_tls: {self.ucx_tls!r} is not a comma list of UCX transports")
+        for name in ("layers_in_flight", "timeout_s", "heartbeat_s", "connect_timeout_s", "offer_deadline_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"transport.{name}: {getattr(self, name)!r} is out of range; must be > 0")
+        if not self.timeout_s > 2 * self.heartbeat_s:
+            raise ConfigError(f"transport.timeout_s ({self.timeout_s}) must exceed twice transport.heartbeat_s "
+                              f"({self.heartbeat_s}), or live peers are declared dead")
+
+    def ucx_env(self) -> dict[str, str]:
+        """UCX variables for the process that will use UCX (a Ray actor's runtime_env env_vars)."""
+        return {"UCX_TLS": self.ucx_tls, "UCX_NET_DEVICES": self.ucx_net_devices,
+                "UCX_WARN_UNUSED_ENV_VARS": "n"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +103,19 @@ class SparseConfig:
     policy: SparsePolicy = field(default="full", metadata=doc(
         "decode attention: full | quest_gpu | cpu_only | fixed_hybrid | fluxion"))
     budget: float = field(default=0.05, metadata=doc(
-        "fraction of the KV the fixed-budget policies read; the cap for fluxion", gt=0, le=1))
+        "fraction of the KV a step reads, averaged over all layers and KV heads of a request: the "
+        "fixed policies give every head this share; fluxion pools it across the layers and heads and "
+        "grants it by measured demand (the same total, spent where the output needs it)", gt=0, le=1))
     mass_target: float = field(default=0.95, metadata=doc(
-        "fluxion: estimated softmax mass each head must keep", gt=0, le=1))
+        "fluxion: estimated softmax mass each head's demand must reach", gt=0, le=1))
+    floor_fraction: float = field(default=0.5, metadata=doc(
+        "fluxion: every head keeps at least this fraction of the budget (plus its sinks and window) "
+        "before the pool is granted by demand", ge=0, le=1))
+    head_predictor: bool = field(default=True, metadata=doc(
+        "fluxion: heads whose measured demand lies inside the sinks and window (local heads) get only "
+        "those blocks, giving their floor back to the pool"))
+    max_request_budget: float = field(default=0.25, metadata=doc(
+        "largest budget a request's own sparse.budget may ask for", gt=0, le=1))
     sink_tokens: int = field(default=16, metadata=doc("leading tokens always attended", ge=0))
     recent_tokens: int = field(default=128, metadata=doc("trailing tokens always attended", ge=0))
     cpu_threads: int = field(default=0, metadata=doc(

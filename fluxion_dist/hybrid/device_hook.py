@@ -121,8 +121,13 @@ class DevicePathState:
 class DeviceStepHook:
     """``attend(layer, q [B,Hq,d], k_new [B,Hkv,d], v_new [B,Hkv,d]) -> [B,Hq,d]`` on the GPU."""
 
-    def __init__(self, op: "HybridAttention", batch: list["PagedSequenceView"], request_ids: list[str]) -> None:
+    def __init__(self, op: "HybridAttention", batch: list["PagedSequenceView"], request_ids: list[str],
+                 overrides: list) -> None:
         state: DevicePathState = op.device_state
+        # per request: its budget, 1.0 for full attention (a request's own, else the deployment's)
+        self.budgets = tuple(1.0 if op.config.policy == "full" else op.config.budget if o is None else o.budget
+                             for o in overrides)
+        self.selections: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.op, self.state, self.batch, self.request_ids = op, state, batch, tuple(request_ids)
         pipe: DevicePipeline = op.pipeline
         self.tables_host, self.tables_layers = state.tables.get(batch, request_ids, pipe.compute)
@@ -131,8 +136,9 @@ class DeviceStepHook:
             raise HybridAttentionError(f"a sequence has fewer pages than its {int(self.pos_host.max()) + 1} tokens need")
         # blocks once this step's token is in
         self.nb_list = ((self.pos_host + BLOCK_TOKENS) // BLOCK_TOKENS).tolist()
-        self.plan_key = (tuple(self.nb_list), self.request_ids, self.tables_host.shape[2])
+        self.plan_key = (tuple(self.nb_list), self.request_ids, self.tables_host.shape[2], self.budgets)
         self.outcomes: list[tuple[int, LayerOutcome, float, float]] = []  # layer, outcome, wall, budget used
+        self._used: list[np.ndarray] = []  # per layer call: [B] budget used per request
         self._caller: int | None = None  # the caller's CUDA stream, read at the step's first call
         self.step = state.steps
         state.steps += 1
@@ -156,8 +162,9 @@ class DeviceStepHook:
                 rows = [[n] * hkv for n in nb]
             else:
                 demand = [d.tolist() for d in known] if known is not None and all(d is not None for d in known) else None
-                rows = row_budget_lists(demand, nb, hkv, budget=cfg.budget, sink_blocks=pipe.sink_blocks,
-                                        recent_blocks=pipe.recent_blocks)
+                rows = [[n] * hkv if budget >= 1.0 else row_budget_lists(
+                    None if demand is None else [demand[b]], [n], hkv, budget=budget, sink_blocks=pipe.sink_blocks,
+                    recent_blocks=pipe.recent_blocks)[0] for b, (n, budget) in enumerate(zip(nb, self.budgets))]
             used = sum(k / n for row, n in zip(rows, nb) for k in row) / (len(nb) * hkv)
             cached = state.plans[layer] = (key, np.array(rows, dtype=np.int32),
                                            _bucket(max(max(row) for row in rows), self.tables_host.shape[2]), used)
@@ -211,6 +218,10 @@ class DeviceStepHook:
         res = pipe.run_layer(layer, plan, st, self.tables_layers[layer], self.tables_host[layer], self.pos_host,
                              after=caller)
         state.unread[layer] = (res, self.request_ids)
+        if op.options.record_selection:  # the harness's read-back: a wait per layer
+            res.end.synchronize()
+            indptr = cp.asnumpy(st.sel.indptr)
+            self.selections[layer] = (indptr, cp.asnumpy(st.sel.blocks[:int(indptr[-1])]))
         if q.is_cuda:
             cp.cuda.runtime.streamWaitEvent(caller, res.end.ptr, 0)
             if result.dtype != q.dtype:
@@ -222,6 +233,7 @@ class DeviceStepHook:
         if plan.cpu_fraction == 0 and q.is_cuda:
             state.host_layer_s += 0.1 * (wall - state.host_layer_s)
         self.outcomes.append((layer, res, wall, used))
+        self._used.append(np.array([float(np.mean(r)) / n for r, n in zip(plan.k_rows, self.nb_list)]))
         return result
 
     def report(self) -> StepReport:
@@ -238,7 +250,8 @@ class DeviceStepHook:
         span = None
         if self.outcomes:
             span = cp.cuda.get_elapsed_time(self.outcomes[0][1].spans[0][0], self.outcomes[-1][1].end) / 1e3
-        return StepReport(tuple(reports), gpu_span_s=span)
+        per_request = tuple(float(x) for x in np.mean(self._used, axis=0)) if self._used else ()
+        return StepReport(tuple(reports), gpu_span_s=span, budget_per_request=per_request)
 
 
 def _bucket(k_max: int, width: int) -> int:

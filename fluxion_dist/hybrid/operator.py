@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, Sequence
 
 import numpy as np
@@ -71,6 +71,7 @@ from fluxion_dist.hybrid.gpu_path import EmulatedGpuPath, GpuPath, LayerInputs
 from fluxion_dist.hybrid.merge import merge_batch_partials
 from fluxion_dist.hybrid.scheduler import SplitMode, split_layer
 from fluxion_dist.hybrid.step_report import LayerReport, StepReport
+from fluxion_dist.policy.request import RequestSparse
 from fluxion_dist.sparse.head_predictor import HeadFeatures
 from fluxion_dist.sparse.policy import PolicyOptions, decide
 from fluxion_dist.sparse.scoring import build_pyramid
@@ -130,6 +131,9 @@ class HybridOptions:
     refresh_steps: int = field(default=8, metadata={
         "doc": "GPU path: steps between a layer's demand measurements (the predictor's top-p pass)"})
     policy: PolicyOptions = field(default_factory=PolicyOptions, metadata={"doc": "predictor/selector knobs"})
+    record_selection: bool = field(default=False, metadata={
+        "doc": "keep each layer's selection on the hook (hook.selections: layer -> (indptr, blocks)); "
+               "on a GPU a read-back per layer: for the quality harness"})
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.cpu_threads < 1 or self.refresh_steps < 1:
@@ -226,11 +230,19 @@ class HybridAttention:
         if self.device == "gpu" and self.pipeline is not None:
             self.pipeline.invalidate(pages)
 
-    def step(self, batch: Sequence[PagedSequenceView], request_ids: Sequence[str]):
-        """The ``AttentionHook`` for one decode step of ``batch`` (the caller bumps ``seq_len`` after)."""
+    def step(self, batch: Sequence[PagedSequenceView], request_ids: Sequence[str],
+             sparse: Sequence[RequestSparse | None] | None = None):
+        """The ``AttentionHook`` for one decode step of ``batch`` (the caller bumps ``seq_len`` after).
+
+        ``sparse``: per sequence, its own policy and budget (``policy.resolve_request_sparse``),
+        or None for the deployment's."""
         if len(batch) != len(request_ids) or not batch:
             raise HybridAttentionError(f"need one request id per sequence and a non-empty batch; got "
                                        f"{len(batch)} sequences and {len(request_ids)} ids")
+        overrides = [None] * len(batch) if sparse is None else list(sparse)
+        if len(overrides) != len(batch):
+            raise HybridAttentionError(f"need one sparse setting (or None) per sequence; got {len(overrides)} "
+                                       f"for {len(batch)}")
         for rid, seq in zip(request_ids, batch):
             if rid not in self._known:
                 # a new request may own recycled pages: whatever the cache holds of them is stale
@@ -243,8 +255,8 @@ class HybridAttention:
         if self.device == "gpu":
             from fluxion_dist.hybrid.device_hook import DeviceStepHook
 
-            return DeviceStepHook(self, list(batch), list(request_ids))
-        return StepHook(self, list(batch), list(request_ids))
+            return DeviceStepHook(self, list(batch), list(request_ids), overrides)
+        return StepHook(self, list(batch), list(request_ids), overrides)
 
     def check_hook_args(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bsz: int) -> None:
         hkv, d = self.arena.kv_pages.shape[1], self.arena.kv_pages.shape[4]
@@ -278,12 +290,17 @@ class HybridAttention:
 class StepHook:
     """``attend(layer, q [B,Hq,d], k_new [B,Hkv,d], v_new [B,Hkv,d]) -> [B,Hq,d]`` for one step."""
 
-    def __init__(self, op: HybridAttention, batch: list[PagedSequenceView], request_ids: list[str]) -> None:
+    def __init__(self, op: HybridAttention, batch: list[PagedSequenceView], request_ids: list[str],
+                 overrides: list[RequestSparse | None]) -> None:
         self.op, self.batch, self.request_ids = op, batch, request_ids
+        self.configs = [_request_config(op.config, o) for o in overrides]
         self._reports: list[LayerReport] = []
+        self._used: list[np.ndarray] = []  # per layer: [B] budget used per request
+        self.selections: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def report(self) -> StepReport:
-        return StepReport(tuple(self._reports))
+        per_request = tuple(float(x) for x in np.mean(self._used, axis=0)) if self._used else ()
+        return StepReport(tuple(self._reports), budget_per_request=per_request)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         op = self.op
@@ -308,6 +325,8 @@ class StepHook:
         scale = 1.0 / math.sqrt(d)
         inputs = LayerInputs(qf, tables, seq_lens, scale)
         selection, budget = self._select(layer, qf, tables, seq_lens)
+        if op.options.record_selection:
+            self.selections[layer] = (selection.sel_indptr.copy(), selection.sel_blocks.copy())
 
         plan: CachePlan | None = None
         if op.cache is not None and op.gpu is not None:
@@ -342,11 +361,13 @@ class StepHook:
             t = int(seq_lens[b])
             pages = tables[b, :num_blocks(t)]
             pyramid = build_pyramid(_bits_to_float(op.arena.kmin[pages]), _bits_to_float(op.arena.kmax[pages]), t)
-            dec = decide(qf[b], pyramid, op.config, state=op._states.get((rid, layer)), options=op.options.policy)
+            dec = decide(qf[b], pyramid, self.configs[b], state=op._states.get((rid, layer)),
+                         options=op.options.policy)
             if dec.state is not None:
                 op._states[(rid, layer)] = dec.state
             parts.append(dec.selection)
             used.append(dec.budget_used)
+        self._used.append(np.array([u.mean() for u in used]))
         return concat_selections(parts), float(np.mean(np.concatenate(used)))
 
     def _plan_cache(self, layer: int, selection, tables: np.ndarray, seq_lens: np.ndarray) -> CachePlan:
@@ -363,6 +384,15 @@ class StepHook:
         full = (blk + 1) * BLOCK_TOKENS <= seq_lens[req]  # the last, partial block is never cached
         return op.cache.plan(layer, tables[req, blk], rows % hkv, cacheable=full, pinned=pinned,
                              score=np.zeros(blk.size))
+
+
+def _request_config(config: SparseConfig, own: RequestSparse | None) -> SparseConfig:
+    """The deployment's config as one request sees it: its own policy (full) or budget."""
+    if own is None:
+        return config
+    if own.policy == "full":
+        return replace(config, policy="full", budget=1.0)
+    return replace(config, budget=own.budget)
 
 
 def _bits(x: torch.Tensor) -> np.ndarray:

@@ -34,6 +34,8 @@ class StepReport:
     # The GPU path queues layers without waiting, so its host wall per layer says nothing of
     # the GPU's gaps: this does.
     gpu_span_s: float | None = None
+    # per request of the batch: the fraction of its KV read this step, averaged over layers and KV heads
+    budget_per_request: tuple[float, ...] = ()
 
     def _sum(self, values) -> float:
         return float(sum(values))
