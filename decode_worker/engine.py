@@ -2,7 +2,10 @@
 
 The engine is synchronous and knows nothing of Ray or UCX: the actor feeds it sequences
 whose prompt KV already sits in the store, calls :meth:`step` in a worker thread, and
-forwards each step's events to the streams that wait for them.
+forwards each step's events to the streams that wait for them. The model runs in a
+:class:`~decode_worker.model_runner.ModelRunner` on the model's device (the GPU's, in bf16,
+on a GPU decode worker): a step hands it the batch's token ids and positions and the hybrid
+operator's hook, and reads back the logits (the greedy rows' argmax only, on a GPU).
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from fluxion_dist.hybrid import HybridAttention
+from decode_worker.model_runner import ModelRunner
+from fluxion_dist.hybrid import HybridAttention, StepReport
 from fluxion_dist.model.decoder import CausalLM
+from fluxion_dist.policy.request import RequestSparse
 from fluxion_dist.sampling import Sampler, SamplingParams
 
 
@@ -56,13 +61,19 @@ class _Running:
     last_token: int
     generated: int = 1  # the prefill's first token counts
     eos: int | None = None
+    sparse: RequestSparse | None = None  # the request's own policy and budget; None: the deployment's
 
 
 class DecodeEngine:
-    def __init__(self, model: CausalLM, kv: PagedKV, max_batch_size: int, attention: HybridAttention) -> None:
-        self.model, self.kv, self.max_batch_size = model, kv, max_batch_size
+    def __init__(self, model: CausalLM, kv: PagedKV, max_batch_size: int, attention: HybridAttention, *,
+                 enforce_eager: bool = False) -> None:
+        # the model runs where the operator attends: the GPU's q, k, v stay on the device
+        device = "cuda" if attention.device == "gpu" else "cpu"
+        self.runner = ModelRunner(model, max_batch_size, enforce_eager=enforce_eager, device=device)
+        self.model, self.kv, self.max_batch_size = self.runner.model, kv, max_batch_size
         self.attention = attention
         self.budget_used = 0.0  # of the last step, as the attention operator reports it
+        self.last_report: StepReport | None = None  # the operator's report of the last step
         self._waiting: list[_Running] = []
         self._running: list[_Running] = []
 
@@ -71,15 +82,16 @@ class DecodeEngine:
         return len(self._waiting) + len(self._running)
 
     def add(self, request_id: str, prompt_len: int, first_token: int, params: SamplingParams,
-            eos_token_id: int | None) -> TokenEvent | None:
-        """Admit a request whose prompt KV is in the store; returns an event if it is already done."""
+            eos_token_id: int | None, sparse: RequestSparse | None = None) -> TokenEvent | None:
+        """Admit a request whose prompt KV is in the store; returns an event if it is already done.
+        ``sparse``: the request's validated settings (``policy.resolve_request_sparse``)."""
         if first_token == eos_token_id and not params.ignore_eos:
             return TokenEvent(request_id, None, "stop")
         if params.max_tokens <= 1:
             return TokenEvent(request_id, None, "length")
         seq = PagedSequence(self.kv.block_tables(request_id), seq_len=prompt_len)
         self._waiting.append(_Running(request_id, seq, Sampler(params), first_token,
-                                      eos=None if params.ignore_eos else eos_token_id))
+                                      eos=None if params.ignore_eos else eos_token_id, sparse=sparse))
         return None
 
     def abort(self, request_id: str) -> bool:
@@ -113,13 +125,14 @@ class DecodeEngine:
             batch.append(r)
         if not batch:
             return events
-        hook = self.attention.step([r.seq for r in batch], [r.request_id for r in batch])
-        logits = self.model.decode_step(torch.tensor([r.last_token for r in batch]),
-                                        torch.tensor([r.seq.seq_len for r in batch]), hook)
-        self.budget_used = hook.report().budget_used
-        for i, r in enumerate(batch):
+        hook = self.attention.step([r.seq for r in batch], [r.request_id for r in batch],
+                                   [r.sparse for r in batch])
+        logits = self.runner.run([r.last_token for r in batch], [r.seq.seq_len for r in batch], hook)
+        tokens = self._sample(batch, logits)
+        self.last_report = hook.report()
+        self.budget_used = self.last_report.budget_used
+        for r, tok in zip(batch, tokens):
             r.seq.seq_len += 1
-            tok = r.sampler(logits[i])
             r.last_token = tok
             r.generated += 1
             finish = None
@@ -132,3 +145,13 @@ class DecodeEngine:
                 self._forget(r)
             events.append(TokenEvent(r.request_id, tok, finish))
         return events
+
+    @staticmethod
+    def _sample(batch: list[_Running], logits: torch.Tensor) -> list[int]:
+        """One token per row: greedy rows by an argmax where the logits are, one read of the
+        result; the others from host logits (their samplers' generators live on the host)."""
+        greedy = [r.sampler.params.temperature == 0 for r in batch]
+        if all(greedy):
+            return logits.argmax(dim=-1).tolist()
+        host = logits.float().cpu()
+        return [r.sampler(host[i]) for i, r in enumerate(batch)]

@@ -76,3 +76,34 @@ def test_abort_mid_decode_and_admission_refusal(pages):
     assert engine.num_active == 0 and engine.step() == []
     with pytest.raises(StoreFull, match="new tokens"):
         pages.admit("huge", 10_000, 10_000)
+
+
+def test_per_request_sparse_full_under_a_sparse_deployment(pages):
+    """A deployment at a small fluxion budget: the request that asks for full attention decodes
+    exactly the dense model's tokens, the one at the deployment's budget reads only part of its
+    KV, and the operator reports each request's own fraction."""
+    from fluxion_dist.policy.request import RequestSparse
+
+    model = tiny_model(seed=5)
+    engine = _engine(model, pages, 2, "fluxion", budget=0.1, mass_target=0.5)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 256, (1000,), generator=g).tolist()
+    for rid, sparse in (("full", RequestSparse("full", 1.0)), ("sparse", None)):
+        pre = model.prefill(torch.tensor(prompt))
+        pages.admit(rid, len(prompt), 12)
+        pages.store.put(rid, len(prompt), [pack_layer(k, v) for k, v in zip(pre.keys, pre.values)])
+        assert engine.add(rid, pages.adopt(rid), int(pre.logits[-1].argmax()), SamplingParams(max_tokens=12),
+                          None, sparse=sparse) is None
+    got = {"full": [int(model.prefill(torch.tensor(prompt)).logits[-1].argmax())]}
+    per_request = []
+    while engine.num_active:
+        hook_reports = engine.step()
+        for ev in hook_reports:
+            if ev.request_id == "full":
+                got["full"].append(ev.token)
+            if ev.finish_reason is not None:
+                pages.release(ev.request_id)
+        if engine.last_report is not None and len(engine.last_report.budget_per_request) == 2:
+            per_request.append(engine.last_report.budget_per_request)
+    assert got["full"] == greedy_generate(model, prompt, 12, kv_dtype=torch.bfloat16)
+    assert per_request and all(full == pytest.approx(1.0) and part < 0.5 for full, part in per_request)

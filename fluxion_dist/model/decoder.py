@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from fluxion_dist.model.arch import ModelArch
 from fluxion_dist.model.rope import Rotary, apply_rotary
@@ -119,32 +120,58 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, on_layer_kv: LayerKVCallback | None = None, *,
-                all_logits: bool = True) -> PrefillOutput:
+                all_logits: bool = True, chunk_tokens: int | None = None, keep_kv: bool = True) -> PrefillOutput:
         """Dense causal forward over one prompt ``tokens [T]``.
 
         ``on_layer_kv(layer, k, v)`` is called as soon as each layer's K/V exist, so a
         caller can ship layer ``i`` while layer ``i + 1`` computes. With ``all_logits=False``
         only the last position's logits are computed (``logits [1, vocab]``): all a server needs.
+
+        ``chunk_tokens``: the prompt goes through each layer ``chunk_tokens`` rows at a time,
+        each chunk attending causally over the layer's K/V so far, so the activations (the MLP's
+        ``[chunk, intermediate]``, the attention's working set) are bounded by the chunk, not the
+        prompt; the layer's K/V are whole when ``on_layer_kv`` sees them. ``keep_kv=False``
+        returns no K/V (a server ships them through ``on_layer_kv``; keeping every layer's
+        would hold the whole cache on the device).
         """
         if tokens.ndim != 1 or tokens.numel() == 0:
             raise ValueError(f"prefill takes a non-empty 1-D token tensor; got shape {tuple(tokens.shape)}")
-        g = self.arch.gqa_group
-        cos, sin = self.rotary.cos_sin(torch.arange(tokens.numel(), device=tokens.device))
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1 or None; got {chunk_tokens}")
+        a = self.arch
+        n = tokens.numel()
+        step = n if chunk_tokens is None else chunk_tokens
+        bounds = [(s, min(s + step, n)) for s in range(0, n, step)]
+        cos, sin = self.rotary.cos_sin(torch.arange(n, device=tokens.device))
         h = self.model.embed_tokens(tokens)
         keys, values = [], []
         for i, layer in enumerate(self.model.layers):
-            q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
+            k_all = torch.empty((n, a.num_key_value_heads, a.head_dim), dtype=h.dtype, device=h.device)
+            v_all = torch.empty_like(k_all)
+            for lo, hi in bounds:
+                q, k, v = layer.self_attn.qkv(layer.input_layernorm(h[lo:hi]), cos[lo:hi], sin[lo:hi])
+                k_all[lo:hi], v_all[lo:hi] = k, v
+                h[lo:hi] = self._prefill_rows(layer, h[lo:hi], q, k_all[:hi], v_all[:hi])
             if on_layer_kv is not None:
-                on_layer_kv(i, k, v)
-            keys.append(k)
-            values.append(v)
-            # 4-D inputs: with 3-D ones torch falls back to the math kernel, which materialises T x T.
-            attn = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k.repeat_interleave(g, 1).transpose(0, 1)[None],
-                v.repeat_interleave(g, 1).transpose(0, 1)[None], is_causal=True)[0]
-            h = h + layer.self_attn.o_proj(attn.transpose(0, 1).reshape(tokens.numel(), -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+                on_layer_kv(i, k_all, v_all)
+            if keep_kv:
+                keys.append(k_all)
+                values.append(v_all)
         return PrefillOutput(self._logits(h if all_logits else h[-1:]), keys, values)
+
+    @staticmethod
+    def _prefill_rows(layer: DecoderLayer, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> torch.Tensor:
+        """Rows ``h [c, hidden]`` (the last ``c`` of ``k, v [t, Hkv, d]``) through the rest of the layer."""
+        c, t = q.shape[0], k.shape[0]
+        # 4-D inputs: with 3-D ones torch falls back to the math kernel, which materialises T x T.
+        # Lower-right causal: row r of the chunk is token t - c + r and sees keys 0..t - c + r.
+        mask = None if c == t else causal_lower_right(c, t)
+        attn = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=mask, is_causal=mask is None, enable_gqa=True)[0]
+        h = h + layer.self_attn.o_proj(attn.transpose(0, 1).reshape(c, -1))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
 
     @torch.inference_mode()
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, attend: AttentionHook) -> torch.Tensor:

@@ -41,7 +41,9 @@ def checkpoint_dir(cfg: ModelConfig) -> Path | None:
 
 
 def resolve_device(cfg: ModelConfig, has_gpu: bool | None = None) -> torch.device:
-    """``model.device`` -> a torch device. ``auto`` takes CUDA when this process may use it."""
+    """``model.device`` -> a torch device. ``auto`` takes CUDA when this process may use it
+    (``has_gpu``: whether the worker was given a GPU; None: whether torch sees one): the decode
+    runner and the GPU prefill keep the whole forward on the device."""
     if cfg.device == "cpu":
         return torch.device("cpu")
     ok = torch.cuda.is_available() if has_gpu is None else (has_gpu and torch.cuda.is_available())
@@ -100,23 +102,26 @@ def tokenizer_from_config(cfg: ModelConfig) -> Tokenizer:
     return load_tokenizer(path, read_hf_config(path).eos_token_id)
 
 
-def load_from_config(cfg: ModelConfig, device: torch.device | str | None = None) -> tuple[CausalLM, Tokenizer]:
-    """Build the model ``cfg`` names on ``device``.
-
-    Default: ``model.device`` when set explicitly; ``auto`` builds on the CPU, because the
-    decode engine builds its step's tensors on the host."""
+def load_from_config(cfg: ModelConfig, device: torch.device | str | None = None, *,
+                     has_gpu: bool | None = None) -> tuple[CausalLM, Tokenizer]:
+    """Build the model ``cfg`` names on ``device`` (default: ``resolve_device(cfg, has_gpu)``)."""
     dtype = _DTYPES[cfg.dtype]
-    if device is None:
-        device = "cpu" if cfg.device == "auto" else resolve_device(cfg)
-    dev = torch.device(device)
+    dev = torch.device(device) if device is not None else resolve_device(cfg, has_gpu)
     path = checkpoint_dir(cfg)
     if path is None:
-        model = tiny_model(cfg.seed).to(device=dev, dtype=dtype)
-        model.rotary.inv_freq = model.rotary.inv_freq.float()
+        model = to_device(tiny_model(cfg.seed), dev, dtype)
         return model, load_tokenizer(None, model.arch.eos_token_id)
     if cfg.load_format == "dummy":
         model = dummy_model(read_hf_config(path), dev, dtype, cfg.seed)
         return model, load_tokenizer(path, model.arch.eos_token_id)
-    model = load_model(path, dtype).to(dev)
-    model.rotary.inv_freq = model.rotary.inv_freq.float()
+    model = to_device(load_model(path, dtype), dev, dtype)
     return model, load_tokenizer(path, model.arch.eos_token_id)
+
+
+def to_device(model: CausalLM, device: torch.device | str, dtype: torch.dtype) -> CausalLM:
+    """The model's weights on ``device`` in ``dtype``; RoPE's frequencies stay float32 (in bf16
+    the angles at 128k positions would be off by whole turns)."""
+    inv = model.rotary.inv_freq.float()
+    model = model.to(device=device, dtype=dtype)
+    model.rotary.inv_freq = inv.to(device)
+    return model
