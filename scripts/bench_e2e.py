@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""End-to-end decode and prefill on one machine: what a user gets per token.
+
+TPOT (median, p99) of the decode engine's whole step (embedding -> every layer -> logits ->
+greedy token) for (a) the dense all-HBM baseline (the model runner over ``DenseHBMKV``, flash
+decoding, one CUDA graph per step), (b) fluxion over host KV (``HybridAttention`` on the GPU,
+the arena in pinned host memory filled with random bf16 K/V and their exact Quest min/max) and
+(c) quest_gpu and fixed_hybrid over the same arena; each row beside its physical floor. TTFT of
+GPU prefill alone vs prefill + pinned D2H + host-store write. ``--hbm-limit-gib`` emulates a
+smaller card. ``--smoke``: a tiny shape on the CPU, a few steps, every path once (CI).
+
+    python3 scripts/bench_e2e.py --shape llama-3.1-8b --contexts 32768 131072 --batches 1 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from decode_worker.engine import DecodeEngine  # noqa: E402
+from decode_worker.model_runner import ModelRunner  # noqa: E402
+from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks  # noqa: E402
+from fluxion_dist.config.schema import ModelConfig, SparseConfig  # noqa: E402
+from fluxion_dist.cpu.synthetic_arena import page_aligned  # noqa: E402
+from fluxion_dist.hybrid import CostModel, HostArena, HybridAttention, HybridOptions, calibrate  # noqa: E402
+from fluxion_dist.model.arch import ModelArch  # noqa: E402
+from fluxion_dist.model.hbm_kv import DenseHBMKV  # noqa: E402
+from fluxion_dist.model.loader import checkpoint_dir, dummy_model, read_hf_config  # noqa: E402
+from fluxion_dist.model.tiny import TINY_ARCH, tiny_model  # noqa: E402
+from fluxion_dist.sampling import SamplingParams  # noqa: E402
+from kv_store import KVGeometry, KVStore, StoreConfig  # noqa: E402
+
+GIB = 1 << 30
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------ machine
+
+def machine(gpu: bool) -> dict:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor() or "unknown")
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    out = {"cpu": f"{cpu} x{os.cpu_count()}", "host_ram": host, "gpu": "none", "hbm_bw": None, "h2d_bw": None}
+    if gpu:
+        p = torch.cuda.get_device_properties(0)
+        out["gpu"] = f"{p.name} ({p.total_memory / GIB:.0f} GiB)"
+        out["hbm_total"] = p.total_memory
+        a = torch.empty(2 * GIB // 2, dtype=torch.int16, device="cuda")
+        b = torch.empty_like(a)
+        out["hbm_bw"] = 2 * a.nbytes / _time_gpu(lambda: b.copy_(a), 10)  # read + write
+        del a, b
+        h = torch.empty(GIB // 2, dtype=torch.int16, pin_memory=True)
+        d = torch.empty(h.shape, dtype=torch.int16, device="cuda")
+        out["h2d_bw"] = h.nbytes / _time_gpu(lambda: d.copy_(h, non_blocking=True), 5)
+        del h, d
+    return out
+
+
+def _time_gpu(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+# ------------------------------------------------------------------ host KV arena
+
+class BenchPages:
+    """The engine's ``PagedKV`` over a synthetic arena: request ``b`` owns pages
+    ``[(b * L + layer) * nb, ... + nb)`` per layer (prompt and the decode steps' blocks)."""
+
+    def __init__(self, arch: ModelArch, batch: int, prompt_len: int, extra_tokens: int, gpu: bool) -> None:
+        L, hkv, d = arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim
+        self.nb = num_blocks(prompt_len + extra_tokens)
+        pages = batch * L * self.nb
+        self.pages = page_aligned(pages * hkv * 2 * BLOCK_TOKENS * d, np.uint16).reshape(pages, hkv, 2, BLOCK_TOKENS, d)
+        self.kmin = np.empty((pages, hkv, d), np.uint16)
+        self.kmax = np.empty((pages, hkv, d), np.uint16)
+        self.prompt_len, self.L = prompt_len, L
+        t0 = time.perf_counter()
+        _fill(self.pages, self.kmin, self.kmax, gpu)
+        self.fill_s = time.perf_counter() - t0
+        self._tables = {f"r{b}": [list(range((b * L + i) * self.nb, (b * L + i + 1) * self.nb)) for i in range(L)]
+                        for b in range(batch)}
+
+    def block_tables(self, request_id: str) -> list[list[int]]:
+        return self._tables[request_id]
+
+    def ensure_tokens(self, request_id: str, num_tokens: int) -> None:
+        if num_tokens > self.nb * BLOCK_TOKENS:
+            raise RuntimeError(f"{request_id}: {num_tokens} tokens exceed the {self.nb} blocks sized for the run")
+
+
+def _fill(pages: np.ndarray, kmin: np.ndarray, kmax: np.ndarray, gpu: bool, chunk: int = 2048) -> None:
+    """Random bf16 K/V (N(0, 1)), and each page's exact per-(head, dim) min/max of its K."""
+    host = torch.from_numpy(pages.view(np.int16))
+    lo, hi = torch.from_numpy(kmin.view(np.int16)), torch.from_numpy(kmax.view(np.int16))
+    if gpu:  # generated on the device, copied down: a pinned arena fills at PCIe speed
+        from fluxion_dist.kernels.uva import map_host_array
+        map_host_array(pages)  # page-locks it (the operator's pipeline finds it locked)
+    gen = torch.Generator(device="cuda" if gpu else "cpu").manual_seed(0)
+    for s in range(0, pages.shape[0], chunk):
+        n = min(chunk, pages.shape[0] - s)
+        x = torch.randn((n, *pages.shape[1:]), generator=gen, device=gen.device).to(torch.bfloat16)
+        k = x[:, :, 0]
+        lo[s:s + n].copy_(k.amin(dim=2).view(torch.int16))
+        hi[s:s + n].copy_(k.amax(dim=2).view(torch.int16))
+        host[s:s + n].copy_(x.view(torch.int16))
+
+
+# ------------------------------------------------------------------ TPOT
+
+def _stats(times: list[float]) -> tuple[float, float]:
+    return float(np.median(times)), float(np.percentile(times, 99))
+
+
+def tpot_dense(model, arch: ModelArch, batch: int, ctx: int, warmup: int, steps: int, eager: bool):
+    device = next(model.parameters()).device
+    runner = ModelRunner(model, batch, enforce_eager=eager)
+    kv = DenseHBMKV(arch, batch, ctx + warmup + steps + 1, device, batch)
+    gen = torch.Generator(device=device).manual_seed(1)
+    for layer in range(arch.num_hidden_layers):
+        for t in (kv.k[layer], kv.v[layer]):
+            t[:batch, :, :ctx].normal_(generator=gen)
+    kv.set_rows(list(range(batch)))
+    tokens, pos, times = [7] * batch, [ctx] * batch, []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        tokens = runner.run(tokens, pos, kv).argmax(dim=-1).tolist()
+        times.append(time.perf_counter() - t0)
+        pos = [p + 1 for p in pos]
+    out = _stats(times[warmup:])
+    del kv, runner
+    return out
+
+
+def tpot_hybrid(model, arch: ModelArch, pages: BenchPages, batch: int, policy: str, budget: float,
+                cost: CostModel, gpu: bool, warmup: int, steps: int, cache_blocks: int, eager: bool):
+    cfg = SparseConfig(policy=policy, budget=budget, gpu_cache_blocks=cache_blocks)
+    op = HybridAttention(HostArena(pages.pages, pages.kmin, pages.kmax), cfg, cost,
+                         HybridOptions(num_layers=arch.num_hidden_layers, cpu_threads=max(1, (os.cpu_count() or 2) - 1),
+                                       device="gpu" if gpu else "cpu"))
+    engine = DecodeEngine(model, pages, batch, op, enforce_eager=eager)
+    for b in range(batch):
+        engine.add(f"r{b}", pages.prompt_len, 7, SamplingParams(max_tokens=warmup + steps + 2, ignore_eos=True), None)
+    times, reports = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+        if i >= warmup:
+            reports.append(engine.last_report)
+    for b in range(batch):
+        engine.abort(f"r{b}")
+    op.close()
+    return _stats(times[warmup:]), reports
+
+
+def kv_bytes(arch: ModelArch, tokens: int) -> int:
+    return 2 * tokens * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * 2
+
+
+def floor_hybrid(reports, arch: ModelArch, weights: int, mach: dict) -> float:
+    """weights / HBM + cached blocks / HBM + UVA-read blocks / PCIe (the CPU's share runs beside them)."""
+    run = BLOCK_TOKENS * arch.head_dim * 2 * 2  # one (block, head) of K and V in bf16
+    cached = np.mean([r.gpu_cached_blocks for r in reports]) * run
+    uva = np.mean([sum(x.gpu_uva_blocks for x in r.layers) for r in reports]) * run
+    return weights / mach["hbm_bw"] + cached / mach["hbm_bw"] + uva / mach["h2d_bw"]
+
+
+# ------------------------------------------------------------------ TTFT
+
+def ttft(model, arch: ModelArch, n: int, chunk: int, gpu: bool) -> tuple[float, float]:
+    """(prefill compute alone, prefill + D2H + host-store write) in seconds."""
+    device = next(model.parameters()).device
+    tokens = torch.randint(5, arch.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).to(device)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    model.prefill(tokens[:min(n, 256)], all_logits=False)  # kernels warm
+    sync()
+    t0 = time.perf_counter()
+    model.prefill(tokens, all_logits=False, chunk_tokens=chunk if gpu else None, keep_kv=False)
+    sync()
+    alone = time.perf_counter() - t0
+    geo = KVGeometry(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
+    store = KVStore(StoreConfig(geo, int(kv_bytes(arch, n + BLOCK_TOKENS) * 1.05) + (64 << 20), pin="off"))
+    try:
+        store.reserve("p", n)
+        deliver = lambda layer, k, v: store.write_layer_kv("p", layer, k, v)  # noqa: E731
+        t0 = time.perf_counter()
+        if gpu:
+            from prefill_worker.layer_offload import LayerOffload
+            off = LayerOffload(deliver, n, arch.num_key_value_heads, arch.head_dim)
+            try:
+                model.prefill(tokens, off, all_logits=False, chunk_tokens=chunk, keep_kv=False)
+                off.finish()
+            finally:
+                off.close()
+        else:
+            model.prefill(tokens, deliver, all_logits=False, keep_kv=False)
+        stored = time.perf_counter() - t0
+        store.abort("p")
+    finally:
+        store.close()
+    return alone, stored
+
+
+# ------------------------------------------------------------------ main
+
+def build_model(args, gpu: bool):
+    if args.smoke:
+        return tiny_model(0), TINY_ARCH
+    arch = read_hf_config(checkpoint_dir(ModelConfig(path=f"builtin:{args.shape}", load_format="dummy")))
+    return dummy_model(arch, "cuda" if gpu else "cpu", torch.bfloat16, seed=0), arch
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3.1-8b", help="builtin model config (dummy weights)")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--steps", type=int, default=64, help="timed steps per row (>= 64 for a p99)")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (graph capture, cache fill)")
+    ap.add_argument("--budget", type=float, default=0.05, help="sparse budget of (b) and (c)")
+    ap.add_argument("--cache-blocks", type=int, default=1 << 20, help="fluxion's GPU cache slots (8 KiB each at d=128)")
+    ap.add_argument("--policies", nargs="+", default=["fluxion", "quest_gpu", "fixed_hybrid"])
+    ap.add_argument("--ttft-prompts", type=int, nargs="*", default=[32768, 131072])
+    ap.add_argument("--chunk-tokens", type=int, default=8192)
+    ap.add_argument("--hbm-limit-gib", type=float, default=None)
+    ap.add_argument("--host-ram-gib", type=float, default=None, help="host RAM the arena may use (default: 75%% of it)")
+    ap.add_argument("--max-batch", type=int, default=64, help="the --hbm-limit-gib search stops here")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, a few steps, every path once")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.contexts, args.batches, args.steps, args.warmup = [200], [1, 2], 4, 1
+        args.ttft_prompts, args.hbm_limit_gib, args.max_batch = [300], args.hbm_limit_gib or 1.0, 2
+        args.cache_blocks = 256
+    gpu = torch.cuda.is_available() and not args.smoke
+    mach = machine(gpu)
+    log(f"machine: GPU {mach['gpu']}; CPU {mach['cpu']}; host RAM {mach['host_ram'] / GIB:.0f} GiB")
+    if gpu:
+        log(f"machine: HBM bandwidth {mach['hbm_bw'] / 1e9:.0f} GB/s (measured, D2D copy), "
+            f"host->device {mach['h2d_bw'] / 1e9:.1f} GB/s (measured, pinned)")
+    else:
+        mach["hbm_bw"] = mach["h2d_bw"] = 20e9  # the floors are nominal on the CPU
+        log("machine: no GPU: every path runs on the CPU (floors use a nominal 20 GB/s)")
+    model, arch = build_model(args, gpu)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    log(f"model: {args.shape if not args.smoke else 'tiny'} ({weights / 1e9:.2f} GB of weights, "
+        f"{arch.num_hidden_layers} layers, Hq {arch.num_attention_heads}, Hkv {arch.num_key_value_heads}, d {arch.head_dim})")
+
+    for n in args.ttft_prompts:
+        alone, stored = ttft(model, arch, n, args.chunk_tokens, gpu)
+        try:
+            import ucxx  # noqa: F401
+            ucx = "not measured: needs a decode peer (tests/test_kv_ucx.py covers the push)"
+        except ImportError:
+            ucx = "not measured: ucxx missing"
+        log(f"TTFT prompt={n}: compute {alone * 1e3:.1f} ms | + D2H + host store {stored * 1e3:.1f} ms "
+            f"(x{stored / alone:.2f}) | + UCX push: {ucx}")
+
+    cost = calibrate(arch.head_dim, arch.num_key_value_heads, arch.gqa_group,
+                     num_threads=max(1, (os.cpu_count() or 2) - 1), gpu=gpu)
+    host_cap = (args.host_ram_gib * GIB) if args.host_ram_gib else 0.75 * mach["host_ram"]
+    extra = args.warmup + args.steps + 2
+    log("TPOT table: row | median ms | p99 ms | floor ms | median/floor")
+    for ctx in args.contexts:
+        for batch in args.batches:
+            med_a, p99_a = tpot_dense(model, arch, batch, ctx, args.warmup, args.steps, args.enforce_eager)
+            floor_a = (weights + batch * kv_bytes(arch, ctx)) / mach["hbm_bw"]
+            log(f"TPOT ctx={ctx} B={batch} dense_hbm | {med_a * 1e3:.2f} | {p99_a * 1e3:.2f} | "
+                f"{floor_a * 1e3:.2f} | {med_a / floor_a:.2f}")
+            if gpu:
+                torch.cuda.empty_cache()  # the operator's CuPy pool allocates beside torch's
+            if batch * kv_bytes(arch, ctx + extra) > host_cap:
+                log(f"TPOT ctx={ctx} B={batch} host KV: skipped, {batch * kv_bytes(arch, ctx) / GIB:.0f} GiB "
+                    f"exceeds the host cap {host_cap / GIB:.0f} GiB")
+                continue
+            pages = BenchPages(arch, batch, ctx, extra, gpu)
+            log(f"arena ctx={ctx} B={batch}: {pages.pages.nbytes / GIB:.1f} GiB filled in {pages.fill_s:.1f} s")
+            med = {}
+            for policy in args.policies:
+                (m, p99), reports = tpot_hybrid(model, arch, pages, batch, policy, args.budget, cost, gpu,
+                                                args.warmup, args.steps, args.cache_blocks, args.enforce_eager)
+                med[policy] = m
+                fl = floor_hybrid(reports, arch, weights, mach)
+                used = np.mean([r.budget_used for r in reports])
+                log(f"TPOT ctx={ctx} B={batch} {policy} | {m * 1e3:.2f} | {p99 * 1e3:.2f} | {fl * 1e3:.2f} | "
+                    f"{m / fl:.2f} | budget used {used:.3f}")
+            del pages
+            ratios = [f"{p}/dense_hbm {med[p] / med_a:.2f}" for p in med]
+            ratios += [f"{p}/fluxion {med[p] / med['fluxion']:.2f}" for p in med if p != "fluxion" and "fluxion" in med]
+            log(f"ratio ctx={ctx} B={batch}: " + ", ".join(ratios))
+
+    per_req = kv_bytes(arch, max(args.contexts))
+    log(f"host RAM: {mach['host_ram'] / GIB:.0f} GiB holds {int(mach['host_ram'] // per_req)} requests of "
+        f"{max(args.contexts)} tokens ({per_req / GIB:.1f} GiB each; {int(host_cap // per_req)} within the cap)")
+    if args.hbm_limit_gib:
+        hbm_limit(args, model, arch, weights, cost, mach, gpu, host_cap)
+    return 0
+
+
+def hbm_limit(args, model, arch, weights, cost, mach, gpu, host_cap) -> None:
+    ctx, limit = max(args.contexts), args.hbm_limit_gib * GIB
+    extra = args.warmup + args.steps + 2
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / mach["hbm_total"]))
+    log(f"HBM limit {args.hbm_limit_gib:g} GiB (emulated: torch.cuda.set_per_process_memory_fraction; "
+        f"the hybrid operator's CuPy pool is counted against it by hand)")
+    per_dense = kv_bytes(arch, ctx + extra)
+    reserve = min(GIB, limit / 8)  # activations and workspace
+    fit_a = int(min(args.max_batch, max(0, limit - weights - reserve) // per_dense))
+    while fit_a > 0 and gpu:
+        try:
+            kv = DenseHBMKV(arch, fit_a, ctx + extra, "cuda", fit_a)
+            del kv
+            break
+        except torch.OutOfMemoryError:
+            fit_a -= 1
+    row = f"HBM limit ctx={ctx} dense_hbm: largest batch {fit_a}"
+    if fit_a:
+        med, _ = tpot_dense(model, arch, fit_a, ctx, args.warmup, args.steps, args.enforce_eager)
+        row += f", {fit_a / med:.1f} tokens/s"
+    log(row)
+    cupy_bytes = args.cache_blocks * BLOCK_TOKENS * arch.head_dim * 2 * 2
+    per_host = kv_bytes(arch, ctx + extra)
+    mirror = per_host // BLOCK_TOKENS  # the device's min/max mirror: 2 rows of d per 16-token block of K and V
+    fit_b = int(min(host_cap // per_host, max(0, limit - weights - reserve - cupy_bytes) // max(mirror, 1)))
+    fit_b = max(0, min(fit_b, args.max_batch))
+    row = f"HBM limit ctx={ctx} fluxion: largest batch {fit_b} (host RAM bound {int(host_cap // per_host)})"
+    if fit_b:
+        pages = BenchPages(arch, fit_b, ctx, extra, gpu)
+        (med, _), _ = tpot_hybrid(model, arch, pages, fit_b, "fluxion", args.budget, cost, gpu, args.warmup,
+                                  args.steps, args.cache_blocks, args.enforce_eager)
+        row += f", {fit_b / med:.1f} tokens/s"
+        del pages
+    log(row)
+    if gpu:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
