@@ -1,6 +1,5 @@
 """Each policy through the tiny model's ``decode_step`` hook: at budget 1.0 the tokens are the
-dense bf16 decode's, on the CPU-only path and with the emulated GPU path; at the default
-budget every policy still runs and reports a budget below 1 on a long prompt."""
+dense bf16 decode's on the CPU path; at the default budget every policy still runs and reports a budget below 1 on a long prompt."""
 
 from __future__ import annotations
 
@@ -62,21 +61,20 @@ def _decode(model, pre, policy, device, budget, mass):
     return out, reports
 
 
-@pytest.mark.parametrize("device", ["cpu", "emulated"])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_budget_one_reproduces_dense_decode(model, prefills, dense_tokens, policy, device):
-    got, reports = _decode(model, prefills[len(SHORT)], policy, device, budget=1.0, mass=1.0)
+def test_budget_one_reproduces_dense_decode(model, prefills, dense_tokens, policy):
+    got, reports = _decode(model, prefills[len(SHORT)], policy, "cpu", budget=1.0, mass=1.0)
     assert got == dense_tokens
     assert all(r.budget_used == pytest.approx(1.0) for r in reports)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_default_budget_runs_sparse(model, prefills, policy):
-    got, reports = _decode(model, prefills[len(LONG)], policy, "emulated", budget=0.05, mass=0.95)
+    got, reports = _decode(model, prefills[len(LONG)], policy, "cpu", budget=0.05, mass=0.95)
     assert len(got) == NEW and all(0 <= t < TINY_ARCH.vocab_size for t in got)
     used = np.mean([r.budget_used for r in reports])
     if policy == "full":
         assert used == pytest.approx(1.0)
     else:
-        # sinks (16) + recent window (128) of ~1200 tokens, plus what the policy adds
-        assert used < 0.5
+        # sinks (16) + recent window (128) of ~1200 tokens: about the 5% budget's share of kept blocks
+        assert used < 0.15

@@ -1,7 +1,6 @@
 """Exact log-sum-exp merge of batch partials on the host (``reference.merge_state`` semantics).
 
-Used where no GPU merges: CPU-only machines, the emulated GPU path of the tests, and
-a layer whose GPU share is empty. Float64 inside: the partials are float32, and the
+Used by the CPU path, where no GPU merges. Float64 inside: the partials are float32, and the
 merge must not be what limits the agreement with the reference.
 """
 

@@ -14,7 +14,6 @@ import numpy as np
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks, pack_kv_blocks, to_bf16_bits
 from fluxion_dist.hybrid.operator import HostArena
-from fluxion_dist.sparse.scoring import coarsen
 
 
 @dataclass(slots=True)
@@ -40,6 +39,19 @@ def allocate_arena(num_pages: int, num_kv_heads: int, head_dim: int,
     return HostArena(kv, np.zeros(meta, np.uint16), np.zeros(meta, np.uint16))
 
 
+def block_boxes(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quest boxes of ``k [T, Hkv, d]`` (float32): per 16-token block the channel-wise min and
+    max of its tokens (``reference.block_metadata``, vectorised), ``[nb, Hkv, d]`` each."""
+    t = k.shape[0]
+    nb = num_blocks(t)
+    pad = nb * BLOCK_TOKENS - t
+    # +inf / -inf padding never wins a min / max, so the short last block is exact
+    lo = np.concatenate([k, np.full((pad,) + k.shape[1:], np.inf, k.dtype)]) if pad else k
+    hi = np.concatenate([k, np.full((pad,) + k.shape[1:], -np.inf, k.dtype)]) if pad else k
+    shape = (nb, BLOCK_TOKENS) + k.shape[1:]
+    return lo.reshape(shape).min(axis=1), hi.reshape(shape).max(axis=1)
+
+
 def pages_needed(seq_lens: Sequence[int], num_layers: int, reserve_tokens: int) -> int:
     return num_layers * sum(num_blocks(int(t) + reserve_tokens) for t in seq_lens)
 
@@ -51,7 +63,7 @@ def write_layer(arena: HostArena, pages: np.ndarray, k: np.ndarray, v: np.ndarra
     arena.kv_pages[pages[:nb]] = pack_kv_blocks(k, v)
     kb = to_bf16_bits(k).reshape(k.shape)
     kf = (kb.astype(np.uint32) << 16).view(np.float32)
-    lo, hi = coarsen(kf, kf, BLOCK_TOKENS)
+    lo, hi = block_boxes(kf)
     arena.kmin[pages[:nb]] = (lo.view(np.uint32) >> 16).astype(np.uint16)
     arena.kmax[pages[:nb]] = (hi.view(np.uint32) >> 16).astype(np.uint16)
 
