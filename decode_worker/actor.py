@@ -1,9 +1,13 @@
 """The decode worker: a Ray actor owning a node-level KV store and a continuous-batching loop.
 
 A request's life cycle on this side:
-1. ``admit`` (from the router) reserves pages for the prompt in the host KV store, under a
-   lease, and returns this worker's UCX address; a full store raises ``StoreFull`` (HTTP 429);
-2. the prefill worker pushes the prompt's KV layer by layer; the receiver lands the bytes
+1. ``admit`` (from the router) reserves pages for the generated tokens in the host KV store,
+   under a lease, admits the request id on the KV server (only an admitted request's offer
+   reserves the prompt's pages; without an offer by ``transport.offer_deadline_s`` the
+   reservation is freed) and returns this worker's UCX address; a full store raises
+   ``StoreFull`` (HTTP 429);
+2. the prefill worker pushes the prompt's KV layer by layer, its frames authenticated under
+   the deployment's secret (``kv_secret``, handed over by Ray); the receiver lands the bytes
    straight in the reserved pages and marks the transfer done (or failed);
 3. ``generate`` (a Ray streaming generator) waits for the transfer, adds the sequence to the
    engine, and yields each token the batching loop produces for it;
@@ -34,11 +38,11 @@ log = logging.getLogger(__name__)
 
 
 class DecodeWorker:
-    def __init__(self, config: dict, name: str) -> None:
+    def __init__(self, config: dict, name: str, kv_secret: bytes) -> None:
         self.cfg = config_from_dict(config)
         self.name = name
         self.model, self.tokenizer = load_from_config(self.cfg.model)
-        self.kv = KVReceiver(self.cfg, self.model.arch)
+        self.kv = KVReceiver(self.cfg, self.model.arch, kv_secret)
         attention = build_attention(self.cfg, self.model.arch, HostArena(self.kv.pages, self.kv.kmin, self.kv.kmax))
         self.engine = DecodeEngine(self.model, self.kv, self.cfg.decode.max_batch_size, attention)
         self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}

@@ -1,6 +1,7 @@
 """Config of the KV store and of its transport: one slotted dataclass per concern.
 
-The project config (``fluxion_dist.config``) owns the YAML; it builds these.
+The project config (``fluxion_dist.config``) owns the YAML; it builds ``StoreConfig``, and its
+``transport`` section is the one ``TransportConfig`` the transfer runs on (re-exported here).
 Validation names the bad field and what is allowed.
 """
 
@@ -10,8 +11,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS
+from fluxion_dist.config.schema import TransportConfig
 
 BF16_BYTES = 2
+
+__all__ = ["BF16_BYTES", "KVGeometry", "PIN_MODES", "PinMode", "StoreConfig", "TransportConfig"]
 
 PinMode = Literal["auto", "off", "required"]
 PIN_MODES: tuple[str, ...] = ("auto", "off", "required")
@@ -103,42 +107,3 @@ class StoreConfig:
     @property
     def num_pages(self) -> int:
         return self.capacity_bytes // (self.geometry.page_bytes + self.geometry.meta_page_bytes)
-
-
-@dataclass(frozen=True, slots=True)
-class TransportConfig:
-    """The KV transfer between a prefill and a decode store."""
-
-    tls: str = "sm,self"
-    """UCX_TLS. 'sm,self' (or 'tcp,cma') runs ~5.5 GB/s between processes of one host;
-    across hosts use 'tcp' or 'rc' (plus 'sm,self' for the local case)."""
-    net_devices: str | None = None
-    """UCX_NET_DEVICES, e.g. 'lo' or 'mlx5_0:1'; None leaves UCX to choose."""
-    error_handling: bool = False
-    """UCX peer error handling. UCX refuses it with shared-memory endpoints ('Destination is
-    unreachable'), so it only suits tcp/rc; the heartbeat below notices a dead peer either way."""
-    max_inflight_layers: int = 4
-    """Layers whose bulk sends may be outstanding at once on one connection."""
-    heartbeat_s: float = 1.0
-    """Each side pings the other this often."""
-    peer_timeout_s: float = 10.0
-    """A peer silent (no frame, no data) this long is dead: its transfers fail, pages are freed."""
-    connect_timeout_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not self.tls or any(not part.strip() for part in self.tls.split(",")):
-            raise ValueError(f"TransportConfig.tls must be a comma list of UCX transports; got {self.tls!r}")
-        _positive("TransportConfig", "max_inflight_layers", self.max_inflight_layers)
-        _positive("TransportConfig", "heartbeat_s", self.heartbeat_s)
-        _positive("TransportConfig", "connect_timeout_s", self.connect_timeout_s)
-        if not self.peer_timeout_s > 2 * self.heartbeat_s:
-            raise ValueError(
-                f"TransportConfig.peer_timeout_s ({self.peer_timeout_s}) must exceed twice "
-                f"heartbeat_s ({self.heartbeat_s}), or live peers are declared dead")
-
-    def ucx_env(self) -> dict[str, str]:
-        """UCX variables for the process that will use UCX (a Ray actor's runtime_env env_vars)."""
-        env = {"UCX_TLS": self.tls, "UCX_WARN_UNUSED_ENV_VARS": "n"}
-        if self.net_devices is not None:
-            env["UCX_NET_DEVICES"] = self.net_devices
-        return env

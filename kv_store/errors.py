@@ -72,6 +72,15 @@ class VersionMismatch(WireError):
     """The peer speaks another wire version."""
 
 
+class AuthenticationFailed(WireError):
+    """A frame's tag does not verify under this deployment's secret: it came from outside the
+    deployment (or another channel), so nothing in it is read."""
+
+
+class BadAddress(WireError):
+    """An authenticated HELLO carried a worker address this fabric will not hand to UCX."""
+
+
 # ---------------------------------------------------------------- transfer
 
 class TransportError(KVStoreError):
@@ -116,6 +125,8 @@ class RefusalReason(enum.Enum):
     GEOMETRY_MISMATCH = "geometry_mismatch"
     BAD_REQUEST = "bad_request"
     SHUTTING_DOWN = "shutting_down"
+    NOT_ADMITTED = "not_admitted"
+    """No admission (or it expired or was withdrawn) for the request id: nothing was reserved."""
 
 
 class TransferRefused(TransferFailed):

@@ -16,12 +16,16 @@ import numpy as np
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS
 from kv_store import wire
+from kv_store.admissions import Admissions
+from kv_store.auth import FrameKey
 from kv_store.config import TransportConfig
-from kv_store.errors import (DuplicateRequest, KVStoreError, MessageTruncated, OperationCanceled,
-                             PeerLost, ProtocolError, RefusalReason, StoreFull, TransferAborted,
-                             TransferFailed, TransferRefused, TransportError, WireError, refusal)
+from kv_store.errors import (AuthenticationFailed, DuplicateRequest, KVStoreError, MessageTruncated,
+                             OperationCanceled, PeerLost, ProtocolError, RefusalReason, StoreFull,
+                             TransferAborted, TransferFailed, TransferRefused, TransportError,
+                             WireError, refusal)
 from kv_store.handle import KVHandle
 from kv_store.loop_thread import EventLoopThread
+from kv_store.rejections import Rejected, Rejections
 from kv_store.store import KVStore
 from kv_store.transfer import TransferState, TransferStatus
 from kv_store.transport_base import Endpoint, ctrl_tag, data_tag, reply_tag
@@ -44,11 +48,14 @@ class InboundConnection:
     """One sender. Frames are handled in order on ``run``; bulk lands on layer tasks."""
 
     def __init__(self, store: KVStore, loop: EventLoopThread, config: TransportConfig, conn_id: int,
-                 ep: Endpoint, *, record: Callable[[TransferStatus], None],
-                 on_closed: Callable[[int], None]) -> None:
+                 ep: Endpoint, key: FrameKey, *, admissions: Admissions, rejections: Rejections,
+                 record: Callable[[TransferStatus], None], on_closed: Callable[[int], None]) -> None:
         self.store = store
         self.loop = loop
         self.config = config
+        self.key = key
+        self.admissions = admissions
+        self.rejections = rejections
         self._record = record
         self._on_closed = on_closed
         self.conn_id = conn_id
@@ -76,7 +83,8 @@ class InboundConnection:
         log.log(logging.INFO if graceful else logging.WARNING,
                 "closing KV connection %#x: %s", self.conn_id, error)
         if isinstance(error, (WireError, ProtocolError)):
-            bye = self.ep.send(wire.encode(wire.Bye(str(error)[:wire.MAX_TEXT])), reply_tag(self.conn_id))
+            tag = reply_tag(self.conn_id)
+            bye = self.ep.send(wire.encode(wire.Bye(str(error)[:wire.MAX_TEXT]), self.key, tag), tag)
             self._bye = self._spawn(asyncio.wait_for(bye, 0.5), "BYE", quiet=True)
             self._bye.add_done_callback(lambda _: self.ep.abort())
         else:
@@ -92,7 +100,8 @@ class InboundConnection:
         """Fire and forget. Never awaited: UCX does not cancel a send to a dead peer, and a
         frame loop stuck on one would never reach its teardown. Tasks start in creation
         order, so frames still leave in order."""
-        coro = self.ep.send(wire.encode(frame), reply_tag(self.conn_id))
+        tag = reply_tag(self.conn_id)
+        coro = self.ep.send(wire.encode(frame, self.key, tag), tag)
         self._spawn(coro, f"frame to {self.conn_id:#x}", quiet=True)
 
     # ---------------------------------------------------------------- frames
@@ -101,13 +110,21 @@ class InboundConnection:
         buf = bytearray(wire.MAX_FRAME_BYTES)
         try:
             while True:
-                frame = await self.ep.recv_frame(buf, ctrl_tag(self.conn_id))
+                frame = await self.ep.recv_frame(buf, ctrl_tag(self.conn_id), self.key)
                 self.last_seen = time.monotonic()
                 if not self._handle(frame):
                     return
         except MessageTruncated:
+            self.rejections.count(Rejected.FRAME_MALFORMED)
             self.fail(WireError(f"frame larger than {wire.MAX_FRAME_BYTES} bytes"))
-        except (WireError, ProtocolError) as e:
+        except AuthenticationFailed as e:
+            self.rejections.count(Rejected.FRAME_AUTH)
+            self.fail(e)
+        except WireError as e:
+            self.rejections.count(Rejected.FRAME_MALFORMED)
+            self.fail(e)
+        except ProtocolError as e:
+            self.rejections.count(Rejected.PROTOCOL)
             self.fail(e)
         except (OperationCanceled, TransportError) as e:
             self.fail(PeerLost(f"connection lost: {e}"))
@@ -168,14 +185,28 @@ class InboundConnection:
             self.send(wire.Accept(offer.xfer, runs))
             return
         log.info("refused request %r (%s): %s", offer.request_id, reason.value, detail)
-        if reason is not RefusalReason.DUPLICATE_REQUEST:  # a live transfer keeps its status
+        if reason is RefusalReason.NOT_ADMITTED:
+            self.rejections.count(Rejected.NOT_ADMITTED)
+        # A live transfer keeps its status: neither a duplicate nor an offer without its
+        # admission (the admission was consumed by the first) may overwrite it.
+        if reason not in (RefusalReason.DUPLICATE_REQUEST, RefusalReason.NOT_ADMITTED):
             status = TransferStatus(offer.request_id)
             status.fail(refusal(reason, detail))
             self._record(status)
         self.send(wire.Refuse(offer.xfer, reason.value, detail))
 
     def _reserve(self, offer: wire.Offer) -> KVHandle:
-        """Check the offer against this store, then reserve. Raises before allocating."""
+        """Check the offer against its admission and this store, then reserve. Raises before
+        allocating."""
+        admission = self.admissions.take(offer.request_id)
+        if admission is None:
+            raise TransferRefused(RefusalReason.NOT_ADMITTED,
+                                  f"request {offer.request_id!r} is not admitted on this decode worker "
+                                  f"(never admitted, withdrawn, expired or already offered)")
+        if offer.num_tokens != admission.num_tokens:
+            raise TransferRefused(RefusalReason.BAD_REQUEST,
+                                  f"offer of {offer.num_tokens} tokens for {offer.request_id!r}, admitted "
+                                  f"with {admission.num_tokens}")
         g = self.store.geometry
         theirs = (offer.num_layers, offer.num_kv_heads, offer.head_dim, offer.block_tokens, offer.dtype)
         ours = (g.num_layers, g.num_kv_heads, g.head_dim, BLOCK_TOKENS, "bf16")
@@ -273,7 +304,7 @@ class InboundConnection:
         self.ep.abort()
         pending = [t for inb in self.transfers.values() for t in inb.layer_tasks if not t.done()]
         if pending:
-            await asyncio.wait(pending, timeout=self.config.peer_timeout_s)
+            await asyncio.wait(pending, timeout=self.config.timeout_s)
         error = self.error if self.error is not None else PeerLost("connection closed")
         for inb in self.transfers.values():
             if inb.status.done:

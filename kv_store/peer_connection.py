@@ -18,6 +18,7 @@ import numpy as np
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS
 from kv_store import wire
+from kv_store.auth import FrameKey
 from kv_store.config import TransportConfig
 from kv_store.errors import (KVStoreError, MessageTruncated, OperationCanceled, PeerLost,
                              ProtocolError, RefusalReason, TransferAborted, TransferFailed,
@@ -48,9 +49,11 @@ class PeerConnection:
     """One connection to a KV server. Apart from ``alive`` and ``close``, every method runs
     on the transport's loop thread (``KVSender`` and ``SendTransfer`` hand calls over)."""
 
-    def __init__(self, store: KVStore, fabric: Fabric, config: TransportConfig, address: bytes) -> None:
+    def __init__(self, store: KVStore, fabric: Fabric, config: TransportConfig, address: bytes,
+                 key: FrameKey) -> None:
         self.store = store
         self.config = config
+        self.key = key
         self.fabric = fabric
         self.loop = fabric.loop
         self.address = address
@@ -75,16 +78,21 @@ class PeerConnection:
     # ------------------------------------------------------------ loop side: connection
 
     async def open(self) -> None:
-        self._inflight = asyncio.Semaphore(self.config.max_inflight_layers)
+        self._inflight = asyncio.Semaphore(self.config.layers_in_flight)
         self.ep = await self.fabric.connect(self.address)
         self._welcome = asyncio.get_running_loop().create_future()
         self._tasks.append(self.loop.spawn(self._reply_loop(), f"KV replies {self.conn_id:#x}"))
-        hello = wire.encode(wire.Hello(self.conn_id, self.fabric.address()))
+        hello = wire.encode(wire.Hello(self.conn_id, self.fabric.address()), self.key, HELLO_TAG)
         self._send_frame(hello, HELLO_TAG)
         try:
             welcome = await asyncio.wait_for(self._welcome, self.config.connect_timeout_s)
         except asyncio.TimeoutError:
-            self._fail(PeerLost(f"no answer from the KV server in {self.config.connect_timeout_s} s"))
+            # A server answers only a HELLO that it could authenticate and reach back: it cannot
+            # tell an unauthenticated sender anything without trusting its address.
+            self._fail(PeerLost(
+                f"no WELCOME from the KV server in {self.config.connect_timeout_s} s: its HELLO failed "
+                f"authentication there (this worker has another deployment's secret), or the server "
+                f"cannot reach this worker's address, or it is down"))
         else:
             if not welcome.ok:
                 self._fail(TransportError(f"KV server refused the connection: {welcome.detail}"))
@@ -99,14 +107,15 @@ class PeerConnection:
         self.loop.spawn(self.ep.send(frame, tag), "KV frame", quiet=True)
 
     def _ctrl(self, frame: wire.Frame) -> None:
-        self._send_frame(wire.encode(frame), ctrl_tag(self.conn_id))
+        tag = ctrl_tag(self.conn_id)
+        self._send_frame(wire.encode(frame, self.key, tag), tag)
 
     async def _reply_loop(self) -> None:
         assert self.ep is not None
         buf = bytearray(wire.MAX_FRAME_BYTES)
         try:
             while True:
-                frame = await self.ep.recv_frame(buf, reply_tag(self.conn_id))
+                frame = await self.ep.recv_frame(buf, reply_tag(self.conn_id), self.key)
                 self.last_seen = time.monotonic()
                 self._on_frame(frame)
         except MessageTruncated:
@@ -120,7 +129,7 @@ class PeerConnection:
         while self.error is None:
             await asyncio.sleep(self.config.heartbeat_s)
             silent = time.monotonic() - self.last_seen
-            if silent > self.config.peer_timeout_s:
+            if silent > self.config.timeout_s:
                 self._fail(PeerLost(f"KV server silent for {silent:.1f} s"))
             else:
                 self._ctrl(wire.Ping())
@@ -277,8 +286,9 @@ class PeerConnection:
             # same order as the LAYER frames are posted, which the server checks.
             first = self._next_seq
             self._next_seq += len(messages)
-            header = wire.encode(wire.Layer(transfer.xfer, layer, segments, first))
-            sends = [self.ep.send(header, ctrl_tag(self.conn_id))]
+            tag = ctrl_tag(self.conn_id)
+            header = wire.encode(wire.Layer(transfer.xfer, layer, segments, first), self.key, tag)
+            sends = [self.ep.send(header, tag)]
             sends += [self.ep.send(m, data_tag(self.conn_id, first + k)) for k, m in enumerate(messages)]
             try:
                 await asyncio.gather(*sends)

@@ -9,17 +9,19 @@ A request's life here:
 3. After writing layer ``l`` into the local store, ``t.push_layer(l)``: it returns at once.
    Once ACCEPT has come (with the receiver's page runs), each layer is sent as a LAYER
    frame plus three raw messages (KV pages, kmin, kmax) per segment, a segment being a
-   stretch contiguous in both stores. Up to ``max_inflight_layers`` layers are on the
-   wire at once. Layers pushed before ACCEPT wait for it.
+   stretch contiguous in both stores. Up to ``layers_in_flight`` layers are on the
+   wire at once. Layers pushed before ACCEPT wait for it. (The decode worker must have
+   admitted the request id, or the OFFER is refused: REFUSE not_admitted.)
 4. ``t.finish()`` after the last layer: DONE follows the last layer's bulk. ``poll()``
    says SUCCESS when COMMITTED comes back; the local pages may then be freed.
 5. REFUSE (e.g. the decode store is full) fails the transfer with a typed error before
    any bulk was sent; a silent or vanished receiver fails every transfer of the
-   connection with ``PeerLost`` after ``peer_timeout_s``.
+   connection with ``PeerLost`` after ``timeout_s``.
 """
 
 from __future__ import annotations
 
+from kv_store.auth import FrameKey
 from kv_store.config import TransportConfig
 from kv_store.peer_connection import PeerConnection
 from kv_store.send_transfer import SendTransfer
@@ -30,15 +32,16 @@ from kv_store.transport_base import Fabric
 class KVSender:
     """Pushes requests of ``store`` to decode nodes. Sync, non-blocking API, any thread."""
 
-    def __init__(self, store: KVStore, fabric: Fabric, config: TransportConfig) -> None:
+    def __init__(self, store: KVStore, fabric: Fabric, config: TransportConfig, *, secret: bytes) -> None:
         self.store = store
+        self._key = FrameKey(secret)
         self.config = config
         self.fabric = fabric
         self._peers: list[PeerConnection] = []
 
     def connect(self, address: bytes) -> PeerConnection:
         """Open a connection to a KV server (blocks for the handshake only)."""
-        peer = PeerConnection(self.store, self.fabric, self.config, address)
+        peer = PeerConnection(self.store, self.fabric, self.config, address, self._key)
         self.fabric.loop.run(peer.open(), timeout_s=self.config.connect_timeout_s + 5)
         self._peers.append(peer)
         return peer

@@ -22,6 +22,8 @@ from typing import Union
 import numpy as np
 
 from kv_store import wire
+from kv_store.auth import FrameKey
+from kv_store.errors import BadAddress
 from kv_store.loop_thread import EventLoopThread
 
 Buffer = Union[np.ndarray, bytearray, bytes]
@@ -69,12 +71,13 @@ class Endpoint(ABC):
     @abstractmethod
     def closed(self) -> bool: ...
 
-    async def recv_frame(self, buf: bytearray, tag: int) -> "wire.Frame":
-        """Receive one control frame into ``buf`` (``wire.MAX_FRAME_BYTES``) and decode it."""
+    async def recv_frame(self, buf: bytearray, tag: int, key: FrameKey) -> "wire.Frame":
+        """Receive one control frame into ``buf`` (``wire.MAX_FRAME_BYTES``), check its tag
+        under ``key`` and decode it."""
         # A short message must not be read with the previous frame's prefix.
         buf[:wire.PREFIX.size] = bytes(wire.PREFIX.size)
         await self.recv(buf, tag)
-        return wire.decode(buf)
+        return wire.decode(buf, key, tag)
 
 
 class Fabric(ABC):
@@ -88,6 +91,12 @@ class Fabric(ABC):
 
     @abstractmethod
     async def connect(self, address: bytes) -> Endpoint: ...
+
+    def check_address(self, address: bytes) -> None:
+        """Raise ``BadAddress`` unless ``address`` may be handed to ``connect``: the server calls
+        this on an authenticated HELLO's address before the fabric parses it."""
+        if not 0 < len(address) <= wire.MAX_ADDRESS:
+            raise BadAddress(f"worker address of {len(address)} bytes; allowed 1..{wire.MAX_ADDRESS}")
 
     @abstractmethod
     async def recv_any(self, buf: Buffer, tag: int) -> None:

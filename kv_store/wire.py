@@ -1,16 +1,21 @@
 """Control frames of the KV transfer: a fixed prefix, then a msgpack map. No pickle.
 
-    magic "FXKV" | version u16 | kind u16 | body_len u32 | crc32 u32 | msgpack body
+    magic "FXKV" | version u16 | kind u16 | body_len u32 | crc32 u32 | tag 32 B | msgpack body
 
 The crc32 covers the prefix fields before it and the body, so a flipped kind cannot turn
-one valid frame into another (DONE and COMMITTED have the same keys).
+one valid frame into another (DONE and COMMITTED have the same keys). The tag is an
+HMAC-SHA256 under the deployment's secret (``auth.FrameKey``) over the channel the frame
+travels on (its 64-bit UCX tag), the prefix up to the tag and the body: a frame from
+outside the deployment, or moved to another connection or direction, does not verify.
 
 Bulk KV never goes in a frame: a LAYER frame announces the raw messages that follow on
 their own tags. A frame is trusted only after, in order: the buffer holds a whole prefix;
 magic and version match; the declared body fits ``MAX_FRAME_BYTES`` and the bytes
-received; the checksum matches (a truncated or corrupted frame fails here); msgpack
-decodes under tight container limits; the map has exactly the kind's keys with values
-of the right type and range. Nothing is allocated from a frame's numbers before that.
+received; the checksum matches (a truncated or corrupted frame fails here); the tag
+verifies (``AuthenticationFailed``: a frame of another deployment fails here, before
+msgpack reads a byte of its body); msgpack decodes under tight container limits; the map
+has exactly the kind's keys with values of the right type and range. Nothing is
+allocated from a frame's numbers before that.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ from typing import Callable, Union
 
 import msgpack
 
-from kv_store.errors import FrameTooLarge, MalformedFrame, VersionMismatch
+from kv_store.auth import TAG_BYTES, FrameKey
+from kv_store.errors import AuthenticationFailed, FrameTooLarge, MalformedFrame, VersionMismatch
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 MAGIC = b"FXKV"
-PREFIX = struct.Struct("<4sHHII")
+PREFIX = struct.Struct(f"<4sHHII{TAG_BYTES}s")
 _CRC_AT = 12  # offset of the crc field: everything before it is covered
+_TAG_AT = 16  # offset of the tag: the crc and everything before it are covered
 MAX_FRAME_BYTES = 64 * 1024
 """Receive buffers of control frames are this big; a larger message is truncated by UCX."""
 
@@ -200,7 +207,8 @@ def _check_fields(kind: FrameKind, body: dict) -> None:
             raise MalformedFrame(f"{kind.name} frame: bad value for {name!r}: {body[name]!r:.80}")
 
 
-def encode(frame: Frame) -> bytes:
+def encode(frame: Frame, key: FrameKey, channel: int) -> bytes:
+    """The frame as it goes on the wire on ``channel`` (the UCX tag it is sent with)."""
     kind = _KIND[type(frame)]
     body_map = dataclasses.asdict(frame)
     _check_fields(kind, body_map)  # never put on the wire what a peer would reject
@@ -208,17 +216,18 @@ def encode(frame: Frame) -> bytes:
     if PREFIX.size + len(body) > MAX_FRAME_BYTES:
         raise FrameTooLarge(f"{kind.name} frame of {PREFIX.size + len(body)} bytes exceeds "
                             f"{MAX_FRAME_BYTES}")
-    head = PREFIX.pack(MAGIC, WIRE_VERSION, int(kind), len(body), 0)[:_CRC_AT]
-    crc = zlib.crc32(body, zlib.crc32(head))
-    return head + struct.pack("<I", crc) + body
+    head = PREFIX.pack(MAGIC, WIRE_VERSION, int(kind), len(body), 0, b"")[:_CRC_AT]
+    head += struct.pack("<I", zlib.crc32(body, zlib.crc32(head)))
+    return head + key.tag(channel, head, body) + body
 
 
-def decode(buf: bytes | bytearray | memoryview) -> Frame:
-    """Parse and validate one frame from the start of ``buf`` (trailing bytes are slack)."""
+def decode(buf: bytes | bytearray | memoryview, key: FrameKey, channel: int) -> Frame:
+    """Parse and validate one frame received on ``channel`` from the start of ``buf``
+    (trailing bytes are slack)."""
     view = memoryview(buf).cast("B")
     if len(view) < PREFIX.size:
         raise MalformedFrame(f"frame of {len(view)} bytes is shorter than its {PREFIX.size}-byte prefix")
-    magic, version, kind_no, body_len, crc = PREFIX.unpack_from(view)
+    magic, version, kind_no, body_len, crc, tag = PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise MalformedFrame(f"bad magic {bytes(magic)!r}")
     if version != WIRE_VERSION:
@@ -232,6 +241,9 @@ def decode(buf: bytes | bytearray | memoryview) -> Frame:
     body = view[PREFIX.size:PREFIX.size + body_len]
     if zlib.crc32(body, zlib.crc32(view[:_CRC_AT])) != crc:
         raise MalformedFrame("checksum mismatch (corrupt or truncated frame)")
+    if not key.verify(channel, tag, view[:_TAG_AT], body):
+        raise AuthenticationFailed("authentication failed: the frame's tag does not verify under this "
+                                   "deployment's secret (a sender of another deployment, or a forged frame)")
     try:
         kind = FrameKind(kind_no)
     except ValueError:

@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 
 
 class PrefillWorker:
-    def __init__(self, config: dict, name: str) -> None:
+    def __init__(self, config: dict, name: str, kv_secret: bytes) -> None:
         self.cfg = config_from_dict(config)
         self.name = name
         self.model, _ = load_from_config(self.cfg.model)
-        self.pusher = KVPusher(self.cfg, self.model.arch)
+        self.pusher = KVPusher(self.cfg, self.model.arch, kv_secret)
         self.served = 0
 
     async def prefill(self, request_id: str, prompt: list[int], decode_address: bytes,

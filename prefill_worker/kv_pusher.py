@@ -1,4 +1,7 @@
-"""The prefill worker's KV path: local host store + UCX sender, one transfer per request."""
+"""The prefill worker's KV path: local host store + UCX sender, one transfer per request.
+
+Its frames carry tags under the deployment's secret (handed to the actor through Ray); the
+decode worker takes an OFFER only for a request the router admitted there first."""
 
 from __future__ import annotations
 
@@ -7,15 +10,15 @@ import asyncio
 import torch
 
 from fluxion_dist.config import DeployConfig
+from fluxion_dist.config.kv_setup import fabric, store_config
 from fluxion_dist.model.arch import ModelArch
-from fluxion_dist.config.kv_setup import fabric, store_config, transport_config
 from kv_store import KVSender, KVStore, PeerConnection, SendTransfer, TransferState
 
 
 class KVPusher:
-    def __init__(self, cfg: DeployConfig, arch: ModelArch) -> None:
+    def __init__(self, cfg: DeployConfig, arch: ModelArch, secret: bytes) -> None:
         self.store = KVStore(store_config(cfg, arch))
-        self.sender = KVSender(self.store, fabric(cfg), transport_config(cfg))
+        self.sender = KVSender(self.store, fabric(cfg), cfg.transport, secret=secret)
         self.lease_s = cfg.kv_store.lease_ttl_s
         self._peers: dict[bytes, PeerConnection] = {}
 

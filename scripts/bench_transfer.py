@@ -33,7 +33,8 @@ os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 
 import numpy as np  # noqa: E402
 
-from kv_store import KVGeometry, KVSender, KVServer, KVStore, StoreConfig, TransportConfig  # noqa: E402
+from kv_store import (KVGeometry, KVSender, KVServer, KVStore, StoreConfig, TransportConfig,  # noqa: E402
+                      new_secret)
 from kv_store.ucx_transport import ucx_fabric  # noqa: E402
 
 RAW_TAG = 0x5EED_0000_0000_0001
@@ -69,12 +70,13 @@ def _checksum(store: KVStore, request_id: str) -> int:
     return crc
 
 
-def receiver_main(pipe, geometry, num_tokens, transport, pin) -> None:
+def receiver_main(pipe, geometry, num_tokens, transport, pin, secret) -> None:
     import ucxx
     from ucxx.types import Tag
     store = KVStore(_store_config(geometry, num_tokens, pin))
     fabric = ucx_fabric(transport)
-    server = KVServer(store, fabric, transport)
+    server = KVServer(store, fabric, transport, secret=secret)
+    server.admit("kv", num_tokens, deadline_s=3600)  # the router's part: the next push is expected
     pipe.send(server.address())
     while True:
         cmd, *args = pipe.recv()
@@ -93,6 +95,7 @@ def receiver_main(pipe, geometry, num_tokens, transport, pin) -> None:
             crc = _checksum(store, args[0]) if args[1] else 0
             store.claim(args[0])
             store.release(args[0])
+            server.admit("kv", num_tokens, deadline_s=3600)
             pipe.send(crc)
         elif cmd == "stop":
             server.close()
@@ -100,12 +103,12 @@ def receiver_main(pipe, geometry, num_tokens, transport, pin) -> None:
             return
 
 
-def sender_main(pipe, geometry, num_tokens, transport, address, verify, pin) -> None:
+def sender_main(pipe, geometry, num_tokens, transport, address, verify, pin, secret) -> None:
     import ucxx
     from ucxx.types import Tag
     store = KVStore(_store_config(geometry, num_tokens, pin))
     fabric = ucx_fabric(transport)
-    sender = KVSender(store, fabric, transport)
+    sender = KVSender(store, fabric, transport, secret=secret)
     peer = sender.connect(address)
     # The KV: random bits in every page and metadata row of one stored request (a random
     # 16 MiB tile, varied per layer: generating 4 GiB of randomness would take longer than the bench).
@@ -122,7 +125,7 @@ def sender_main(pipe, geometry, num_tokens, transport, address, verify, pin) -> 
     store.commit("kv")
     crc = _checksum(store, "kv") if verify else 0
     raw_ep = fabric.loop.run(ucxx.create_endpoint_from_worker_address(
-        ucxx.get_ucx_address_from_buffer(address), endpoint_error_handling=transport.error_handling))
+        ucxx.get_ucx_address_from_buffer(address), endpoint_error_handling=transport.ucx_error_handling))
     pipe.send(("ready", crc))
     while True:
         cmd, *args = pipe.recv()
@@ -164,8 +167,9 @@ def main() -> None:
     args = ap.parse_args()
 
     geometry = KVGeometry(args.layers, args.kv_heads, args.head_dim)
-    transport = TransportConfig(tls=args.tls, net_devices=args.net_devices,
-                                max_inflight_layers=args.inflight, peer_timeout_s=60.0)
+    transport = TransportConfig(ucx_tls=args.tls, ucx_net_devices=args.net_devices or "all",
+                                layers_in_flight=args.inflight, timeout_s=60.0)
+    secret = new_secret()
     kv_bytes, meta_bytes = geometry.kv_bytes(args.tokens), geometry.meta_bytes(args.tokens)
     total = kv_bytes + meta_bytes
     verify = not args.no_verify
@@ -176,11 +180,11 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     rpipe, rchild = ctx.Pipe()
     spipe, schild = ctx.Pipe()
-    receiver = ctx.Process(target=receiver_main, args=(rchild, geometry, args.tokens, transport, args.pin))
+    receiver = ctx.Process(target=receiver_main, args=(rchild, geometry, args.tokens, transport, args.pin, secret))
     receiver.start()
     address = rpipe.recv()
     sender = ctx.Process(target=sender_main, args=(schild, geometry, args.tokens, transport, address, verify,
-                                                         args.pin))
+                                                         args.pin, secret))
     sender.start()
     _, sent_crc = spipe.recv()
 

@@ -41,15 +41,24 @@ def _log_setup() -> None:
     logging.basicConfig(level=logging.INFO, format=f"[{os.getpid()}] %(name)s %(levelname)s %(message)s")
 
 
-def server_main(pipe: Connection, store_config: StoreConfig, transport: TransportConfig) -> None:
+def server_main(pipe: Connection, store_config: StoreConfig, transport: TransportConfig,
+                secret: bytes) -> None:
     _log_setup()
     try:
         store = KVStore(store_config)
-        server = KVServer(store, ucx_fabric(transport), transport)
+        server = KVServer(store, ucx_fabric(transport), transport, secret=secret)
         pipe.send(("address", server.address()))
         while True:
             cmd, *args = pipe.recv()
-            if cmd == "wait":
+            if cmd == "admit":
+                request_id, num_tokens = args
+                server.admit(request_id, num_tokens)
+                pipe.send("ok")
+            elif cmd == "rejections":
+                pipe.send(server.rejections.snapshot())
+            elif cmd == "connections":
+                pipe.send(server.num_connections)
+            elif cmd == "wait":
                 request_id, timeout_s = args
                 try:
                     server.wait(request_id, timeout_s)
@@ -74,12 +83,17 @@ def server_main(pipe: Connection, store_config: StoreConfig, transport: Transpor
 
 
 def sender_main(pipe: Connection, store_config: StoreConfig, transport: TransportConfig,
-                address: bytes) -> None:
+                address: bytes, secret: bytes) -> None:
     _log_setup()
     try:
         store = KVStore(store_config)
-        sender = KVSender(store, ucx_fabric(transport), transport)
-        peer = sender.connect(address)
+        sender = KVSender(store, ucx_fabric(transport), transport, secret=secret)
+        try:
+            peer = sender.connect(address)
+        except Exception as e:  # reported to the test (a wrong secret is expected to land here)
+            pipe.send(("connect_failed", type(e).__name__, str(e), store.stats().used_pages))
+            pipe.recv()  # hold the process until the test has looked at the server
+            return
         pipe.send(("connected",))
         while True:
             cmd, *args = pipe.recv()
@@ -108,6 +122,8 @@ def sender_main(pipe: Connection, store_config: StoreConfig, transport: Transpor
                 payload = args[0]
                 sender.fabric.loop.run(peer.ep.send(payload, ctrl_tag(peer.conn_id)), timeout_s=10)
                 pipe.send("sent")
+            elif cmd == "conn_id":
+                pipe.send(peer.conn_id)
             elif cmd == "stop":
                 sender.close()
                 pipe.send("stopped")

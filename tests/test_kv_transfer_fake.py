@@ -12,15 +12,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kv_store import (KVGeometry, KVSender, KVServer, KVStore, PeerLost, RefusalReason,
+from kv_store import (FrameKey, KVGeometry, KVSender, KVServer, KVStore, PeerLost, RefusalReason,
                       RemoteStoreFull, StoreConfig, TransferAborted, TransferRefused,
-                      TransferState, TransportConfig, pack_layer, wire)
+                      TransferState, TransportConfig, new_secret, pack_layer, wire)
 from kv_store.fake_transport import FakeHub
 from kv_store.transport_base import HELLO_TAG, ctrl_tag, reply_tag
 
 G = KVGeometry(num_layers=3, num_kv_heads=2, head_dim=16)
 # Timeouts short enough for quick fault tests, long enough for a loaded 2-core CI machine.
-TC = TransportConfig(heartbeat_s=0.1, peer_timeout_s=1.0, connect_timeout_s=5.0)
+TC = TransportConfig(heartbeat_s=0.1, timeout_s=1.0, connect_timeout_s=5.0)
+SECRET = new_secret()
+KEY = FrameKey(SECRET)
+
+
+def server_on(store: KVStore, fabric, config: TransportConfig = TC) -> KVServer:
+    return KVServer(store, fabric, config, secret=SECRET)
+
+
+def sender_on(store: KVStore, fabric, config: TransportConfig = TC) -> KVSender:
+    return KVSender(store, fabric, config, secret=SECRET)
 
 
 def make_store(pages: int, geometry: KVGeometry = G, **kw) -> KVStore:
@@ -28,8 +38,12 @@ def make_store(pages: int, geometry: KVGeometry = G, **kw) -> KVStore:
     return KVStore(StoreConfig(geometry, capacity_bytes=pages * per_page, pin="off", **kw))
 
 
-def write_request(store: KVStore, rid: str, num_tokens: int, seed: int, *, layers=None):
-    """Reserve and write ``layers`` (default all) of a random request; return its LayerKVs."""
+def write_request(store: KVStore, rid: str, num_tokens: int, seed: int, *, server: KVServer | None = None,
+                  layers=None):
+    """Reserve and write ``layers`` (default all) of a random request; return its LayerKVs.
+    With ``server``, the request is admitted there first (as the router does)."""
+    if server is not None:
+        server.admit(rid, num_tokens)
     rng = np.random.default_rng(seed)
     shape = (num_tokens, store.geometry.num_kv_heads, store.geometry.head_dim)
     kvs = [pack_layer(rng.standard_normal(shape, dtype=np.float32),
@@ -64,9 +78,9 @@ def hub():
 @pytest.fixture
 def pair(hub):
     dst = make_store(400)
-    server = KVServer(dst, hub.fabric(), TC)
+    server = server_on(dst, hub.fabric())
     src = make_store(400)
-    sender = KVSender(src, hub.fabric(), TC)
+    sender = sender_on(src, hub.fabric())
     peer = sender.connect(server.address())
     yield src, dst, sender, peer, server
     sender.close()
@@ -79,6 +93,7 @@ def test_layer_by_layer_push_is_byte_exact(pair, num_tokens):
     rng = np.random.default_rng(num_tokens)
     shape = (num_tokens, G.num_kv_heads, G.head_dim)
     src.reserve("r", num_tokens, ttl_s=60)
+    server.admit("r", num_tokens)
     t = sender.begin(peer, "r")
     assert t.poll() in (TransferState.PENDING, TransferState.TRANSFERRING)
     for layer in range(G.num_layers):  # pushed as produced, some before ACCEPT is back
@@ -105,9 +120,9 @@ def test_fragmented_stores_split_layers_into_segments(hub):
     src, dst = make_store(240), make_store(240)
     _fragment(dst, hole=3, count=40)   # forty 3-page holes fill the receiver's free space
     _fragment(src, hole=6, count=20)   # twenty 6-page holes on the sender: other boundaries
-    server = KVServer(dst, hub.fabric(), TC)
-    sender = KVSender(src, hub.fabric(), TC)
-    kvs = write_request(src, "r", 200, seed=3)  # 13 pages per layer
+    server = server_on(dst, hub.fabric())
+    sender = sender_on(src, hub.fabric())
+    kvs = write_request(src, "r", 200, seed=3, server=server)  # 13 pages per layer
     sender.push(sender.connect(server.address()), "r").wait(5)
     assert max(len(r) for r in dst.handle("r").runs) > 1 and max(len(r) for r in src.handle("r").runs) > 1
     assert_same(dst, "r", kvs)
@@ -117,10 +132,10 @@ def test_fragmented_stores_split_layers_into_segments(hub):
 
 def test_store_full_is_refused_before_any_bulk(hub):
     dst = make_store(10)
-    server = KVServer(dst, hub.fabric(), TC)
+    server = server_on(dst, hub.fabric())
     src = make_store(100)
-    sender = KVSender(src, hub.fabric(), TC)
-    write_request(src, "big", 100, seed=1)  # 3 layers x 7 pages > 10
+    sender = sender_on(src, hub.fabric())
+    write_request(src, "big", 100, seed=1, server=server)  # 3 layers x 7 pages > 10
     peer = sender.connect(server.address())
     t = sender.push(peer, "big")
     with pytest.raises(RemoteStoreFull) as e:
@@ -130,7 +145,7 @@ def test_store_full_is_refused_before_any_bulk(hub):
     s = dst.stats()
     assert s.used_pages == 0 and s.bytes_in == 0 and s.alloc_failures == 1
     assert server.poll("big") is TransferState.FAILED
-    write_request(src, "small", 40, seed=2)  # 3 x 3 pages: fits; the connection still works
+    write_request(src, "small", 40, seed=2, server=server)  # 3 x 3 pages: fits; the connection still works
     sender.push(peer, "small").wait(5)
     sender.close()
     server.close()
@@ -138,16 +153,20 @@ def test_store_full_is_refused_before_any_bulk(hub):
 
 def test_geometry_mismatch_and_duplicate_are_refused(pair, hub):
     src, dst, sender, peer, server = pair
-    kvs = write_request(src, "r", 20, seed=0)
+    kvs = write_request(src, "r", 20, seed=0, server=server)
     sender.push(peer, "r").wait(5)
+    with pytest.raises(TransferRefused) as e:  # its admission was used up by the first offer
+        sender.push(peer, "r").wait(5)
+    assert e.value.reason is RefusalReason.NOT_ADMITTED
+    server.admit("r", 20)
     with pytest.raises(TransferRefused) as e:
         sender.push(peer, "r").wait(5)
     assert e.value.reason is RefusalReason.DUPLICATE_REQUEST
     assert server.poll("r") is TransferState.SUCCESS  # the stored copy is untouched
     assert_same(dst, "r", kvs)
     other = make_store(50, KVGeometry(num_layers=3, num_kv_heads=4, head_dim=16))
-    other_sender = KVSender(other, hub.fabric(), TC)
-    write_request(other, "g", 20, seed=0)
+    other_sender = sender_on(other, hub.fabric())
+    write_request(other, "g", 20, seed=0, server=server)
     with pytest.raises(TransferRefused) as e:
         other_sender.push(other_sender.connect(server.address()), "g").wait(5)
     assert e.value.reason is RefusalReason.GEOMETRY_MISMATCH
@@ -156,11 +175,11 @@ def test_geometry_mismatch_and_duplicate_are_refused(pair, hub):
 
 def test_sender_dying_mid_transfer_frees_its_pages(hub):
     dst = make_store(100)
-    server = KVServer(dst, hub.fabric(), TC)
+    server = server_on(dst, hub.fabric())
     src = make_store(100)
     fabric = hub.fabric()
-    sender = KVSender(src, fabric, TC)
-    write_request(src, "r", 100, seed=0, layers=[0])
+    sender = sender_on(src, fabric)
+    write_request(src, "r", 100, seed=0, server=server, layers=[0])
     t = sender.begin(sender.connect(server.address()), "r")
     t.push_layer(0)
     eventually(lambda: dst.stats().bytes_in > 0)  # layer 0 landed, pages reserved
@@ -171,8 +190,8 @@ def test_sender_dying_mid_transfer_frees_its_pages(hub):
     assert dst.stats().used_pages == 0 and server.num_connections == 0
     # The server carries on with the next sender.
     src2 = make_store(100)
-    sender2 = KVSender(src2, hub.fabric(), TC)
-    kvs = write_request(src2, "r", 100, seed=1)
+    sender2 = sender_on(src2, hub.fabric())
+    kvs = write_request(src2, "r", 100, seed=1, server=server)
     sender2.push(sender2.connect(server.address()), "r").wait(5)
     assert_same(dst, "r", kvs)
     sender2.close()
@@ -181,10 +200,10 @@ def test_sender_dying_mid_transfer_frees_its_pages(hub):
 
 def test_receiver_dying_fails_the_sender_transfer(hub):
     server_fabric = hub.fabric()
-    server = KVServer(make_store(100), server_fabric, TC)
+    server = server_on(make_store(100), server_fabric)
     src = make_store(100)
-    sender = KVSender(src, hub.fabric(), TC)
-    write_request(src, "r", 50, seed=0)
+    sender = sender_on(src, hub.fabric())
+    write_request(src, "r", 50, seed=0, server=server)
     peer = sender.connect(server.address())
     server_fabric.kill()
     t = sender.push(peer, "r")
@@ -195,7 +214,7 @@ def test_receiver_dying_fails_the_sender_transfer(hub):
 
 def test_sender_abort_frees_receiver_pages(pair):
     src, dst, sender, peer, server = pair
-    write_request(src, "r", 64, seed=0, layers=[0])
+    write_request(src, "r", 64, seed=0, server=server, layers=[0])
     t = sender.begin(peer, "r")
     t.push_layer(0)
     eventually(lambda: dst.stats().bytes_in > 0)
@@ -209,12 +228,12 @@ def test_sender_abort_frees_receiver_pages(pair):
 
 def test_unclaimed_request_is_reclaimed_when_its_lease_ends(hub):
     dst = make_store(100, ready_ttl_s=0.2)
-    server = KVServer(dst, hub.fabric(), TC)
+    server = server_on(dst, hub.fabric())
     src = make_store(100)
-    sender = KVSender(src, hub.fabric(), TC)
+    sender = sender_on(src, hub.fabric())
     peer = sender.connect(server.address())
     for rid in ("claimed", "forgotten"):
-        write_request(src, rid, 30, seed=0)
+        write_request(src, rid, 30, seed=0, server=server)
         sender.push(peer, rid).wait(5)
     dst.claim("claimed")
     eventually(lambda: "forgotten" not in dst)
@@ -225,16 +244,16 @@ def test_unclaimed_request_is_reclaimed_when_its_lease_ends(hub):
 
 def test_many_concurrent_transfers_from_two_senders(hub):
     dst = make_store(2000)
-    server = KVServer(dst, hub.fabric(), TransportConfig(heartbeat_s=0.1, peer_timeout_s=1.0,
-                                                         max_inflight_layers=2))
+    server = server_on(dst, hub.fabric(), TransportConfig(heartbeat_s=0.1, timeout_s=1.0,
+                                                          layers_in_flight=2))
     expected, transfers = {}, []
     for s in range(2):
         src = make_store(600)
-        sender = KVSender(src, hub.fabric(), TC)
+        sender = sender_on(src, hub.fabric())
         peer = sender.connect(server.address())
         for i in range(5):
             rid = f"s{s}-r{i}"
-            expected[rid] = write_request(src, rid, 17 + 31 * i, seed=10 * s + i)
+            expected[rid] = write_request(src, rid, 17 + 31 * i, seed=10 * s + i, server=server)
             transfers.append(sender.push(peer, rid))
     for t in transfers:
         t.wait(10)
@@ -250,7 +269,7 @@ def test_many_concurrent_transfers_from_two_senders(hub):
 def lone_server():
     hub = FakeHub()
     dst = make_store(200)
-    server = KVServer(dst, hub.fabric(), TC)
+    server = server_on(dst, hub.fabric())
     yield hub, dst, server
     server.close()
     hub.close()
@@ -263,18 +282,18 @@ def _raw_connection(hub: FakeHub, server: KVServer):
 
     async def go():
         ep = await fabric.connect(server.address())
-        await ep.send(wire.encode(wire.Hello(conn_id, fabric.address())), HELLO_TAG)
+        await ep.send(wire.encode(wire.Hello(conn_id, fabric.address()), KEY, HELLO_TAG), HELLO_TAG)
         buf = bytearray(wire.MAX_FRAME_BYTES)
         await asyncio.wait_for(ep.recv(buf, reply_tag(conn_id)), 2)
-        assert wire.decode(buf) == wire.Welcome(conn_id, True, "")
+        assert wire.decode(buf, KEY, reply_tag(conn_id)) == wire.Welcome(conn_id, True, "")
         return ep
     return hub.loop.run(go()), conn_id
 
 
 def _server_still_serves(hub, server, dst, rid: str) -> None:
     src = make_store(50)
-    sender = KVSender(src, hub.fabric(), TC)
-    kvs = write_request(src, rid, 40, seed=5)
+    sender = sender_on(src, hub.fabric())
+    kvs = write_request(src, rid, 40, seed=5, server=server)
     sender.push(sender.connect(server.address()), rid).wait(5)
     assert_same(dst, rid, kvs)
     dst.claim(rid)
@@ -282,31 +301,50 @@ def _server_still_serves(hub, server, dst, rid: str) -> None:
     sender.close()
 
 
+def _offer(rid: str = "r", kv_bytes: int = 1) -> wire.Offer:
+    return wire.Offer(1, rid, 10, 3, 2, 16, 16, "bf16", kv_bytes, 1)
+
+
+# Each builds the payload for a connection's control channel.
 BAD_FRAMES = {
-    "empty": b"",
-    "garbage": b"\x00\xff" * 50,
-    "truncated": wire.encode(wire.Offer(1, "r", 10, 3, 2, 16, 16, "bf16", 1, 1))[:-3],
-    "oversize": b"\0" * (wire.MAX_FRAME_BYTES + 1),
-    "unknown transfer": wire.encode(wire.Layer(99, 0, [1], 0)),
-    "wrong direction": wire.encode(wire.Committed(1)),
-    "bad sizes": wire.encode(wire.Offer(1, "r", 10, 3, 2, 16, 16, "bf16", 1, 1)),
+    "empty": lambda ch: b"",
+    "garbage": lambda ch: b"\x00\xff" * 50,
+    "truncated": lambda ch: wire.encode(_offer(), KEY, ch)[:-3],
+    "oversize": lambda ch: b"\0" * (wire.MAX_FRAME_BYTES + 1),
+    "unknown transfer": lambda ch: wire.encode(wire.Layer(99, 0, [1], 0), KEY, ch),
+    "wrong direction": lambda ch: wire.encode(wire.Committed(1), KEY, ch),
+    "another deployment's key": lambda ch: wire.encode(_offer(), FrameKey(new_secret()), ch),
+    "replayed from another connection": lambda ch: wire.encode(_offer(), KEY, ch ^ (1 << 33)),
+    "bad sizes": lambda ch: wire.encode(_offer(), KEY, ch),
+    "not admitted": lambda ch: wire.encode(_offer("never-admitted", G.kv_bytes(10)), KEY, ch),
 }
+REFUSED = {"bad sizes": ("r", "bad_request"), "not admitted": ("never-admitted", "not_admitted")}
 
 
 @pytest.mark.parametrize("name", list(BAD_FRAMES))
 def test_bad_frame_closes_only_its_connection(lone_server, name, caplog):
     hub, dst, server = lone_server
     ep, conn_id = _raw_connection(hub, server)
-    before = server.num_connections
+    rejected = server.rejections.total
+    if name == "bad sizes":
+        server.admit("r", 10)
     with caplog.at_level(logging.INFO, logger="kv_store"):
-        hub.loop.run(ep.send(BAD_FRAMES[name], ctrl_tag(conn_id)))
-        if name == "bad sizes":  # a typed refusal, not a broken connection
-            eventually(lambda: server.poll("r") is TransferState.FAILED)
-            assert server.num_connections == before
-            assert "refused request 'r' (bad_request)" in caplog.text
+        hub.loop.run(ep.send(BAD_FRAMES[name](ctrl_tag(conn_id)), ctrl_tag(conn_id)))
+        if name in REFUSED:  # a typed refusal, not a broken connection
+            rid, reason = REFUSED[name]
+            eventually(lambda: f"refused request {rid!r} ({reason})" in caplog.text)
+            assert server.connected(conn_id)
+            if name == "bad sizes":
+                assert server.poll("r") is TransferState.FAILED
+            else:  # nothing recorded for an id this server never admitted
+                assert server.status(rid) is None and server.rejections.total == rejected + 1
         else:
-            eventually(lambda: server.num_connections == before - 1)
+            eventually(lambda: not server.connected(conn_id))
             assert f"closing KV connection {conn_id:#x}: " in caplog.text
+            assert server.rejections.total == rejected + 1
+            if "key" in name or "replayed" in name:
+                assert "authentication failed" in caplog.text
+                assert server.rejections.snapshot()["frame_auth"] >= 1
     assert dst.stats().used_pages == 0
     _server_still_serves(hub, server, dst, f"after-{name}")
 
@@ -316,9 +354,10 @@ def test_bad_frame_closes_only_its_connection(lone_server, name, caplog):
 def test_fuzzed_frames_close_the_connection_and_the_server_stays_up(lone_server, payload):
     hub, dst, server = lone_server
     ep, conn_id = _raw_connection(hub, server)
-    before = server.num_connections
+    rejected = server.rejections.total
     hub.loop.run(ep.send(payload, ctrl_tag(conn_id)))
-    eventually(lambda: server.num_connections == before - 1)
+    eventually(lambda: not server.connected(conn_id))
+    assert server.rejections.total > rejected
     assert dst.stats().used_pages == 0
 
 
@@ -326,10 +365,24 @@ def test_bad_hello_frames_are_dropped(lone_server):
     hub, dst, server = lone_server
     fabric = hub.fabric()
 
+    before, conns = server.rejections.snapshot(), server.num_connections
+    hello = wire.Hello(5, fabric.address())
+    junk = {
+        "hello_malformed": [b"nonsense", b"\0" * (wire.MAX_FRAME_BYTES + 10),
+                            wire.encode(wire.Ping(), KEY, HELLO_TAG)],
+        "hello_auth": [wire.encode(hello, FrameKey(new_secret()), HELLO_TAG),
+                       wire.encode(hello, KEY, ctrl_tag(5))],  # a frame of another channel
+        "hello_unreachable": [wire.encode(wire.Hello(6, b"no-such-worker"), KEY, HELLO_TAG)],
+    }
+
     async def send_hellos():
         ep = await fabric.connect(server.address())
-        for junk in (b"nonsense", b"\0" * (wire.MAX_FRAME_BYTES + 10), wire.encode(wire.Ping()),
-                     wire.encode(wire.Hello(5, b"no-such-worker"))):
-            await ep.send(junk, HELLO_TAG)
+        for frames in junk.values():
+            for frame in frames:
+                await ep.send(frame, HELLO_TAG)
     hub.loop.run(send_hellos())
     _server_still_serves(hub, server, dst, "after-hellos")
+    after = server.rejections.snapshot()
+    for reason, frames in junk.items():
+        assert after[reason] - before[reason] == len(frames), reason
+    assert server.num_connections <= conns  # none of them opened one (others may time out meanwhile)

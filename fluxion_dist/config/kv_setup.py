@@ -1,11 +1,15 @@
-"""The deployment config's view of the KV store and its transport, for both kinds of worker."""
+"""The deployment config's view of the KV store and its transport, for both kinds of worker.
+
+``cfg.transport`` is itself the transport's config (one ``TransportConfig``, defined in the
+schema and used by ``kv_store`` as it is); the store's is built here from the model's shape.
+"""
 
 from __future__ import annotations
 
 from fluxion_dist.config import DeployConfig
 from fluxion_dist.errors import ConfigError
 from fluxion_dist.model.arch import ModelArch
-from kv_store import KVGeometry, StoreConfig, TransportConfig
+from kv_store import KVGeometry, StoreConfig
 from kv_store.transport_base import Fabric
 
 _PIN = {"auto": "auto", "on": "required", "off": "off"}
@@ -17,13 +21,6 @@ def store_config(cfg: DeployConfig, arch: ModelArch) -> StoreConfig:
                        ready_ttl_s=cfg.kv_store.lease_ttl_s)
 
 
-def transport_config(cfg: DeployConfig) -> TransportConfig:
-    t = cfg.transport
-    return TransportConfig(tls=t.ucx_tls, net_devices=None if t.ucx_net_devices == "all" else t.ucx_net_devices,
-                           max_inflight_layers=t.layers_in_flight, peer_timeout_s=t.timeout_s,
-                           heartbeat_s=min(1.0, t.timeout_s / 4))
-
-
 def fabric(cfg: DeployConfig) -> Fabric:
     """This process's UCX worker (started on first use, inside the actor that uses it)."""
     if cfg.transport.backend != "ucx":
@@ -31,4 +28,4 @@ def fabric(cfg: DeployConfig) -> Fabric:
                           "workers in separate processes need 'ucx'")
     from kv_store.ucx_transport import ucx_fabric
 
-    return ucx_fabric(transport_config(cfg))
+    return ucx_fabric(cfg.transport)

@@ -14,6 +14,7 @@ import ray
 from fluxion_dist.config import DeployConfig, config_to_dict
 from fluxion_dist.errors import FluxionError
 from fluxion_dist.server.ray_cluster import worker_env
+from kv_store import new_secret
 
 
 class DeployError(FluxionError):
@@ -47,6 +48,9 @@ def deploy(cfg: DeployConfig, *, detached: bool, timeout_s: float = 120.0) -> De
         raise DeployError(f"actors {existing} already exist in namespace {cfg.cluster.namespace!r}; "
                           "run `fluxion-dist shutdown` first")
     as_dict = config_to_dict(cfg)
+    # The KV channel's secret: made here, handed to the workers as an actor argument (Ray keeps
+    # it for restarts), never part of the config, so never in a log or `validate`'s output.
+    kv_secret = new_secret()
     env = {"env_vars": worker_env(cfg.transport)}
     common = {"namespace": cfg.cluster.namespace, "lifetime": "detached" if detached else None,
               "runtime_env": env}
@@ -61,12 +65,12 @@ def deploy(cfg: DeployConfig, *, detached: bool, timeout_s: float = 120.0) -> De
             actors[name] = ray.remote(PrefillWorker).options(
                 name=name, num_cpus=cfg.prefill.num_cpus, num_gpus=cfg.prefill.num_gpus,
                 max_restarts=cfg.prefill.max_restarts, max_task_retries=0,
-                **placement(cfg.prefill.node_resource), **common).remote(as_dict, name)
+                **placement(cfg.prefill.node_resource), **common).remote(as_dict, name, kv_secret)
         for name in decode_names:
             actors[name] = ray.remote(DecodeWorker).options(
                 name=name, num_cpus=cfg.decode.num_cpus, num_gpus=cfg.decode.num_gpus,
                 max_restarts=cfg.decode.max_restarts, max_task_retries=0, max_concurrency=1000,
-                **placement(cfg.decode.node_resource), **common).remote(as_dict, name)
+                **placement(cfg.decode.node_resource), **common).remote(as_dict, name, kv_secret)
         _wait_healthy(actors, timeout_s)
         router = ray.remote(Router).options(name=router_name, num_cpus=0, max_restarts=0, max_concurrency=1000,
                                             **common).remote(as_dict, prefill_names, decode_names)
