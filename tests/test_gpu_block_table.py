@@ -11,7 +11,7 @@ gpu_util.skip_unless_gpu()
 
 import cupy as cp  # noqa: E402
 
-from fluxion_dist.hybrid.device_budget import route_entries_reference  # noqa: E402
+from fluxion_dist.policy.routing import route_entries_reference  # noqa: E402
 from fluxion_dist.kernels.block_table import admit_blocks, classify_entries, force_blocks  # noqa: E402
 from fluxion_dist.kernels.uva import pinned_empty  # noqa: E402
 

@@ -2,15 +2,16 @@
 
 Per step (``DeviceStepHook.__init__``): the batch's block tables go to the device (rebuilt
 only when a sequence gains pages); the positions and blocks per request are read once.
+At the step's first layer call the host takes in the demand of every layer whose last
+measuring call is done on the GPU (without waiting for any), and plans every layer's rows at
+once from the demand known then (``step_plan.plan_step``: the pooled budget, as on the CPU).
 
 Per layer (``__call__``), while the GPU still runs earlier layers: the host takes in the
-counts of the layer's previous call (hits, misses, the predictor's demand; long done on the
-GPU), plans the layer from them:
+counts of the layer's previous call (hits, misses, the far demand; long done on the GPU),
+and decides
 
-- budgets (``device_budget.row_budget_lists``): fluxion from each head's measured demand
-  (the predictor's top-p pass, refreshed every ``refresh_steps`` steps per layer, staggered
-  over the layers, and on a request's first step), the fixed policies from the budget;
-  a layer's plan is kept until its inputs (blocks per request, demand) change;
+- whether the layer measures demand this step (``step_plan.measures``: every
+  ``refresh_steps`` steps, staggered over the layers, and on a request's first step);
 - the CPU share of the misses: balanced from the cost model, the layer's last hit/miss
   counts and the host's own time per layer (fluxion, full: a split makes the host wait
   mid-layer), fixed (fixed_hybrid), 0 (quest_gpu) or 1 (cpu_only).
@@ -31,13 +32,14 @@ import cupy as cp
 import numpy as np
 import torch
 
-from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks
+from fluxion_dist.attention.layout import num_blocks
 from fluxion_dist.hybrid.cost_model import CostModel
-from fluxion_dist.hybrid.device_budget import balanced_cpu_fraction, row_budget_lists
 from fluxion_dist.hybrid.device_pipeline import DevicePipeline, LayerOutcome, LayerPlan, copy_bytes
 from fluxion_dist.hybrid.operator import HybridAttentionError  # operator imports this module lazily
+from fluxion_dist.hybrid.step_plan import blocks_after_append, demand_of, measures, plan_step, request_budgets
 from fluxion_dist.hybrid.step_report import LayerReport, StepReport
 from fluxion_dist.kernels.staging import io_words
+from fluxion_dist.policy.routing import balanced_cpu_fraction
 
 _STAGED = {torch.float32: "float32", torch.bfloat16: "bfloat16"}  # dtypes the graph reads and writes itself
 
@@ -80,17 +82,15 @@ class DeviceTables:
 
 
 class DevicePathState:
-    """What the GPU path learns across steps: the predictor's demand per (request, layer), each
-    layer's last counts and plan, the host's time per layer, and each layer's last call, learnt
-    from lazily (at the layer's next call, when its GPU work is long done)."""
+    """What the GPU path learns across steps: the far demand per (request, layer), each layer's
+    last counts, the host's time per layer, and each layer's last call, learnt from lazily (at
+    the layer's next call, when its GPU work is long done, or at a step's start if it is done)."""
 
     def __init__(self, pipe: DevicePipeline, cost: CostModel) -> None:
         self.pipe = pipe
         self.tables = DeviceTables()
         self.demand: dict[tuple[str, int], np.ndarray] = {}
-        self.demand_version: dict[int, int] = {}  # layer -> bumped whenever its demand is measured
         self.last_counts: dict[int, tuple[int, int, int]] = {}  # layer -> hits, misses, admissions
-        self.plans: dict[int, tuple[tuple, np.ndarray, int, float]] = {}  # layer -> key, k_rows, bound, budget
         self.unread: dict[int, tuple[LayerOutcome, tuple[str, ...]]] = {}  # layer -> last call, its requests
         self.steps = 0
         # a split costs the host's lead over the GPU, about one layer's host time: measured on
@@ -114,8 +114,13 @@ class DevicePathState:
         if c.demand is not None:
             for b, rid in enumerate(request_ids):
                 self.demand[(rid, layer)] = c.demand[b]
-            self.demand_version[layer] = self.demand_version.get(layer, 0) + 1
         self.last_counts[layer] = (c.hits, c.uva + c.cpu, c.admitted)
+
+    def learn_measured(self) -> None:
+        """Take in the demand of every layer whose last call measured it and is done on the GPU
+        (a query per layer, no wait: the host keeps its lead)."""
+        for layer in [lay for lay, (out, _) in self.unread.items() if out.plan.measure_demand and out.end.done]:
+            self.learn(layer)
 
 
 class DeviceStepHook:
@@ -124,51 +129,40 @@ class DeviceStepHook:
     def __init__(self, op: "HybridAttention", batch: list["PagedSequenceView"], request_ids: list[str],
                  overrides: list) -> None:
         state: DevicePathState = op.device_state
-        # per request: its budget, 1.0 for full attention (a request's own, else the deployment's)
-        self.budgets = tuple(1.0 if op.config.policy == "full" else op.config.budget if o is None else o.budget
-                             for o in overrides)
+        self.budgets = request_budgets(op.config, overrides)
         self.selections: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.demand: np.ndarray | None = None  # [L, B, Hkv] known at the step's first call (-1: unknown)
+        self.k_rows: np.ndarray | None = None  # [L, B, Hkv] the step's plan
         self.op, self.state, self.batch, self.request_ids = op, state, batch, tuple(request_ids)
         pipe: DevicePipeline = op.pipeline
         self.tables_host, self.tables_layers = state.tables.get(batch, request_ids, pipe.compute)
         self.pos_host = np.array([s.seq_len for s in batch], np.int32)
         if num_blocks(int(self.pos_host.max()) + 1) > self.tables_host.shape[2]:
             raise HybridAttentionError(f"a sequence has fewer pages than its {int(self.pos_host.max()) + 1} tokens need")
-        # blocks once this step's token is in
-        self.nb_list = ((self.pos_host + BLOCK_TOKENS) // BLOCK_TOKENS).tolist()
-        self.plan_key = (tuple(self.nb_list), self.request_ids, self.tables_host.shape[2], self.budgets)
+        self.nb = blocks_after_append(self.pos_host)
         self.outcomes: list[tuple[int, LayerOutcome, float, float]] = []  # layer, outcome, wall, budget used
         self._used: list[np.ndarray] = []  # per layer call: [B] budget used per request
         self._caller: int | None = None  # the caller's CUDA stream, read at the step's first call
         self.step = state.steps
         state.steps += 1
 
+    def _plan_step(self) -> None:
+        """Every layer's rows, once, at the step's first call."""
+        op, state = self.op, self.state
+        state.learn_measured()
+        layers, hkv = op.options.num_layers, op.num_kv_heads
+        self.demand = demand_of(state.demand, self.request_ids, layers, hkv)
+        self.k_rows = plan_step(op.config, op.kept, self.demand, self.nb, self.budgets, layers, hkv).astype(np.int32)
+
     def _plan(self, layer: int) -> tuple[LayerPlan, float]:
-        """The layer's plan (and its budget used), from what the previous calls measured."""
-        op, state, pipe = self.op, self.state, self.op.pipeline
-        cfg = op.config
-        # every block: full, or a mass target of 1 (which needs them all, as in the host policy)
-        exact = cfg.policy == "full" or (cfg.policy == "fluxion" and cfg.mass_target >= 1.0)
-        measure = False
-        known = None
-        if cfg.policy == "fluxion" and not exact:
-            known = [state.demand.get((rid, layer)) for rid in self.request_ids]
-            measure = any(d is None for d in known) or (self.step + layer) % op.options.refresh_steps == 0
-        key = (self.plan_key, state.demand_version.get(layer, 0))
-        cached = state.plans.get(layer)
-        if cached is None or cached[0] != key:
-            nb, hkv = self.nb_list, pipe.kv_host.shape[1]
-            if exact:
-                rows = [[n] * hkv for n in nb]
-            else:
-                demand = [d.tolist() for d in known] if known is not None and all(d is not None for d in known) else None
-                rows = [[n] * hkv if budget >= 1.0 else row_budget_lists(
-                    None if demand is None else [demand[b]], [n], hkv, budget=budget, sink_blocks=pipe.sink_blocks,
-                    recent_blocks=pipe.recent_blocks)[0] for b, (n, budget) in enumerate(zip(nb, self.budgets))]
-            used = sum(k / n for row, n in zip(rows, nb) for k in row) / (len(nb) * hkv)
-            cached = state.plans[layer] = (key, np.array(rows, dtype=np.int32),
-                                           _bucket(max(max(row) for row in rows), self.tables_host.shape[2]), used)
-        _, k_rows, bound, used = cached
+        """The layer's plan (and its budget used), from the step's rows and the layer's last counts."""
+        op = self.op
+        if self.k_rows is None:
+            self._plan_step()
+        k_rows = np.minimum(self.k_rows[layer], self.nb[:, None].astype(np.int32))
+        measure = measures(op.config, self.budgets, self.demand, self.step, layer, op.options.refresh_steps)
+        used = float((k_rows / self.nb[:, None]).mean())
+        bound = _bucket(int(k_rows.max()), self.tables_host.shape[2])
         return LayerPlan(k_rows, bound, self._cpu_fraction(layer), op.use_cache, measure), used
 
     def _cpu_fraction(self, layer: int) -> float:
@@ -233,7 +227,7 @@ class DeviceStepHook:
         if plan.cpu_fraction == 0 and q.is_cuda:
             state.host_layer_s += 0.1 * (wall - state.host_layer_s)
         self.outcomes.append((layer, res, wall, used))
-        self._used.append(np.array([float(np.mean(r)) / n for r, n in zip(plan.k_rows, self.nb_list)]))
+        self._used.append(plan.k_rows.mean(axis=1) / self.nb)
         return result
 
     def report(self) -> StepReport:

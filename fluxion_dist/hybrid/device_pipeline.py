@@ -7,9 +7,10 @@ the state's io block, ``run_layer``):
 1. append: the new token's K/V go into its arena page (pinned host memory, written through
    UVA, so the CPU path sees it) and its block's min/max into the device metadata mirror;
 2. score: Quest upper bounds of every block for every KV head (``kernels.scoring``);
-   on a predictor refresh, a top-p pass at the mass target measures each head's demand;
+   on a predictor refresh, a top-p pass at the mass target and each row's far demand (its
+   set's blocks outside the sinks and window, ``far_demand``);
 3. select: sinks and the recent window forced in, top-k per (request, KV head) at the
-   per-row budget the host set (``device_budget.row_budget_lists``);
+   per-row count the host planned for the step (``step_plan.plan_step``, the pooled budget);
 4. route (``kernels.block_table.classify_entries``): each selected block is a cache hit,
    a UVA read, or CPU work (an evenly spread share of the misses), with the CPU's CSR and
    the list of misses to admit into the cache;
@@ -22,7 +23,7 @@ Two ways through it, chosen by the host's plan (``LayerPlan.cpu_fraction``):
 
 - *GPU only* (no CPU share; the usual case once the cache holds a head's working set):
   steps 1-7 are one CUDA graph and the host never waits: it queues the layer and returns,
-  staying ahead of the GPU. The counts (hits, misses, admissions, the predictor's demand)
+  staying ahead of the GPU. The counts (hits, misses, admissions, the far demand)
   land in pinned memory and are read once its GPU work is done (``counts``).
 - *split*: steps 1-5 are queued, the host waits only for the routing's small CSR (the
   attention keeps running), runs the CPU partial (Cython, GIL released) over its share
@@ -45,6 +46,7 @@ import numpy as np
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS
 from fluxion_dist.cpu.attention import sparse_partial_attention as cpu_partial
+from fluxion_dist.hybrid.far_demand import far_demand
 from fluxion_dist.kernels.append import append_kv
 from fluxion_dist.kernels.attention import num_split_chunks, split_k_parts
 from fluxion_dist.kernels.attention import sparse_partial_attention as gpu_partial
@@ -94,7 +96,7 @@ class LayerCounts:
     cpu: int
     admitted: int
     evicted: int
-    demand: np.ndarray | None  # int64 [B, Hkv] blocks to reach the mass target (a refresh)
+    demand: np.ndarray | None  # int64 [B, Hkv] far demand: top-p blocks outside the kept ones (a refresh)
 
 
 class DevicePipeline:
@@ -221,7 +223,7 @@ class DevicePipeline:
             self.filled[layer] = min(self.slots_per_layer, self.filled[layer] + admitted)
         demand = None
         if plan.measure_demand:
-            demand = np.diff(st.demand_h.astype(np.int64)).reshape(plan.k_rows.shape)
+            demand = st.demand_h.astype(np.int64).reshape(plan.k_rows.shape)
         outcome.counts = LayerCounts(hits, uva, n_cpu, admitted, evicted, demand)
         return outcome.counts
 
@@ -264,8 +266,10 @@ class DevicePipeline:
         if measure:
             if st.topp is None:  # allocated on the first refresh (eagerly run, before any capture)
                 st.topp = select_buffers(st.hkv * st.key[0], st.key[2])
-            select_topp(st.kv_scores, st.seq, self.mass_target, buffers=st.topp)
-            copy_bytes(st.demand_h.ctypes.data, st.topp.indptr.data.ptr, st.demand_h.nbytes, s.ptr)
+            top = select_topp(st.kv_scores, st.seq, self.mass_target, buffers=st.topp)
+            far_demand(top.indptr, top.blocks, st.seq, heads=st.hkv, sink_blocks=self.sink_blocks,
+                       recent_blocks=self.recent_blocks, out=st.far)
+            copy_bytes(st.demand_h.ctypes.data, st.far.data.ptr, st.demand_h.nbytes, s.ptr)
         force_blocks(st.kv_scores, st.seq, sink_blocks=self.sink_blocks, recent_blocks=self.recent_blocks)
         sel = select_topk(st.kv_scores, st.seq, st.k_rows, max_k=st.bound, buffers=st.sel)
         classify_entries(sel.indptr, sel.blocks, tables, st.seq, heads=st.hkv, slot_of=self.slot_of if use_cache else None,
@@ -346,7 +350,8 @@ class _LayerState:
         pinned = cupyx.empty_pinned
         self.counts_h, self.cpu_indptr_h = pinned((4,), np.int32), pinned((rows + 1,), np.int32)
         self.cpu_blocks_h, self.q_h = pinned((cap,), np.int32), pinned((bsz, hq, d), np.float32)
-        self.demand_h = pinned((rows + 1,), np.int32)
+        self.demand_h = pinned((rows,), np.int32)
+        self.far = cp.empty(rows, cp.int32)
         self.o = cp.empty((2, bsz, hq, d), cp.float32)
         self.m = cp.empty((2, bsz, hq), cp.float32)
         self.l = cp.empty((2, bsz, hq), cp.float32)

@@ -1,6 +1,6 @@
 """The GPU block cache's table and per-layer routing of selected blocks (launchers for block_table.cu).
 
-Oracle: :func:`fluxion_dist.hybrid.device_budget.route_entries_reference` (the same routing
+Oracle: :func:`fluxion_dist.policy.routing.route_entries_reference` (the same routing
 in NumPy); the cache contents are checked against the arena itself (a slot holds exactly
 its owner's run).
 """

@@ -1,0 +1,56 @@
+"""Where a layer's blocks run (policy.routing): the CPU's share of the misses against a brute
+force over every split, and the routing oracle of classify_entries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fluxion_dist.hybrid import CostModel
+from fluxion_dist.policy.routing import SLOT_CPU, balanced_cpu_fraction, route_entries_reference
+
+
+def test_balanced_fraction_follows_the_rates():
+    fast_cpu = CostModel.from_rates(128, cpu_gb_per_s=100, uva_gb_per_s=10, cached_gb_per_s=1000)
+    slow_cpu = CostModel.from_rates(128, cpu_gb_per_s=10, uva_gb_per_s=100, cached_gb_per_s=1000)
+    assert balanced_cpu_fraction(fast_cpu, 0, 2000) > 0.8
+    assert balanced_cpu_fraction(slow_cpu, 0, 2000) < 0.2
+    assert balanced_cpu_fraction(fast_cpu, 0, 0) == 0.0
+    assert balanced_cpu_fraction(CostModel.cpu_only(128, 10.0), 0, 50) == 1.0
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_balanced_fraction_is_the_best_integer_split(seed):
+    """Against a brute force over every split, with the host round trip a split costs."""
+    rng = np.random.default_rng(seed)
+    cost = CostModel.from_rates(128, cpu_gb_per_s=rng.uniform(5, 100), uva_gb_per_s=rng.uniform(5, 60),
+                                cached_gb_per_s=1000, cpu_overhead_s=rng.uniform(0, 2e-4))
+    hits, misses, admits = (int(x) for x in rng.integers(0, 3000, 3))
+    hits *= seed % 3 > 0  # no hits at all: all-CPU launches nothing on the GPU
+    switch = float(rng.uniform(0, 3e-4))
+    t = [cost.gpu_time(hits, misses, admits)] + [
+        max(cost.cpu_time(x), cost.gpu_time(hits, misses - x, admits)) + switch for x in range(1, misses + 1)]
+    got = balanced_cpu_fraction(cost, hits, misses, admits=admits, switch_s=switch)
+    assert t[round(got * misses)] <= min(t) + 1e-12
+
+
+def test_a_small_miss_set_stays_on_the_gpu():
+    """A split has to pay for the host round trip: a few misses never go to the CPU."""
+    cost = CostModel.from_rates(128, cpu_gb_per_s=100, uva_gb_per_s=50, cached_gb_per_s=1000, cpu_overhead_s=50e-6)
+    assert balanced_cpu_fraction(cost, 3000, 100, switch_s=100e-6) == 0.0
+    assert balanced_cpu_fraction(cost, 3000, 20000, switch_s=100e-6) > 0.5
+
+
+def test_route_reference_puts_every_entry_in_one_place():
+    rng = np.random.default_rng(3)
+    tables = rng.permutation(64).reshape(2, 32).astype(np.int32)
+    seq = np.array([500, 300], np.int32)
+    rows = [np.sort(rng.choice(32 if r < 2 else 19, 10, replace=False)) for r in range(4)]
+    indptr = np.concatenate([[0], np.cumsum([10] * 4)]).astype(np.int32)
+    blocks = np.concatenate(rows).astype(np.int32)
+    slot_of = np.where(rng.random(128) < 0.5, np.arange(128), -1).astype(np.int32)
+    sel_slot, cpu_indptr, cpu_blocks, admit, counts = route_entries_reference(
+        indptr, blocks, tables, seq, 2, slot_of, 0.5)
+    assert counts.sum() - counts[3] == blocks.size
+    assert (sel_slot == SLOT_CPU).sum() == counts[2] == cpu_blocks.size == cpu_indptr[-1]
+    assert abs(counts[2] - 0.5 * (counts[1] + counts[2])) <= 1
