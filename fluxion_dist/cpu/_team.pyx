@@ -1,0 +1,248 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The sparse partial attention on a persistent worker team (worker_team.h + attention_job.h).
+
+``Team`` owns the native threads, the scratch (grown, never shrunk) and the
+step's bound arena. Use it through ``fluxion_dist.cpu.team.AttentionTeam``,
+whose ``bind`` checks the arena, the sequence lengths and the head layout once
+per step in Python; ``attend``, once per layer, checks here in C only what a
+layer changes (q, the block tables, the selection), so a layer call costs a
+few microseconds before any KV is read. The job is the one the OpenMP path
+runs, so both give the same bits for the same thread and chunk counts.
+"""
+
+cimport numpy as cnp
+from libc.stdint cimport int32_t, int64_t, uint16_t
+from libc.stdlib cimport free, malloc
+
+from fluxion_dist.cpu import _checks
+from fluxion_dist.cpu.attention import BatchPartial
+
+cnp.import_array()
+
+
+cdef extern from "attention_job.h" nogil:
+    ctypedef struct fx_arena:
+        const uint16_t *kv
+        int64_t num_pages
+        int64_t page_stride
+        int64_t head_stride
+        int d
+        int g
+    ctypedef struct fx_attn_job:
+        fx_arena a
+        const float *q
+        const int32_t *bt
+        int64_t bt_stride
+        const int32_t *seq_lens
+        const int32_t *indptr
+        const int32_t *blocks
+        const uint16_t *masks
+        int64_t B, hq, hkv, rows, nnz
+        float *o
+        float *m
+        float *l
+        int isa, prefetch
+    float FX_LOG2E
+    void *fx_alloc(size_t bytes)
+    void fx_job_scratch(int64_t rows, int64_t parts, int64_t q_floats, int g, int d, int members,
+                        int64_t *n_i64, int64_t *n_f32)
+    int64_t fx_csr_bad_row(const int32_t *indptr, int64_t rows, int64_t nnz)
+    void fx_job_plan(fx_attn_job *j, int64_t parts, int members, float scale2, int64_t *i64, float *f32)
+    void fx_job_work(fx_attn_job *j, int member)
+    int64_t fx_job_first_bad(const fx_attn_job *j)
+
+
+cdef extern from "worker_team.h" nogil:
+    ctypedef struct fx_team:
+        pass
+    ctypedef void (*fx_task_fn)(void *arg, int member) noexcept nogil
+    fx_team *fx_team_create(int n, int64_t spin_ns, int64_t pause_ns)
+    void fx_team_destroy(fx_team *t)
+    int fx_team_run(fx_team *t, fx_task_fn fn, void *arg)
+
+
+cdef void _work(void *arg, int member) noexcept nogil:
+    fx_job_work(<fx_attn_job *>arg, member)
+
+
+cdef inline bint _is(cnp.ndarray x, int typenum, int ndim) noexcept:
+    return cnp.PyArray_TYPE(x) == typenum and cnp.PyArray_NDIM(x) == ndim
+
+
+def _what(x) -> str:
+    return f"{x.dtype} {x.shape} (strides {x.strides})"
+
+
+cdef class Team:
+    """``num_threads`` members (the caller and num_threads - 1 native threads) waiting
+    ``spin_us`` between tasks before they sleep, on the core for the first ``pause_us`` of it and
+    yielding it for the rest. One caller at a time."""
+
+    cdef fx_team *team
+    cdef readonly int num_threads
+    cdef int64_t parts
+    cdef bint running
+    # the bound step
+    cdef object kv_pages
+    cdef fx_arena arena
+    cdef int64_t B, hq, hkv
+    cdef int32_t *seq_lens
+    cdef int32_t max_seq_len
+    cdef int isa, prefetch
+    cdef float scale2
+    cdef bint bound
+    # scratch
+    cdef int64_t *i64
+    cdef float *f32
+    cdef int64_t cap_i64, cap_f32
+
+    def __cinit__(self, int num_threads, double spin_us, double pause_us, int chunks_per_thread):
+        if num_threads < 1 or chunks_per_thread < 1 or not 0 <= spin_us <= 1e6 or not 0 <= pause_us <= 1e6:
+            raise ValueError("num_threads and chunks_per_thread must be >= 1, spin_us and pause_us in [0, 1e6]")
+        self.num_threads = num_threads
+        self.parts = 1 if num_threads == 1 else <int64_t>num_threads * chunks_per_thread
+        self.team = fx_team_create(num_threads, <int64_t>(spin_us * 1000), <int64_t>(pause_us * 1000))
+        if self.team == NULL:
+            raise OSError(f"could not start a team of {num_threads - 1} worker threads")
+
+    def __dealloc__(self):
+        fx_team_destroy(self.team)
+        free(self.seq_lens)
+        free(self.i64)
+        free(self.f32)
+
+    @property
+    def closed(self) -> bool:
+        return self.team == NULL
+
+    def close(self) -> None:
+        """Stop and join the worker threads (idempotent); the team cannot run afterwards."""
+        if self.running:
+            raise RuntimeError("the team is running a call on another thread")
+        fx_team_destroy(self.team)
+        self.team = NULL
+
+    def _bind(self, cnp.ndarray kv_pages not None, cnp.ndarray seq_lens not None, int num_q_heads,
+              float scale, int isa, int prefetch):
+        """The step's arena and lengths, already checked (team.AttentionTeam.bind). The lengths
+        are copied, so the caller may reuse its array; the arena is referenced, not copied."""
+        cdef int64_t b, n = seq_lens.shape[0]
+        cdef const int32_t *src = <const int32_t *>cnp.PyArray_DATA(seq_lens)
+        cdef int32_t *lens = <int32_t *>malloc(max(n, 1) * sizeof(int32_t))
+        if lens == NULL:
+            raise MemoryError("no memory for the bound sequence lengths")
+        self.bound = False
+        free(self.seq_lens)
+        self.seq_lens = lens
+        self.max_seq_len = 0
+        for b in range(n):
+            lens[b] = src[b]
+            if src[b] > self.max_seq_len:
+                self.max_seq_len = src[b]
+        self.kv_pages = kv_pages
+        self.arena.kv = <const uint16_t *>cnp.PyArray_DATA(kv_pages)
+        self.arena.num_pages = kv_pages.shape[0]
+        self.arena.page_stride = kv_pages.strides[0] // 2
+        self.arena.head_stride = kv_pages.strides[1] // 2
+        self.arena.d = <int>kv_pages.shape[4]
+        self.hkv = kv_pages.shape[1]
+        self.arena.g = <int>(num_q_heads // self.hkv)
+        self.B, self.hq = n, num_q_heads
+        self.scale2 = scale * FX_LOG2E
+        self.isa, self.prefetch = isa, prefetch
+        self.bound = True
+
+    cdef int _grow(self, int64_t n_i64, int64_t n_f32) except -1:
+        if n_i64 > self.cap_i64:
+            free(self.i64)
+            self.i64 = <int64_t *>malloc(2 * n_i64 * sizeof(int64_t))
+            self.cap_i64 = 0 if self.i64 == NULL else 2 * n_i64
+        if n_f32 > self.cap_f32:
+            free(self.f32)
+            self.f32 = <float *>fx_alloc(2 * n_f32 * sizeof(float))
+            self.cap_f32 = 0 if self.f32 == NULL else 2 * n_f32
+        if self.i64 == NULL or self.f32 == NULL:
+            raise MemoryError("no memory for the team's scratch")
+        return 0
+
+    def attend(self, cnp.ndarray q not None, cnp.ndarray block_tables not None,
+               cnp.ndarray sel_indptr not None, cnp.ndarray sel_blocks not None,
+               cnp.ndarray sel_masks=None):
+        """The BatchPartial of q [B, Hq, d] f32 over the CSR selection, for the bound arena and
+        lengths with this layer's ``block_tables [B, max_blocks]`` i32 (rows may be strided)."""
+        if not self.bound or self.team == NULL:
+            raise RuntimeError("bind a step first" if self.team != NULL else "the team is closed")
+        if self.running:
+            raise RuntimeError("the team is running a call on another thread")
+        cdef int d = self.arena.d
+        cdef int64_t R = self.B * self.hkv
+        cdef cnp.npy_intp *qs = cnp.PyArray_DIMS(q)
+        if not _is(q, cnp.NPY_FLOAT32, 3) or not cnp.PyArray_IS_C_CONTIGUOUS(q) or qs[0] != self.B \
+                or qs[1] != self.hq or qs[2] != d:
+            raise ValueError(f"q must be C-contiguous float32 [{self.B}, {self.hq}, {d}] (the bound "
+                             f"step's); got {_what(q)}")
+        if not _is(block_tables, cnp.NPY_INT32, 2) or block_tables.shape[0] != self.B \
+                or (block_tables.shape[1] > 1 and block_tables.strides[1] != 4) \
+                or block_tables.strides[0] % 4:
+            raise ValueError(f"block_tables must be int32 [B={self.B}, max_blocks] with contiguous "
+                             f"rows; got {_what(block_tables)}")
+        if self.max_seq_len > block_tables.shape[1] * 16:
+            raise ValueError(f"block_tables has {block_tables.shape[1]} columns; the bound lengths "
+                             f"reach {self.max_seq_len} tokens")
+        if not _is(sel_indptr, cnp.NPY_INT32, 1) or not cnp.PyArray_IS_C_CONTIGUOUS(sel_indptr) \
+                or sel_indptr.shape[0] != R + 1:
+            raise ValueError(f"sel_indptr must be C-contiguous int32 [{R + 1}]; got "
+                             f"{_what(sel_indptr)}")
+        if not _is(sel_blocks, cnp.NPY_INT32, 1) or not cnp.PyArray_IS_C_CONTIGUOUS(sel_blocks):
+            raise ValueError(f"sel_blocks must be C-contiguous int32 [nnz]; got "
+                             f"{_what(sel_blocks)}")
+        cdef int64_t nnz = sel_blocks.shape[0]
+        if sel_masks is not None and (not _is(sel_masks, cnp.NPY_UINT16, 1) or sel_masks.shape[0] != nnz
+                                      or not cnp.PyArray_IS_C_CONTIGUOUS(sel_masks)):
+            raise ValueError(f"sel_masks must be C-contiguous uint16 [{nnz}]; got "
+                             f"{_what(sel_masks)}")
+        cdef const int32_t *indptr = <const int32_t *>cnp.PyArray_DATA(sel_indptr)
+        cdef int64_t bad = fx_csr_bad_row(indptr, R, nnz)
+        if bad != -1:
+            raise ValueError(f"sel_indptr must rise from 0 to len(sel_blocks)={nnz}; got first "
+                             f"{indptr[0]}, last {indptr[R]}" if bad == -2 else
+                             f"sel_indptr must not decrease; row {bad} has {indptr[bad]} > {indptr[bad + 1]}")
+
+        cdef cnp.npy_intp dims[3]
+        dims[0], dims[1], dims[2] = self.B, self.hq, d
+        cdef cnp.ndarray o = cnp.PyArray_EMPTY(3, dims, cnp.NPY_FLOAT32, 0)
+        cdef cnp.ndarray m = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT32, 0)
+        cdef cnp.ndarray l = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT32, 0)
+        cdef int64_t n_i64, n_f32
+        fx_job_scratch(R, self.parts, self.B * self.hq * d, self.arena.g, d, self.num_threads, &n_i64, &n_f32)
+        self._grow(n_i64, n_f32)
+
+        cdef fx_attn_job j
+        j.a = self.arena
+        j.q = <const float *>cnp.PyArray_DATA(q)
+        j.bt = <const int32_t *>cnp.PyArray_DATA(block_tables)
+        j.bt_stride = block_tables.strides[0] // 4
+        j.seq_lens = self.seq_lens
+        j.indptr = indptr
+        j.blocks = <const int32_t *>cnp.PyArray_DATA(sel_blocks)
+        j.masks = NULL
+        if sel_masks is not None:
+            j.masks = <const uint16_t *>cnp.PyArray_DATA(sel_masks)
+        j.B, j.hq, j.hkv, j.rows, j.nnz = self.B, self.hq, self.hkv, R, nnz
+        j.o = <float *>cnp.PyArray_DATA(o)
+        j.m = <float *>cnp.PyArray_DATA(m)
+        j.l = <float *>cnp.PyArray_DATA(l)
+        j.isa, j.prefetch = self.isa, self.prefetch
+        self.running = True
+        with nogil:
+            fx_job_plan(&j, self.parts, self.num_threads, self.scale2, self.i64, self.f32)
+            fx_team_run(self.team, _work, &j)
+            bad = fx_job_first_bad(&j)
+        self.running = False
+        if bad >= 0:
+            dims_ = _checks.ArenaDims(self.B, self.hq, self.hkv, d, self.arena.num_pages, block_tables.shape[1])
+            lens = cnp.PyArray_SimpleNew(1, dims, cnp.NPY_INT32)
+            for b in range(self.B):
+                lens[b] = self.seq_lens[b]
+            raise _checks.bad_block(sel_indptr, sel_blocks, bad, dims_, block_tables, lens)
+        return tuple.__new__(BatchPartial, (o, m, l))  # skips the NamedTuple's Python __new__
