@@ -1,10 +1,10 @@
-"""The quality harness: task generators, training forward, policies, the shipped model, the eval script."""
+"""The quality harness: task generators, training forward, the shipped model, the fidelity arithmetic,
+the harness through the production operator (CPU path), the eval script."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,16 +13,24 @@ import pytest
 import torch
 
 from fluxion_dist.attention import reference
+from fluxion_dist.attention.layout import unpack_kv_blocks
+from fluxion_dist.hybrid import CostModel
 from fluxion_dist.model.tokenizer import load_tokenizer
 from fluxion_dist.quality import vocab
 from fluxion_dist.quality.decode_hook import block_minmax
-from fluxion_dist.quality.harness import dense_prefill, full_attention_correct
+from fluxion_dist.quality.fidelity import FidelityStats, csr_mask, mask_fidelity, true_attention
+from fluxion_dist.quality.harness import (Prefilled, deployment_sparse, dense_prefill, full_attention_correct,
+                                          parse_overrides)
+from fluxion_dist.quality.operator_decode import OperatorRunner
+from fluxion_dist.quality.policies import (DEFAULT_POLICIES, HARNESS_POLICIES, OracleTopK, StepView,
+                                           check_policy_names)
 from fluxion_dist.quality.model import SHIPPED_DIR, TINY_QUALITY_ARCH, init_model, load_quality_model
-from fluxion_dist.quality.policies import OracleTopK, QuestFixed, StepView
 from fluxion_dist.quality.tasks import RETRIEVAL_TASKS, TASKS, TRAIN_TASKS, make_sample
 from fluxion_dist.quality.train_forward import answer_loss, hidden_states
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import eval_quality  # noqa: E402
 
 
 @pytest.mark.parametrize("task", TRAIN_TASKS)
@@ -110,26 +118,6 @@ def test_block_minmax_matches_reference():
     np.testing.assert_allclose(hi.numpy(), rhi, rtol=0, atol=0)
 
 
-def _view(t=1000, hq=8, hkv=2, d=16, seed=0):
-    rng = np.random.default_rng(seed)
-    k = rng.standard_normal((t, hkv, d)).astype(np.float32)
-    q = rng.standard_normal((hq, d)).astype(np.float32)
-    kmin, kmax = reference.block_metadata(k)
-    nb = kmin.shape[0]
-    mass = rng.dirichlet(np.ones(nb), hkv)
-    return StepView(0, q, t, kmin.astype(np.float32), kmax.astype(np.float32), 0.25, mass)
-
-
-def test_fixed_budget_policies_keep_to_their_budget():
-    v = _view(t=16 * 400)
-    oracle = OracleTopK(0.05).select(v)
-    assert oracle.sum(1).tolist() == [20, 20]
-    # the oracle takes the heaviest blocks
-    assert np.isclose(v.true_block_mass[0][oracle[0]].sum(), np.sort(v.true_block_mass[0])[-20:].sum())
-    quest = QuestFixed(0.05, sink_tokens=16, recent_tokens=128).select(v)
-    assert quest.sum(1).tolist() == [20, 20] and quest[:, 0].all() and quest[:, -8:].all()
-
-
 @pytest.fixture(scope="module")
 def shipped():
     if not (SHIPPED_DIR / "model.safetensors").is_file():
@@ -170,22 +158,6 @@ def test_shipped_model_retrieves_at_its_training_length(shipped):
     assert min(acc.values()) >= 0.95, acc
 
 
-def test_eval_script_runs_end_to_end(tmp_path, shipped):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "eval_quality.py"), "--device", "cpu", "--contexts", "512",
-         "--samples", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "| context | policy |" in out.stdout
-    data = json.loads((tmp_path / "quality_eval.json").read_text())
-    policies = {c["policy"] for c in data["cells"]}
-    assert {"full", "oracle_topk", "quest"} <= policies
-    assert {c["task"] for c in data["cells"]} == set(TASKS)
-    full = [c for c in data["cells"] if c["policy"] == "full"]
-    assert all(np.allclose(c["per_head_recall"], 1.0) for c in full)
-
-
 def test_demo_questions_are_in_the_shipped_tokenizers_vocabulary():
     from fluxion_dist.config.schema import ModelConfig
     from fluxion_dist.model.loader import load_from_config
@@ -195,3 +167,194 @@ def test_demo_questions_are_in_the_shipped_tokenizers_vocabulary():
     for q in demo_questions(context_tokens=512):
         ids = tok.encode(q.prompt)
         assert ids[0] == vocab.BOS and vocab.UNK not in ids and len(ids) == 512 - len(q.answer.split()) - 1  # all but the answer and its closing dot
+
+
+# --- the fidelity arithmetic, against the float64 reference --------------------------------
+
+@pytest.mark.parametrize("t,hkv,group", [(1, 2, 4), (17, 1, 8), (1000, 4, 1), (1333, 2, 4)])
+def test_fidelity_matches_a_float64_reference(t, hkv, group):
+    rng = np.random.default_rng(t + hkv + group)
+    d = 16
+    k, v = rng.standard_normal((t, hkv, d)), rng.standard_normal((t, hkv, d))
+    q = 2 * rng.standard_normal((hkv * group, d))
+    nb = -(-t // 16)
+    mask = rng.random((hkv, nb)) < 0.3
+    mask[:, -1] = True  # never an empty row
+    probs, full = true_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v))
+    np.testing.assert_allclose(full.numpy(), reference.decode_attention(q, k, v), rtol=1e-12, atol=1e-12)
+    ids = [np.flatnonzero(m) for m in mask]
+    sparse = reference.merge_partials([reference.partial_attention(q, k, v, ids)])
+    recall, rel_err, budget = mask_fidelity(probs, full, torch.from_numpy(sparse), mask)
+    # recall: the true softmax of each query head, summed over its KV head's selected tokens
+    logits = np.einsum("hd,thd->ht", q, np.repeat(k, group, 1)) / np.sqrt(d)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    tok = np.repeat(np.repeat(mask, 16, 1)[:, :t], group, 0)
+    np.testing.assert_allclose(recall, (p * tok).sum(1), rtol=1e-12)
+    ref_full = reference.decode_attention(q, k, v)
+    np.testing.assert_allclose(rel_err, np.linalg.norm(sparse - ref_full, axis=1) / np.linalg.norm(ref_full, axis=1),
+                               rtol=1e-9)
+    np.testing.assert_array_equal(budget, mask.sum(1) / nb)
+    assert csr_mask(np.array([0, 2, 3]), np.array([0, 4, 2]), 2, 5).tolist() == [
+        [True, False, False, False, True], [False, False, True, False, False]]
+    with pytest.raises(ValueError, match="block"):
+        csr_mask(np.array([0, 1]), np.array([5]), 1, 5)
+
+
+def test_oracle_takes_the_heaviest_blocks_at_its_budget():
+    rng = np.random.default_rng(0)
+    mass = rng.dirichlet(np.ones(400), 2)
+    got = OracleTopK(0.05).select(StepView(0, 16 * 400, mass))
+    assert got.sum(1).tolist() == [20, 20]
+    for h in range(2):
+        assert np.isclose(mass[h][got[h]].sum(), np.sort(mass[h])[-20:].sum())
+
+
+def test_policy_names_are_the_deployments_plus_the_oracle():
+    from fluxion_dist.config.schema import SparsePolicy
+    import typing
+
+    assert HARNESS_POLICIES == (*typing.get_args(SparsePolicy), "oracle_topk")
+    assert check_policy_names(["fluxion", "full", "fluxion"]) == ["fluxion", "full"]
+    with pytest.raises(ValueError, match="'quest'.*allowed: full, quest_gpu, cpu_only, fixed_hybrid, fluxion, oracle_topk"):
+        check_policy_names(["full", "quest"])
+
+
+def test_sparse_overrides_are_validated_as_the_deployment_yaml():
+    from fluxion_dist.errors import ConfigError
+
+    over = parse_overrides(["recent_tokens=64", "mass_target=0.9"])
+    assert over == {"recent_tokens": 64, "mass_target": 0.9}
+    cfg = deployment_sparse(0.03, over)
+    assert (cfg.budget, cfg.recent_tokens, cfg.mass_target) == (0.03, 64, 0.9)
+    with pytest.raises(ConfigError, match="recent_tokens"):
+        deployment_sparse(0.05, {"recent_tokens": -1})
+    with pytest.raises(ConfigError, match="recent_tokns.*recent_tokens"):
+        deployment_sparse(0.05, {"recent_tokns": 64})
+    with pytest.raises(ValueError, match="--budget"):
+        deployment_sparse(0.05, {"budget": 0.1})
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["recent_tokens"])
+
+
+# --- the harness through the production operator (CPU path here) ---------------------------
+
+def _runner(model, policy, budget=0.05, max_tokens=1024, **over):
+    cost = CostModel.cpu_only(model.arch.head_dim, 5.0)
+    sparse = dataclasses.replace(deployment_sparse(budget, over), policy=policy)
+    return OperatorRunner(model.arch, sparse, cost, max_tokens=max_tokens, compute=torch.device("cpu"),
+                          device="cpu", cpu_threads=1)
+
+
+def test_full_through_the_operator_is_the_dense_models_greedy_decode(shipped):
+    runner = _runner(shipped, "full")
+    try:
+        for i, (task, length) in enumerate([("kv_retrieval", 333), ("passkey", 700), ("var_tracking", 517)]):
+            s = make_sample(task, np.random.default_rng([5, i]), length)
+            prompt = torch.from_numpy(s.prompt())
+            pre = Prefilled(shipped, prompt)
+            stats = FidelityStats(shipped.arch)
+            got = runner.decode(shipped, prompt, pre.packed, len(s.answer()) + 1, stats)
+            # teacher forcing with its own answer: the dense model predicts every token it decoded
+            tokens = torch.cat([prompt, torch.tensor(got[:-1])])
+            pred = dense_prefill(shipped, tokens).logits.argmax(-1)[prompt.numel() - 1:].tolist()
+            assert got == pred, (task, length)
+            m = stats.mean()
+            assert (stats.steps == len(got)).all()
+            np.testing.assert_allclose(m["recall"], 1.0, rtol=0, atol=1e-12)
+            np.testing.assert_array_equal(m["budget"], 1.0)
+            assert m["rel_err"].max() < 1e-5  # the operator's float32 output against float64
+    finally:
+        runner.close()
+
+
+class _Recorder:
+    """Passes a hook's calls through and keeps each layer's query and output."""
+
+    def __init__(self, hook):
+        self.hook, self.calls = hook, {}
+
+    def __call__(self, layer, q, k, v):
+        out = self.hook(layer, q, k, v)
+        self.calls[layer] = (q[0].double().numpy(), k[0], v[0], out[0].double().numpy())
+        return out
+
+
+def test_quest_gpu_fidelity_is_read_back_from_its_selection(shipped):
+    budget = 0.5  # above the forced sinks and window at this length, so top-k picks the rest
+    runner = _runner(shipped, "quest_gpu", budget=budget)
+    arch = shipped.arch
+    try:
+        s = make_sample("kv_retrieval", np.random.default_rng(9), 689)
+        prompt = torch.from_numpy(s.prompt())
+        pre = Prefilled(shipped, prompt)
+        seq, rid = runner.begin(pre.packed)
+        stats = FidelityStats(arch)
+        rec = _Recorder(runner.hook(seq, rid, stats))
+        with torch.inference_mode():
+            shipped.decode_step(prompt[-1:], torch.tensor([seq.seq_len]), rec)
+        t = seq.seq_len + 1
+        nb = -(-t // 16)
+        for layer in range(arch.num_hidden_layers):
+            indptr, blocks = rec.hook.inner.selections[layer]
+            counts = np.diff(indptr)
+            assert counts.tolist() == [int(np.ceil(budget * nb))] * arch.num_key_value_heads
+            q, k_new, v_new, out = rec.calls[layer]
+            # the arena, read independently through the block table, holds the new token as given
+            pages = np.asarray(seq.block_tables[layer][:nb])
+            k, v = unpack_kv_blocks(runner.arena.kv_pages[pages], t)
+            np.testing.assert_array_equal(k[-1], k_new.to(torch.bfloat16).float().numpy())
+            np.testing.assert_array_equal(v[-1], v_new.to(torch.bfloat16).float().numpy())
+            ids = [blocks[indptr[h]:indptr[h + 1]] for h in range(arch.num_key_value_heads)]
+            assert all((np.diff(i) > 0).all() for i in ids)
+            full = reference.decode_attention(q, k, v)
+            # the operator attended exactly the recorded blocks
+            sparse = reference.merge_partials([reference.partial_attention(q, k, v, ids)])
+            np.testing.assert_allclose(out, sparse, rtol=1e-4, atol=1e-5)
+            logits = np.einsum("hd,thd->ht", q, np.repeat(k.astype(np.float64), arch.gqa_group, 1)) / np.sqrt(q.shape[1])
+            p = np.exp(logits - logits.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            sel = np.zeros((arch.num_key_value_heads, nb), bool)
+            for h, i in enumerate(ids):
+                sel[h, i] = True
+            tok = np.repeat(np.repeat(sel, 16, 1)[:, :t], arch.gqa_group, 0)
+            np.testing.assert_allclose(stats.recall[layer], (p * tok).sum(1), rtol=1e-10)
+            np.testing.assert_allclose(stats.rel_err[layer],
+                                       np.linalg.norm(out - full, axis=1) / np.linalg.norm(full, axis=1),
+                                       rtol=1e-8, atol=1e-13)
+            np.testing.assert_allclose(stats.budget[layer], counts / nb)
+            assert stats.recall[layer].max() < 1.0
+        runner.end(seq, rid)
+    finally:
+        runner.close()
+
+
+def test_eval_script_smoke_run_writes_per_layer_json(tmp_path, shipped, capsys):
+    assert eval_quality.main(["--device", "cpu", "--contexts", "512", "--samples", "2", "--cpu-threads", "1",
+                              "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| context | policy |" in printed and "L0 recall / err / budget" in printed
+    assert "oracle_topk (oracle)" in printed
+    data = json.loads((tmp_path / "quality_eval.json").read_text())
+    assert data["meta"]["operator_device"] == "cpu" and data["meta"]["policies"] == [
+        "full", "quest_gpu", "fluxion", "oracle_topk (oracle)"]
+    assert {c["policy"] for c in data["cells"]} == set(DEFAULT_POLICIES)
+    assert {c["task"] for c in data["cells"]} == set(TASKS)
+    layers = shipped.arch.num_hidden_layers
+    for c in data["cells"]:
+        assert c["total"] == 2 and len(c["per_layer_recall"]) == len(c["per_layer_rel_err"]) == layers
+        assert len(c["per_layer_budget"]) == layers and 0 < c["budget_used"] <= 1
+        if c["policy"] == "full":
+            assert np.allclose(c["per_layer_recall"], 1.0) and c["budget_used"] == 1.0
+            assert max(c["per_layer_rel_err"]) < 1e-5
+        else:
+            assert c["budget_used"] < 1.0 and min(c["per_layer_recall"]) < 1.0
+    assert {(s["context"], s["policy"]) for s in data["summary"]} == {(512, p) for p in DEFAULT_POLICIES}
+
+
+def test_eval_script_rejects_unknown_policies_naming_the_allowed(capsys):
+    with pytest.raises(SystemExit) as e:
+        eval_quality.main(["--policies", "full", "quest", "--out", "/nonexistent"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "'quest'" in err and "full, quest_gpu, cpu_only, fixed_hybrid, fluxion, oracle_topk" in err

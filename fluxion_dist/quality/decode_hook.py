@@ -1,51 +1,25 @@
-"""A decode attention hook that attends only where a policy says, and measures what that cost.
+"""The oracle's decode attention hook: attends where the oracle says, and measures what that cost.
 
-It owns one sequence's KV cache (the prefill's K/V, then every decoded token) and,
-per layer and step: computes the true attention of the new query over the whole
-cache, asks the policy for blocks, attends over the selected tokens only, and
-records per query head the true softmax mass the selection kept (recall) and the
-relative error of the output against full attention. The model then continues
-from the *sparse* output, so accuracy reflects what the policy really produces.
+It owns one sequence's KV cache (the prefill's K/V, then every decoded token), rounded to
+bf16 as the host KV store keeps it, so the oracle reads the same keys and values as the
+operator does under every deployment policy. Per layer and step: the true attention of the
+new query over the whole cache, the oracle's blocks from its true block mass, attention
+over the selected tokens only, and the fidelity of that output (``quality.fidelity``).
+The model continues from the *sparse* output, so accuracy reflects what the oracle produces.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks
 from fluxion_dist.model.arch import ModelArch
 from fluxion_dist.model.decoder import PrefillOutput
-from fluxion_dist.quality.policies import Policy, StepView
-
-
-class FidelityStats:
-    """Sums over decode steps, per (layer, query head) and per (layer, KV head)."""
-
-    def __init__(self, arch: ModelArch) -> None:
-        shape_q = (arch.num_hidden_layers, arch.num_attention_heads)
-        self.recall = np.zeros(shape_q)
-        self.rel_err = np.zeros(shape_q)
-        self.budget = np.zeros((arch.num_hidden_layers, arch.num_key_value_heads))
-        self.steps = np.zeros(arch.num_hidden_layers, dtype=np.int64)
-
-    def add(self, layer: int, recall: np.ndarray, rel_err: np.ndarray, budget: np.ndarray) -> None:
-        self.recall[layer] += recall
-        self.rel_err[layer] += rel_err
-        self.budget[layer] += budget
-        self.steps[layer] += 1
-
-    def merge(self, other: "FidelityStats") -> None:
-        self.recall += other.recall
-        self.rel_err += other.rel_err
-        self.budget += other.budget
-        self.steps += other.steps
-
-    def mean(self) -> dict[str, np.ndarray]:
-        n = np.maximum(self.steps, 1)[:, None]
-        return {"recall": self.recall / n, "rel_err": self.rel_err / n, "budget": self.budget / n}
+from fluxion_dist.quality.fidelity import (FidelityStats, block_mass, grouped_output, mask_fidelity, token_mask,
+                                          true_attention)
+from fluxion_dist.quality.policies import OracleTopK, StepView
 
 
 def block_minmax(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,29 +32,29 @@ def block_minmax(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
-class PolicyAttention:
-    """The ``AttentionHook`` for one sequence of batch 1 under one policy."""
+def _as_stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The value the KV store keeps (bf16), in the harness's arithmetic dtype."""
+    return x.to(torch.bfloat16).to(dtype)
 
-    def __init__(self, prefill: PrefillOutput, arch: ModelArch, policy: Policy, stats: FidelityStats,
-                 capacity: int) -> None:
+
+class PolicyAttention:
+    """The ``AttentionHook`` for one sequence of batch 1 under the oracle."""
+
+    def __init__(self, prefill: PrefillOutput, arch: ModelArch, oracle: OracleTopK, stats: FidelityStats,
+                 capacity: int, dtype: torch.dtype) -> None:
         t0 = prefill.keys[0].shape[0]
         if capacity < t0:
             raise ValueError(f"capacity {capacity} is below the prompt's {t0} tokens")
-        self.arch, self.policy, self.stats = arch, policy, stats
+        self.arch, self.oracle, self.stats, self.dtype = arch, oracle, stats, dtype
         self.length = t0
-        self.keys, self.values, self.kmin, self.kmax = [], [], [], []
+        self.keys, self.values = [], []
         for k, v in zip(prefill.keys, prefill.values):
-            kc = k.new_empty((capacity,) + tuple(k.shape[1:]))
-            vc = v.new_empty((capacity,) + tuple(v.shape[1:]))
-            kc[:t0], vc[:t0] = k, v
-            lo, hi = block_minmax(k)
-            nb_cap = num_blocks(capacity)
-            self.kmin.append(torch.cat([lo, lo.new_full((nb_cap - lo.shape[0],) + tuple(lo.shape[1:]), math.inf)]))
-            self.kmax.append(torch.cat([hi, hi.new_full((nb_cap - hi.shape[0],) + tuple(hi.shape[1:]), -math.inf)]))
+            kc = k.new_empty((capacity,) + tuple(k.shape[1:]), dtype=dtype)
+            vc = v.new_empty((capacity,) + tuple(v.shape[1:]), dtype=dtype)
+            kc[:t0], vc[:t0] = _as_stored(k, dtype), _as_stored(v, dtype)
             self.keys.append(kc)
             self.values.append(vc)
         self._appended = [False] * arch.num_hidden_layers
-        policy.start_sequence()
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[0] != 1:
@@ -92,39 +66,19 @@ class PolicyAttention:
         t = self.length + 1
         if t > self.keys[layer].shape[0]:
             raise ValueError(f"cache capacity {self.keys[layer].shape[0]} exceeded")
-        pos = t - 1
-        self.keys[layer][pos], self.values[layer][pos] = k[0], v[0]
+        self.keys[layer][t - 1], self.values[layer][t - 1] = _as_stored(k[0], self.dtype), _as_stored(v[0], self.dtype)
         self._appended[layer] = True
-        b = pos // BLOCK_TOKENS
-        self.kmin[layer][b] = torch.minimum(self.kmin[layer][b], k[0])
-        self.kmax[layer][b] = torch.maximum(self.kmax[layer][b], k[0])
 
-        g, d = self.arch.gqa_group, self.arch.head_dim
-        hq, hkv = self.arch.num_attention_heads, self.arch.num_key_value_heads
-        scale = 1.0 / math.sqrt(d)
-        keys = self.keys[layer][:t].float().repeat_interleave(g, 1)  # [T, Hq, d]
-        values = self.values[layer][:t].float().repeat_interleave(g, 1)
-        qf = q[0].float()
-        logits = torch.einsum("hd,thd->ht", qf, keys) * scale  # [Hq, T]
-        probs = torch.softmax(logits, -1)
-        full = torch.einsum("ht,thd->hd", probs, values)
-
-        nb = num_blocks(t)
-        padded = torch.nn.functional.pad(probs, (0, nb * BLOCK_TOKENS - t))
-        block_mass = padded.view(hq, nb, BLOCK_TOKENS).sum(-1).view(hkv, g, nb).mean(1)
-        view = StepView(layer, qf.cpu().numpy(), t, self.kmin[layer][:nb].float().cpu().numpy(),
-                        self.kmax[layer][:nb].float().cpu().numpy(), scale,
-                        block_mass.double().cpu().numpy())
-        blocks = self.policy.select(view)
-        if blocks.shape != (hkv, nb):
-            raise ValueError(f"policy {self.policy.name} returned blocks {blocks.shape}; expected {(hkv, nb)}")
-        tok = torch.from_numpy(blocks).to(q.device).repeat_interleave(BLOCK_TOKENS, 1)[:, :t]
-        tok = tok.repeat_interleave(g, 0)  # [Hq, T]
-        sparse = torch.softmax(logits.masked_fill(~tok, -math.inf), -1)
-        out = torch.einsum("ht,thd->hd", sparse, values)
-
-        recall = (probs * tok).sum(-1)
-        rel_err = (out - full).norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-30)
-        self.stats.add(layer, recall.double().cpu().numpy(), rel_err.double().cpu().numpy(),
-                       blocks.sum(1) / nb)
+        hkv, g = self.arch.num_key_value_heads, self.arch.gqa_group
+        keys, values = self.keys[layer][:t], self.values[layer][:t]
+        probs, full = true_attention(q[0], keys, values)
+        view = StepView(layer, t, block_mass(probs, hkv).double().cpu().numpy())
+        mask = self.oracle.select(view)
+        if mask.shape != (hkv, num_blocks(t)):
+            raise ValueError(f"oracle returned blocks {mask.shape}; expected {(hkv, num_blocks(t))}")
+        # the softmax over a subset of the tokens is the full softmax renormalised over it
+        kept = probs * token_mask(mask, t, g, q.device)
+        sparse = kept / kept.sum(-1, keepdim=True)
+        out = grouped_output(sparse, values)
+        self.stats.add(layer, *mask_fidelity(probs, full, out, mask))
         return out[None].to(q.dtype)

@@ -1,30 +1,40 @@
 """Run the quality model on task samples under each attention policy; collect accuracy and fidelity.
 
-Per sample: the prompt except its last token is prefilled densely (as the prefill
-worker does), then the last prompt token and every answer token are *decoded* with
-the policy's hook, greedily. So every answer token comes out of sparse attention,
+Per sample: the prompt except its last token is prefilled densely (as the prefill worker
+does), then the last prompt token and every answer token are *decoded*, greedily: under a
+deployment policy through the production operator (``quality.operator_decode``: the GPU
+pipeline on a GPU, the CPU path elsewhere), under the oracle through the harness's own hook
+(``quality.decode_hook``). So every answer token comes out of the attention being judged,
 including the first, and a wrong token early on is never corrected by the reference.
 A sample is correct when the greedy answer matches exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
-
 import torch.nn.functional as F
+import yaml
 
+from fluxion_dist.config.loader import config_from_dict
+from fluxion_dist.config.schema import SparseConfig
+from fluxion_dist.hybrid import CostModel
 from fluxion_dist.model.decoder import CausalLM, PrefillOutput
-from fluxion_dist.quality.decode_hook import FidelityStats, PolicyAttention
-from fluxion_dist.quality.policies import Policy
+from fluxion_dist.quality.decode_hook import PolicyAttention
+from fluxion_dist.quality.fidelity import FidelityStats
+from fluxion_dist.quality.operator_decode import OperatorRunner, PackedPrefill, pack_prefill
+from fluxion_dist.quality.policies import ORACLES, OracleTopK, check_policy_names
 from fluxion_dist.quality.tasks import TASKS, Sample, TaskName, make_sample
 
 
 @dataclass(slots=True)
 class Cell:
-    """One (task, context, policy): exact-match counts and the fidelity sums."""
+    """One (task, context, policy): exact-match counts, the fidelity sums and the decode time."""
 
     task: TaskName
     context: int
@@ -32,6 +42,8 @@ class Cell:
     stats: FidelityStats
     correct: int = 0
     total: int = 0
+    seconds: float = 0.0  # decoding the answers (the shared prefill not counted)
+    tokens: int = 0  # answer tokens decoded
     examples: list[str] = field(default_factory=list)  # a few wrong answers, for reading
 
     @property
@@ -70,32 +82,125 @@ def dense_prefill(model: CausalLM, tokens: torch.Tensor) -> PrefillOutput:
     return PrefillOutput(model._logits(h), keys, values)
 
 
-def decode_answer(model: CausalLM, prompt: torch.Tensor, prefill, answer_len: int, policy: Policy,
-                  stats: FidelityStats) -> list[int]:
-    hook = PolicyAttention(prefill, model.arch, policy, stats, capacity=prompt.numel() + answer_len)
-    tok, pos, out = prompt[-1:], prompt.numel() - 1, []
-    for _ in range(answer_len):
-        logits = model.decode_step(tok, torch.tensor([pos], device=prompt.device), hook)
-        tok = logits[0].argmax().view(1)
-        out.append(int(tok))
-        pos += 1
+class Prefilled:
+    """One sample's dense prefill (the prompt less its last token), shared by every policy;
+    its packed form for the operator's arena is made once, when first asked for."""
+
+    def __init__(self, model: CausalLM, prompt: torch.Tensor) -> None:
+        self.prompt = prompt
+        self.output = dense_prefill(model, prompt[:-1])
+        self._packed: PackedPrefill | None = None
+
+    @property
+    def packed(self) -> PackedPrefill:
+        if self._packed is None:
+            self._packed = pack_prefill(self.output)
+        return self._packed
+
+
+class Runner(Protocol):
+    name: str
+
+    def run(self, model: CausalLM, pre: Prefilled, answer_len: int, stats: FidelityStats) -> list[int]: ...
+
+    def close(self) -> None: ...
+
+
+class OperatorPolicy:
+    """A deployment policy, decoded by ``HybridAttention``."""
+
+    def __init__(self, runner: OperatorRunner) -> None:
+        self.runner, self.name = runner, runner.name
+
+    def run(self, model: CausalLM, pre: Prefilled, answer_len: int, stats: FidelityStats) -> list[int]:
+        with torch.inference_mode():
+            return self.runner.decode(model, pre.prompt, pre.packed, answer_len, stats)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+class OraclePolicy:
+    """``oracle_topk`` on the harness's own hook (it reads the true attention)."""
+
+    def __init__(self, budget: float, compute: torch.device) -> None:
+        self.oracle, self.name = OracleTopK(budget), "oracle_topk"
+        self.dtype = torch.float64 if compute.type == "cpu" else torch.float32
+
+    @torch.inference_mode()
+    def run(self, model: CausalLM, pre: Prefilled, answer_len: int, stats: FidelityStats) -> list[int]:
+        prompt = pre.prompt
+        hook = PolicyAttention(pre.output, model.arch, self.oracle, stats, prompt.numel() + answer_len, self.dtype)
+        tok, pos, out = prompt[-1:], prompt.numel() - 1, []
+        for _ in range(answer_len):
+            logits = model.decode_step(tok, torch.tensor([pos], device=prompt.device), hook)
+            tok = logits[0].argmax().view(1)
+            out.append(int(tok))
+            pos += 1
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def deployment_sparse(budget: float, overrides: dict | None = None) -> SparseConfig:
+    """The ``SparseConfig`` the deployment policies run under: ``budget`` plus field overrides,
+    validated as a deployment YAML's ``decode.sparse`` is (errors name the field)."""
+    overrides = dict(overrides or {})
+    for key in ("policy", "budget"):
+        if key in overrides:
+            raise ValueError(f"--sparse {key}=... is not an override: the policies come from --policies "
+                             f"and the budget from --budget")
+    # the policy is set per runner; ``full`` validates the other fields
+    return config_from_dict({**overrides, "policy": "full", "budget": budget}, SparseConfig)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["floor_fraction=0.5", "head_predictor=false"]`` -> typed values (YAML scalars)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--sparse expects KEY=VALUE; got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
     return out
 
 
-def run_cells(model: CausalLM, policies: list[Policy], tasks: list[TaskName], contexts: list[int],
+def make_runners(model: CausalLM, names: list[str], sparse: SparseConfig, cost: CostModel, *, max_tokens: int,
+                 compute: torch.device, device: str = "auto", cpu_threads: int | None = None) -> list[Runner]:
+    """One runner per policy name (validated), each reused across every sample of the run."""
+    runners: list[Runner] = []
+    try:
+        for name in check_policy_names(names):
+            if name in ORACLES:
+                runners.append(OraclePolicy(sparse.budget, compute))
+            else:
+                runners.append(OperatorPolicy(OperatorRunner(
+                    model.arch, dataclasses.replace(sparse, policy=name), cost, max_tokens=max_tokens,
+                    compute=compute, device=device, cpu_threads=cpu_threads)))
+    except Exception:
+        for r in runners:
+            r.close()
+        raise
+    return runners
+
+
+def run_cells(model: CausalLM, runners: list[Runner], tasks: list[TaskName], contexts: list[int],
               samples: int, seed: int = 0, device: torch.device = torch.device("cpu"),
               progress=print) -> list[Cell]:
     cells = []
     for context in contexts:
         for task in tasks:
-            row = {p.name: Cell(task, context, p.name, FidelityStats(model.arch)) for p in policies}
+            row = {r.name: Cell(task, context, r.name, FidelityStats(model.arch)) for r in runners}
             for s in eval_samples(task, context, samples, seed):
-                prompt = torch.from_numpy(s.prompt()).to(device)
+                pre = Prefilled(model, torch.from_numpy(s.prompt()).to(device))
                 answer = s.answer().tolist()
-                pre = dense_prefill(model, prompt[:-1])
-                for p in policies:
-                    cell = row[p.name]
-                    got = decode_answer(model, prompt, pre, len(answer), p, cell.stats)
+                for r in runners:
+                    cell = row[r.name]
+                    t0 = time.perf_counter()
+                    got = r.run(model, pre, len(answer), cell.stats)
+                    cell.seconds += time.perf_counter() - t0
+                    cell.tokens += len(answer)
                     cell.total += 1
                     cell.correct += got == answer
                     if got != answer and len(cell.examples) < 3:
