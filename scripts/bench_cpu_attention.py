@@ -1,9 +1,14 @@
 """CPU sparse attention: KV bytes read per second against the DRAM read ceiling and torch.
 
 One run prints one table for an 8B-shaped layer (8 KV heads, 32 query heads,
-d=128, bf16): for each context and budget, the median time of our kernel and of
-the torch baseline (gather + bmm, same thread count), the KV bytes each read
-per second, and the ratios ours/ceiling and ours/torch. The ceiling is a
+d=128, bf16): for each context and budget, the median time of our kernel on
+each path (``openmp``: ``sparse_partial_attention``, a parallel region and
+Python checks per call; ``team``: ``AttentionTeam.attend``, a persistent team
+bound once per step) and of the torch baseline (gather + bmm, same thread
+count), the KV bytes each read per second, and the ratios ours/ceiling and
+ours/torch. Above the table, each path's fixed cost per layer call: the
+median of back-to-back calls over an empty selection (no KV read, outputs
+still written). The ceiling is a
 multithreaded streaming read of a buffer far larger than the caches; beside it,
 the same scattered (page, head) runs as each row's selection read with no
 arithmetic (``_stream.scattered_read``): the ceiling of the kernel's access
@@ -19,7 +24,7 @@ which reads no KV. Ceiling samples are taken
 between the kernel's repeats and each row is judged against the samples taken
 during it, so both sides see the same background load.
 
-    python scripts/bench_cpu_attention.py --threads 2 --contexts 32768 --repeats 5
+    python scripts/bench_cpu_attention.py --threads 2 --contexts 131072 --budgets 0.05 --no-torch
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from fluxion_dist.attention.layout import BLOCK_TOKENS
 from fluxion_dist.cpu import _attention, _stream
 from fluxion_dist.cpu.attention import sparse_partial_attention
 from fluxion_dist.cpu.synthetic_arena import paged_batch, random_selection
+from fluxion_dist.cpu.team import AttentionTeam
 from fluxion_dist.cpu.torch_baseline import torch_sparse_partial_attention
 
 
@@ -115,6 +121,29 @@ def run_starts(call) -> tuple[np.ndarray, np.ndarray, int]:
     return kv.reshape(-1).view(np.uint64), (pages * hkv + rows % hkv) * run_words, run_words
 
 
+def fixed_costs(rng, args, group, team: AttentionTeam) -> dict[str, float]:
+    """Median seconds of a layer call over an empty selection, back to back (as a step's layers
+    come), per path: the cost a call adds before it reads any KV."""
+    batch = paged_batch(rng, [4096], args.kv_heads, group, args.head_dim, poison=False)  # reads none of it
+    indptr, blocks = np.zeros(args.kv_heads + 1, np.int32), np.zeros(0, np.int32)
+    scale = 1 / np.sqrt(args.head_dim)
+    team.bind(batch.kv_pages, batch.seq_lens, batch.q.shape[1], scale)
+    calls = {
+        "openmp": lambda: sparse_partial_attention(batch.q, batch.kv_pages, batch.block_tables, batch.seq_lens,
+                                                   indptr, blocks, scale, num_threads=args.threads),
+        "team": lambda: team.attend(batch.q, batch.block_tables, indptr, blocks),
+    }
+    out = {}
+    for name, call in calls.items():
+        times = []
+        for _ in range(args.fixed_calls):
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+        out[name] = statistics.median(times)
+    return out
+
+
 def hot_rate(rng, args, group, isa) -> float:
     """Bytes/s of the kernel over 32 blocks per KV head revisited ~1000 times: the KV stays in
     L2, so this is the compute ceiling of the kernel on this machine (memory not in the way)."""
@@ -149,12 +178,17 @@ def main() -> None:
     p.add_argument("--chunks-per-thread", type=ints, default=[4], help="kernel knob(s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hot", action="store_true", help="also print the kernel's rate on L2-resident KV")
+    p.add_argument("--paths", type=lambda t: t.split(","), default=["openmp", "team"], help="openmp, team")
+    p.add_argument("--fixed-calls", type=int, default=2000, help="empty calls per path for the fixed cost")
+    p.add_argument("--team-pause-us", type=float, default=0.0,
+                   help="how long the team's waiters hold the core before yielding (AttentionTeam pause_us)")
     args = p.parse_args()
 
     rng = np.random.default_rng(args.seed)
     ceiling = Ceiling(args.ceiling_gib, args.flush_mib, args.threads)
     group = args.q_heads // args.kv_heads
     rows = []
+    teams: dict[tuple, AttentionTeam] = {}
     for ctx in args.contexts:
         batch = paged_batch(rng, [ctx], args.kv_heads, group, args.head_dim, poison=False)
         for budget in args.budgets:
@@ -165,12 +199,29 @@ def main() -> None:
             # the same scattered runs read with no arithmetic: the ceiling of this access pattern
             _, scattered_s, _ = time_calls(rng, batch, budget, args.repeats, ceiling, lambda a:
                                            _stream.scattered_read(*a, args.threads), prepare=run_starts)
-            for isa, prefetch, chunks in itertools.product(args.isa, args.prefetch, args.chunks_per_thread):
-                nbytes, ours, near = time_calls(rng, batch, budget, args.repeats, ceiling, lambda call:
-                                          sparse_partial_attention(*call, num_threads=args.threads, isa=isa,
-                                                                   prefetch=prefetch, chunks_per_thread=chunks))
-                rows.append((ctx, budget, (isa, prefetch, chunks), nbytes, ours, near / 1e9, scattered_s, torch_s))
+            for path, isa, prefetch, chunks in itertools.product(args.paths, args.isa, args.prefetch,
+                                                                  args.chunks_per_thread):
+                if path == "team":
+                    team = teams.get((isa, prefetch, chunks))
+                    if team is None:
+                        team = teams[isa, prefetch, chunks] = AttentionTeam(
+                            args.threads, pause_us=args.team_pause_us, isa=isa, prefetch=prefetch,
+                            chunks_per_thread=chunks)
+                    team.bind(batch.kv_pages, batch.seq_lens, batch.q.shape[1], 1 / np.sqrt(args.head_dim))
+                    run = lambda call, team=team: team.attend(call[0], call[2], call[4], call[5])
+                else:
+                    run = lambda call, isa=isa, prefetch=prefetch, chunks=chunks: sparse_partial_attention(
+                        *call, num_threads=args.threads, isa=isa, prefetch=prefetch, chunks_per_thread=chunks)
+                nbytes, ours, near = time_calls(rng, batch, budget, args.repeats, ceiling, run)
+                rows.append((ctx, budget, (path, isa, prefetch, chunks), nbytes, ours, near / 1e9, scattered_s,
+                             torch_s))
         del batch
+
+    fixed_team = teams.get((args.isa[0], args.prefetch[0], args.chunks_per_thread[0])) or AttentionTeam(
+        args.threads, pause_us=args.team_pause_us)
+    fixed = fixed_costs(rng, args, group, fixed_team)
+    for team in [fixed_team, *teams.values()]:
+        team.close()
 
     hot = {isa: hot_rate(rng, args, group, isa) for isa in args.isa} if args.hot else {}
 
@@ -183,12 +234,15 @@ def main() -> None:
     print(f"DRAM read ceiling ({args.threads} threads, {args.ceiling_gib:g} GiB streaming read, "
           f"median of {len(ceiling.samples)}): {cgb:.1f} GB/s; each row's ratio uses the ceiling "
           f"sampled between that row's own repeats")
+    print(f"fixed cost per layer call (empty selection, {args.kv_heads} KV heads, median of "
+          f"{args.fixed_calls} back-to-back calls): " +
+          ", ".join(f"{name} {sec * 1e6:.1f} us" for name, sec in fixed.items()))
     for isa, rate in hot.items():
         print(f"kernel ({isa}) on L2-resident KV, i.e. its compute ceiling ({args.threads} threads): "
               f"{rate:.1f} GB/s")
     print()
     knobs = len(args.isa) * len(args.prefetch) * len(args.chunks_per_thread) > 1
-    head = "| context | budget | KV read MiB |" + (" isa | prefetch | chunks/thr |" if knobs else "")
+    head = "| context | budget | KV read MiB | path |" + (" isa | prefetch | chunks/thr |" if knobs else "")
     head += (" ours ms | ours GB/s | ceiling GB/s | ours/ceiling | scattered read GB/s | scattered/ceiling |"
              " ours/scattered | torch ms | torch GB/s | ours/torch |")
     print(head)
@@ -196,7 +250,7 @@ def main() -> None:
     for ctx, budget, knob, nbytes, ours, near, scattered_s, torch_s in rows:
         gb, sgb = nbytes / ours / 1e9, nbytes / scattered_s / 1e9
         line = f"| {ctx // 1024}k | {budget:.0%} | {nbytes / 2**20:.1f} |"
-        line += "".join(f" {k} |" for k in knob) if knobs else ""
+        line += f" {knob[0]} |" + ("".join(f" {k} |" for k in knob[1:]) if knobs else "")
         line += f" {ours * 1e3:.2f} | {gb:.1f} | {near:.1f} | {gb / near:.2f} | {sgb:.1f} | {sgb / near:.2f} | {gb / sgb:.2f} |"
         if torch_s is None:
             line += " - | - | - |"
