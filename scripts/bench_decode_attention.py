@@ -42,9 +42,8 @@ from fluxion_dist.attention.synthetic import drifted_queries, make_synthetic_kv
 from fluxion_dist.config.schema import SparseConfig
 from fluxion_dist.hybrid import HybridAttention, HybridOptions, calibrate
 from fluxion_dist.hybrid.operator import HostArena
-from fluxion_dist.hybrid.paged_builder import BuiltSequence
+from fluxion_dist.hybrid.paged_builder import BuiltSequence, block_boxes
 from fluxion_dist.kernels.device import gpu_unavailable_reason
-from fluxion_dist.sparse.scoring import coarsen
 
 POLICIES = ("full", "quest_gpu", "cpu_only", "fixed_hybrid", "fluxion")
 HEAD_MIX = ("sink_local", "sink_local", "sink_local", "needle", "needle", "needle", "uniform", "uniform")
@@ -97,7 +96,7 @@ def build_arena(shape: Shape, context: int, batch: int, reserve: int, on_gpu: bo
         packed = pack_kv_blocks(kv.k, kv.v)  # the same content in every layer, in pages of its own
         kb = to_bf16_bits(kv.k).reshape(kv.k.shape)
         kf = (kb.astype(np.uint32) << 16).view(np.float32)
-        lo, hi = coarsen(kf, kf, BLOCK_TOKENS)
+        lo, hi = block_boxes(kf)
         lo_bits, hi_bits = (lo.view(np.uint32) >> 16).astype(np.uint16), (hi.view(np.uint32) >> 16).astype(np.uint16)
         tables = []
         for _ in range(shape.layers):
@@ -153,6 +152,7 @@ def run_policy(policy: str, shape: Shape, arena: HostArena, seqs, synth, cost, a
     batch = len(seqs)
     # the cache is sized for the model: each layer run gets a 32-layer model's per-layer share
     cfg = SparseConfig(policy=policy, budget=args.budget, mass_target=args.mass_target,
+                       floor_fraction=args.floor_fraction, head_predictor=args.head_predictor == "on",
                        sink_tokens=args.sink_tokens, recent_tokens=args.recent_tokens, cpu_threads=args.cpu_threads,
                        gpu_cache_blocks=args.cache_slots * shape.layers // shape.model_layers)
     op = HybridAttention(arena, cfg, cost, HybridOptions(shape.layers, cpu_threads=args.cpu_threads, device=device))
@@ -275,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     p.add_argument("--budget", type=float, default=0.05)
     p.add_argument("--mass-target", type=float, default=0.95)
+    p.add_argument("--floor-fraction", type=float, default=SparseConfig().floor_fraction,
+                   help="fluxion: each head's floor, as a fraction of the budget")
+    p.add_argument("--head-predictor", choices=("on", "off"), default="on" if SparseConfig().head_predictor else "off",
+                   help="fluxion: local heads read only their sinks and window")
     p.add_argument("--sink-tokens", type=int, default=16)
     p.add_argument("--recent-tokens", type=int, default=128)
     p.add_argument("--drift", type=float, default=0.1, help="per-step logit drift of the queries")
