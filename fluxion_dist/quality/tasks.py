@@ -1,9 +1,13 @@
-"""Synthetic long-context tasks, generated on the fly at any context length.
+"""Long-context tasks, generated on the fly at any context length, and which model reads which.
 
-Every sample is a haystack of filler words (``vocab.FILLERS``) with a few facts
-inserted at random depths, then one or more questions at the end. The answers
-need exact long-range reads (retrieval) or a sum over the whole context
-(aggregation), which is what separates good sparse attention from bad:
+Two families, told apart by the model's tokenizer (``TaskSuite.for_model``):
+
+- the word-vocabulary tasks of the v1 model (``vocab.WORDS``, below): a haystack of
+  filler words with facts at random depths;
+- the RULER-style tasks inside natural text (``ruler_tasks``), tokenized with the
+  model's byte-level BPE: the tasks of a model whose tokenizer has ``<eoa>``.
+
+Word-vocabulary tasks:
 
 - ``kv_retrieval``: many ``key NAME N N .`` records (multi-key: every other
   record is a distractor of the same form); ``? key NAME`` -> ``N N``.
@@ -28,42 +32,35 @@ Samples start with <bos>; each answer is followed by a ``.`` outside its span.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from fluxion_dist.model.loader import SHIPPED_QUALITY_DIR
 from fluxion_dist.quality import vocab as V
+from fluxion_dist.quality.ruler_tasks import (RULER_AGGREGATION, RULER_RETRIEVAL, RULER_TASKS, make_ruler_sample,
+                                              ruler_training_queries)
+from fluxion_dist.quality.sample import ContextTooShort, Sample
+from fluxion_dist.quality.text_vocab import TextVocab, is_text_tokenizer, load_text_vocab
 
-TaskName = Literal["kv_retrieval", "passkey", "var_tracking", "aggregation", "copy"]
-TASKS: tuple[TaskName, ...] = ("kv_retrieval", "passkey", "var_tracking", "aggregation")
+__all__ = ["ALL_TASKS", "ContextTooShort", "RETRIEVAL_TASKS", "RULER_TASKS", "Sample", "TASKS", "TRAIN_TASKS",
+           "TaskSuite", "WORD_TASKS", "make_sample", "training_queries"]
+
+WordTask = Literal["kv_retrieval", "passkey", "var_tracking", "aggregation", "copy"]
+WORD_TASKS: tuple[WordTask, ...] = ("kv_retrieval", "passkey", "var_tracking", "aggregation")
 # ``copy`` (a random sequence, then the same again) is for training only: every token of
 # the repeat is a long-range induction step with a loss, so the lookup circuit the other
 # tasks share forms in hundreds of steps instead of stalling on their few answer tokens.
-TRAIN_TASKS: tuple[TaskName, ...] = TASKS + ("copy",)
-RETRIEVAL_TASKS: tuple[TaskName, ...] = ("kv_retrieval", "passkey", "var_tracking")
+TRAIN_TASKS: tuple[WordTask, ...] = WORD_TASKS + ("copy",)
+RETRIEVAL_TASKS: tuple[WordTask, ...] = ("kv_retrieval", "passkey", "var_tracking")
+# every evaluable task name, for command-line choices and stable per-task seeds
+ALL_TASKS: tuple[str, ...] = WORD_TASKS + RULER_TASKS
+TaskName = str
 
 _T = V.ID  # word -> id
 _DOT, _Q = _T["."], _T["?"]
 _UNUSED = V.VOCAB_SIZE - len(V.SPECIAL) - len(V.STRUCTURE) - len(V.NUMBERS) - len(V.NAMES) - len(V.FILLERS)
-
-
-class ContextTooShort(ValueError):
-    """The requested length cannot hold the task's facts and questions."""
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    task: TaskName
-    tokens: np.ndarray  # int64 [length]
-    spans: tuple[tuple[int, int], ...]  # [start, end) of each answer in ``tokens``
-
-    def prompt(self, query: int = 0) -> np.ndarray:
-        """Everything before answer ``query``: what the model is given."""
-        return self.tokens[:self.spans[query][0]]
-
-    def answer(self, query: int = 0) -> np.ndarray:
-        start, end = self.spans[query]
-        return self.tokens[start:end]
 
 
 def _numbers(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -187,12 +184,16 @@ def copy(rng: np.random.Generator, length: int, chunk: int = 16, chunks: int = 4
 
 
 def make_sample(task: TaskName, rng: np.random.Generator, length: int, *, queries: int = 1,
-                vary: bool = False) -> Sample:
+                vary: bool = False, text: TextVocab | None = None) -> Sample:
     """One sample; ``vary=True`` (training) also draws the task's sizes at random.
 
     With ``vary=False`` the sizes are the evaluation's fixed defaults, so accuracy at
     two context lengths differs only in the haystack and the number of distractors.
+    A RULER task is tokenized with ``text`` (default: the corpus' BPE, which the v2 model
+    ships); the word tasks always use ``vocab``.
     """
+    if task in RULER_TASKS:
+        return make_ruler_sample(task, text or load_text_vocab(), rng, length, queries=queries, vary=vary)
     if task == "kv_retrieval":
         # training draws up to one pair per 16 tokens: short dense contexts teach the lookup
         pairs = int(rng.integers(queries, max(queries, min(128, length // 16)) + 1)) if vary else None
@@ -209,9 +210,52 @@ def make_sample(task: TaskName, rng: np.random.Generator, length: int, *, querie
         if vary:
             return aggregation(rng, length, int(rng.integers(3, 7)), float(rng.uniform(1 / 64, 1 / 16)))
         return aggregation(rng, length)
-    raise ValueError(f"unknown task {task!r}; allowed: {TASKS}")
+    raise ValueError(f"unknown task {task!r}; allowed: {ALL_TASKS + ('copy',)}")
 
 
 def training_queries(task: TaskName) -> int:
     """Questions per training sample: more answers per long sequence where the task allows."""
+    if task in RULER_TASKS:
+        return ruler_training_queries(task)
     return {"kv_retrieval": 8, "passkey": 1, "var_tracking": 6, "aggregation": 1, "copy": 1}[task]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSuite:
+    """The tasks one model is evaluated on, tokenized the way its own tokenizer does.
+
+    A model directory whose tokenizer.json is a byte-level BPE with ``<eoa>`` reads the
+    RULER tasks (tokenized with that file); any other (the v1 word-level tokenizer, or
+    none) reads the word-vocabulary tasks.
+    """
+
+    tasks: tuple[str, ...]
+    retrieval: tuple[str, ...]
+    aggregation: tuple[str, ...]
+    tokenizer_dir: Path | None  # the BPE's directory; None for the word-vocabulary tasks
+
+    @classmethod
+    def for_model(cls, model_dir: Path) -> "TaskSuite":
+        if is_text_tokenizer(model_dir):
+            return cls(RULER_TASKS, RULER_RETRIEVAL, RULER_AGGREGATION, Path(model_dir))
+        return cls(WORD_TASKS, RETRIEVAL_TASKS, ("aggregation",), None)
+
+    @property
+    def text(self) -> TextVocab | None:
+        """The BPE bound to the corpus (built on first use: tokenizing the corpus takes seconds)."""
+        return None if self.tokenizer_dir is None else load_text_vocab(self.tokenizer_dir)
+
+    def make_sample(self, task: TaskName, rng: np.random.Generator, length: int, *, queries: int = 1,
+                    vary: bool = False) -> Sample:
+        if task not in self.tasks and not (task == "copy" and self.tokenizer_dir is None):
+            raise ValueError(f"task {task!r} is not one this model reads; its tasks: {self.tasks}")
+        return make_sample(task, rng, length, queries=queries, vary=vary, text=self.text)
+
+    def decode(self, ids) -> str:
+        """A sample's ids as text, for reading."""
+        return V.decode(ids) if self.text is None else self.text.decode(ids)
+
+
+SHIPPED_SUITE = TaskSuite.for_model(SHIPPED_QUALITY_DIR)
+# the tasks of the shipped model: the word tasks while the v1 model ships, the RULER tasks once v2 does
+TASKS: tuple[str, ...] = SHIPPED_SUITE.tasks
