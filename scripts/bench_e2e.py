@@ -197,21 +197,23 @@ def ttft(model, arch: ModelArch, n: int, chunk: int, gpu: bool) -> tuple[float, 
     sync()
     alone = time.perf_counter() - t0
     geo = KVGeometry(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
-    store = KVStore(StoreConfig(geo, int(kv_bytes(arch, n + BLOCK_TOKENS) * 1.05) + (64 << 20), pin="off"))
+    # pages plus their min/max (1/16 more), and the allocator's slack
+    store = KVStore(StoreConfig(geo, int(kv_bytes(arch, n + BLOCK_TOKENS) * 1.1) + (256 << 20), pin="off"))
     try:
         store.reserve("p", n)
-        deliver = lambda layer, k, v: store.write_layer_kv("p", layer, k, v)  # noqa: E731
         t0 = time.perf_counter()
         if gpu:
             from prefill_worker.layer_offload import LayerOffload
-            off = LayerOffload(deliver, n, arch.num_key_value_heads, arch.head_dim)
+            off = LayerOffload(lambda layer, kv: store.write_layer("p", layer, kv), n,
+                               arch.num_key_value_heads, arch.head_dim)
             try:
                 model.prefill(tokens, off, all_logits=False, chunk_tokens=chunk, keep_kv=False)
                 off.finish()
             finally:
                 off.close()
         else:
-            model.prefill(tokens, deliver, all_logits=False, keep_kv=False)
+            model.prefill(tokens, lambda layer, k, v: store.write_layer_kv("p", layer, k, v), all_logits=False,
+                          keep_kv=False)
         stored = time.perf_counter() - t0
         store.abort("p")
     finally:

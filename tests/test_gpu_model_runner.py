@@ -24,6 +24,7 @@ from fluxion_dist.model.hbm_kv import DenseHBMKV  # noqa: E402
 from fluxion_dist.model.loader import load_from_config, to_device  # noqa: E402
 from fluxion_dist.sampling import SamplingParams  # noqa: E402
 from kv_store import KVGeometry, KVStore, StoreConfig, pack_layer  # noqa: E402
+from kv_store.packing import LayerKV  # noqa: E402
 from prefill_worker.layer_offload import LayerOffload  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -139,13 +140,17 @@ def test_gpu_chunked_prefill_equals_one_pass_and_offload_delivers(n, chunk):
     tokens = torch.randint(5, 1664, (n,), generator=torch.Generator().manual_seed(n)).to(CUDA)
     whole = model.prefill(tokens, all_logits=False)
     seen = {}
-    offload = LayerOffload(lambda i, k, v: seen.__setitem__(i, (k.clone(), v.clone())), n,
+    offload = LayerOffload(lambda i, kv: seen.__setitem__(i, LayerKV(*(a.copy() for a in kv))), n,
                            model.arch.num_key_value_heads, model.arch.head_dim)
     parts = model.prefill(tokens, offload, all_logits=False, chunk_tokens=chunk, keep_kv=False)
     offload.finish()
     assert sorted(seen) == list(range(model.arch.num_hidden_layers)) and parts.keys == []
-    torch.testing.assert_close(parts.logits, whole.logits, rtol=3e-2, atol=3e-2)
-    for i, (k, v) in seen.items():
-        assert k.device.type == "cpu" and k.dtype == torch.bfloat16
-        torch.testing.assert_close(k.float(), whole.keys[i].float().cpu(), rtol=3e-2, atol=3e-2)
-        torch.testing.assert_close(v.float(), whole.values[i].float().cpu(), rtol=3e-2, atol=3e-2)
+    # bf16: the chunks sum in another order, so compare as relative errors, not elementwise
+    assert gpu_util.rel_err(parts.logits.float().cpu().numpy(), whole.logits.float().cpu().numpy()) < 2e-2
+    assert int(parts.logits.argmax()) == int(whole.logits.argmax())
+    for i, kv in seen.items():
+        want = pack_layer(whole.keys[i].cpu(), whole.values[i].cpu())  # the store's own packing
+        for got, ref in zip(kv, want):
+            assert got.dtype == np.uint16 and got.shape == ref.shape
+            assert gpu_util.rel_err(gpu_util.from_bf16_bits(got).reshape(got.shape),
+                                    gpu_util.from_bf16_bits(ref).reshape(ref.shape)) < 2e-2, i

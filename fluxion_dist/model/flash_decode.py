@@ -18,6 +18,8 @@ import math
 import torch
 
 _TILE = 64  # keys per inner iteration
+_PER_SM = 4  # programs per SM
+_WARPS = 4
 _GROUP_ROWS = 16  # the query tile's rows: tl.dot's minimum, the GQA group padded up
 
 
@@ -71,16 +73,18 @@ def _kernel():
     return split_kernel
 
 
-def num_splits(batch: int, kv_heads: int, max_len: int, sm_count: int) -> tuple[int, int]:
-    """``(splits, chunk)``: about four programs per SM over the batch, chunks of whole tiles."""
-    want = max(1, (4 * sm_count) // max(batch * kv_heads, 1))
-    chunk = max(_TILE * 4, -(-max_len // want))
-    chunk = -(-chunk // _TILE) * _TILE
+def num_splits(batch: int, kv_heads: int, max_len: int, sm_count: int, programs_per_sm: int = _PER_SM,
+               tile: int = _TILE) -> tuple[int, int]:
+    """``(splits, chunk)``: about ``programs_per_sm`` programs per SM over the batch, chunks of whole tiles."""
+    want = max(1, (programs_per_sm * sm_count) // max(batch * kv_heads, 1))
+    chunk = max(tile * 4, -(-max_len // want))
+    chunk = -(-chunk // tile) * tile
     return -(-max_len // chunk), chunk
 
 
 def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                 lengths: torch.Tensor) -> torch.Tensor:
+                 lengths: torch.Tensor, *, programs_per_sm: int = _PER_SM, tile: int = _TILE,
+                 num_warps: int = _WARPS, num_stages: int = 3) -> torch.Tensor:
     """``q [B, Hq, d]``, caches ``[S, Hkv, L, d]``, ``slots`` int64 and ``lengths`` int32 ``[B]``
     (on the device) -> ``[B, Hq, d]`` in q's dtype. Capturable: no host reads of the inputs."""
     bsz, hq, d = q.shape
@@ -93,7 +97,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         raise ValueError(f"flash_decode: GQA group {group} exceeds {_GROUP_ROWS}")
     qc = q.to(k_cache.dtype).contiguous()
     sm = torch.cuda.get_device_properties(q.device).multi_processor_count
-    splits, chunk = num_splits(bsz, hkv, max_len, sm)
+    splits, chunk = num_splits(bsz, hkv, max_len, sm, programs_per_sm, tile)
     rows = bsz * hkv
     o = torch.empty((rows, splits, _GROUP_ROWS, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((rows, splits, _GROUP_ROWS), dtype=torch.float32, device=q.device)
@@ -101,7 +105,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         qc, k_cache, v_cache, slots, lengths, o, lse, 1.0 / math.sqrt(d),
         qc.stride(0), qc.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         o.stride(0), o.stride(1), lse.stride(0),
-        HKV=hkv, G=group, GP=_GROUP_ROWS, D=d, CHUNK=chunk, BN=_TILE, num_warps=4, num_stages=3)
+        HKV=hkv, G=group, GP=_GROUP_ROWS, D=d, CHUNK=chunk, BN=tile, num_warps=num_warps, num_stages=num_stages)
     o, lse = o[:, :, :group], lse[:, :, :group]
     top = lse.amax(dim=1, keepdim=True)
     w = torch.exp(lse - top)  # every row has at least one key: top is finite
