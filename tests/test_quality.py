@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fluxion_dist.attention import reference
-from fluxion_dist.attention.layout import unpack_kv_blocks
+from fluxion_dist.attention.layout import from_bf16_bits, pack_kv_blocks, to_bf16_bits, unpack_kv_blocks
 from fluxion_dist.hybrid import CostModel
 from fluxion_dist.model.tokenizer import load_tokenizer
 from fluxion_dist.quality import vocab
@@ -21,7 +21,8 @@ from fluxion_dist.quality.decode_hook import block_minmax
 from fluxion_dist.quality.fidelity import FidelityStats, csr_mask, mask_fidelity, true_attention
 from fluxion_dist.quality.harness import (Prefilled, deployment_sparse, dense_prefill, full_attention_correct,
                                           parse_overrides)
-from fluxion_dist.quality.operator_decode import OperatorRunner
+from fluxion_dist.model.decoder import PrefillOutput
+from fluxion_dist.quality.operator_decode import OperatorRunner, pack_prefill
 from fluxion_dist.quality.policies import (DEFAULT_POLICIES, HARNESS_POLICIES, OracleTopK, StepView,
                                            check_policy_names)
 from fluxion_dist.quality.model import SHIPPED_DIR, TINY_QUALITY_ARCH, init_model, load_quality_model
@@ -239,6 +240,20 @@ def test_sparse_overrides_are_validated_as_the_deployment_yaml():
 
 # --- the harness through the production operator (CPU path here) ---------------------------
 
+@pytest.mark.parametrize("t", [1, 17, 1000])
+def test_packed_prefill_is_the_kv_layout(t):
+    rng = np.random.default_rng(t)
+    keys = [torch.from_numpy(rng.standard_normal((t, 2, 8)).astype(np.float32)) for _ in range(2)]
+    values = [torch.from_numpy(rng.standard_normal((t, 2, 8)).astype(np.float32)) for _ in range(2)]
+    packed = pack_prefill(PrefillOutput(torch.zeros(t, 4), keys, values))
+    for layer in range(2):
+        k, v = keys[layer].numpy(), values[layer].numpy()
+        np.testing.assert_array_equal(packed.pages[layer], pack_kv_blocks(k, v))
+        lo, hi = reference.block_metadata(from_bf16_bits(to_bf16_bits(k)).reshape(k.shape))
+        np.testing.assert_array_equal(from_bf16_bits(packed.kmin[layer]).reshape(lo.shape), lo)
+        np.testing.assert_array_equal(from_bf16_bits(packed.kmax[layer]).reshape(hi.shape), hi)
+
+
 def _runner(model, policy, budget=0.05, max_tokens=1024, **over):
     cost = CostModel.cpu_only(model.arch.head_dim, 5.0)
     sparse = dataclasses.replace(deployment_sparse(budget, over), policy=policy)
@@ -305,6 +320,9 @@ def test_quest_gpu_fidelity_is_read_back_from_its_selection(shipped):
             k, v = unpack_kv_blocks(runner.arena.kv_pages[pages], t)
             np.testing.assert_array_equal(k[-1], k_new.to(torch.bfloat16).float().numpy())
             np.testing.assert_array_equal(v[-1], v_new.to(torch.bfloat16).float().numpy())
+            # and the harness's mirror, which the fidelity is computed over, is the arena's K/V
+            np.testing.assert_array_equal(seq.keys[layer][:t].numpy(), k)
+            np.testing.assert_array_equal(seq.values[layer][:t].numpy(), v)
             ids = [blocks[indptr[h]:indptr[h + 1]] for h in range(arch.num_key_value_heads)]
             assert all((np.diff(i) > 0).all() for i in ids)
             full = reference.decode_attention(q, k, v)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fluxion_dist.attention.layout import BLOCK_TOKENS, from_bf16_bits, num_blocks, pack_kv_blocks, unpack_kv_blocks
+from fluxion_dist.attention.layout import BLOCK_TOKENS, from_bf16_bits, num_blocks
 from fluxion_dist.config.schema import SparseConfig
 from fluxion_dist.hybrid import CostModel, HostArena, HybridAttention, HybridOptions
 from fluxion_dist.model.arch import ModelArch
@@ -38,29 +38,45 @@ from fluxion_dist.quality.fidelity import FidelityStats, csr_mask, mask_fidelity
 
 
 def _bits(x: torch.Tensor) -> np.ndarray:
-    """bf16-exact float tensor -> its bf16 bits (uint16)."""
-    return x.to(torch.bfloat16).cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
+    """bf16-exact float tensor -> its bf16 bits (uint16), on the host."""
+    return x.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
+
+
+def _paged(k: torch.Tensor, v: torch.Tensor) -> np.ndarray:
+    """``k, v [T, Hkv, d]`` (bf16) -> ``attention.layout``'s pages ``uint16 [nb, Hkv, 2, 16, d]``,
+    the tail of the last page zero: ``layout.pack_kv_blocks``, on the tensors' device."""
+    t, hkv, d = k.shape
+    nb = num_blocks(t)
+    kv = torch.zeros((2, nb * BLOCK_TOKENS, hkv, d), dtype=torch.bfloat16, device=k.device)
+    kv[0, :t], kv[1, :t] = k, v
+    return _bits(kv.view(2, nb, BLOCK_TOKENS, hkv, d).permute(1, 3, 0, 2, 4))
 
 
 @dataclass(frozen=True, slots=True)
 class PackedPrefill:
-    """A prompt's prefill K/V as the KV store holds them: per layer, bf16 pages and Quest boxes."""
+    """A prompt's prefill K/V as the KV store holds them: per layer, bf16 pages and Quest boxes
+    (host bits, for the arena) and the same bf16 K/V on the model's device."""
 
     num_tokens: int
     pages: tuple[np.ndarray, ...]  # per layer uint16 [nb, Hkv, 2, 16, d]
     kmin: tuple[np.ndarray, ...]  # per layer uint16 [nb, Hkv, d]
     kmax: tuple[np.ndarray, ...]
+    keys: tuple[torch.Tensor, ...]  # per layer bf16 [T, Hkv, d]: the values the pages hold
+    values: tuple[torch.Tensor, ...]
 
 
 def pack_prefill(prefill: PrefillOutput) -> PackedPrefill:
-    pages, lo, hi = [], [], []
+    pages, lo, hi, keys, values = [], [], [], [], []
     for k, v in zip(prefill.keys, prefill.values):
-        pages.append(pack_kv_blocks(k.float().cpu().numpy(), v.float().cpu().numpy()))
+        kb, vb = k.to(torch.bfloat16), v.to(torch.bfloat16)
+        pages.append(_paged(kb, vb))
         # boxes of the rounded keys: min/max of bf16 values are bf16, so the bits are exact
-        kmin, kmax = block_minmax(k.to(torch.bfloat16).float())
+        kmin, kmax = block_minmax(kb.float())
         lo.append(_bits(kmin))
         hi.append(_bits(kmax))
-    return PackedPrefill(prefill.keys[0].shape[0], tuple(pages), tuple(lo), tuple(hi))
+        keys.append(kb)
+        values.append(vb)
+    return PackedPrefill(prefill.keys[0].shape[0], tuple(pages), tuple(lo), tuple(hi), tuple(keys), tuple(values))
 
 
 @dataclass(slots=True)
@@ -140,10 +156,11 @@ class OperatorRunner:
             a.kv_pages[pages] = packed.pages[layer]
             a.kmin[pages] = packed.kmin[layer]
             a.kmax[pages] = packed.kmax[layer]
-            k, v = unpack_kv_blocks(a.kv_pages[pages], t0)  # what the operator will read
-            kc = torch.empty((self.capacity,) + k.shape[1:], dtype=self.dtype, device=self.compute)
+            # the pages' own values (the tests check the mirror against the arena's bytes)
+            k, v = packed.keys[layer], packed.values[layer]
+            kc = torch.empty((self.capacity,) + tuple(k.shape[1:]), dtype=self.dtype, device=self.compute)
             vc = torch.empty_like(kc)
-            kc[:t0], vc[:t0] = torch.from_numpy(k), torch.from_numpy(v)
+            kc[:t0], vc[:t0] = k, v
             keys.append(kc)
             values.append(vc)
         self._requests += 1
