@@ -32,11 +32,9 @@ class BudgetError(FluxionError, ValueError):
 
 
 def forced_count(nb, sink_blocks: int, recent_blocks: int) -> np.ndarray:
-    """Kept blocks (the first ``sink_blocks`` and last ``recent_blocks``, overlapping in short
-    contexts) per context of ``nb`` blocks; any shape."""
-    nb = np.asarray(nb, dtype=np.int64)
-    sinks, recent = np.minimum(nb, sink_blocks), np.minimum(nb, recent_blocks)
-    return sinks + recent - np.maximum(sinks - np.maximum(nb - recent_blocks, 0), 0)
+    """Kept blocks (the first ``sink_blocks`` and last ``recent_blocks``; in a context shorter
+    than both together they cover it all) per context of ``nb`` blocks; any shape."""
+    return np.minimum(np.asarray(nb, dtype=np.int64), sink_blocks + recent_blocks)
 
 
 def kept_mask(nb: int, sink_blocks: int, recent_blocks: int) -> np.ndarray:
@@ -93,44 +91,46 @@ def pooled_row_budgets(demand, nb, budget, *, sink_blocks: int, recent_blocks: i
     """
     nb = np.asarray(nb, dtype=np.int64)
     bsz = nb.size
-    if nb.ndim != 1 or bsz == 0 or np.any(nb < 1):
+    if nb.ndim != 1 or bsz == 0 or nb.min() < 1:
         raise BudgetError(f"nb must be [B] of positive block counts; got {nb!r}")
-    budget = np.broadcast_to(np.asarray(budget, dtype=np.float64), (bsz,))
-    if np.any(~(budget > 0)) or np.any(budget > 1):
-        raise BudgetError(f"budget must lie in (0, 1] per request; got {budget}")
+    budget = np.asarray(budget, dtype=np.float64)
+    if budget.ndim == 0:
+        budget = np.full(bsz, float(budget))
+    if budget.shape != (bsz,) or not (budget.min() > 0 and budget.max() <= 1):
+        raise BudgetError(f"budget must lie in (0, 1], one per request (or one for all); got {budget}")
     if not 0.0 <= floor_fraction <= 1.0:
         raise BudgetError(f"floor_fraction must lie in [0, 1]; got {floor_fraction}")
     if demand is None:
         if num_layers is None or num_kv_heads is None:
             raise BudgetError("without demand, num_layers and num_kv_heads give the shape")
         layers, hkv = num_layers, num_kv_heads
-        known = np.zeros(bsz, dtype=bool)
-        dem = np.zeros((bsz, layers * hkv), dtype=np.int64)
     else:
         demand = np.asarray(demand, dtype=np.int64)
         if demand.ndim != 3 or demand.shape[1] != bsz:
             raise BudgetError(f"demand must be [L, B={bsz}, Hkv]; got {demand.shape}")
         layers, _, hkv = demand.shape
-        dem = demand.transpose(1, 0, 2).reshape(bsz, layers * hkv)
-        known = (dem >= 0).all(axis=1)
-        dem = np.maximum(dem, 0)
     rows = layers * hkv
     share = share_blocks(nb, budget)
-    kept = forced_count(nb, sink_blocks, recent_blocks)
-    fixed = np.minimum(np.maximum(share, kept), nb)
-    out = np.repeat(fixed[:, None], rows, axis=1)
-    if known.any():
-        k, n = kept[known, None], nb[known, None]
-        d = dem[known]
-        floor = np.minimum(np.maximum(k, share_blocks(n, floor_fraction * budget[known, None])
-                                      if floor_fraction > 0 else k), n)
-        floor = np.broadcast_to(floor, d.shape)
-        grant = np.where(d == 0, k, floor) if head_predictor else floor.copy()
-        want = np.minimum(k + d, n)
-        surplus = np.maximum(share[known] * rows - grant.sum(axis=1), 0)
-        extra = water_fill_rows(np.maximum(want - grant, 0), surplus)
-        grant = grant + extra
-        rest = surplus - extra.sum(axis=1)
-        grant = grant + water_fill_rows(n - grant, rest)
-        out[known] = grant
+    kept = np.minimum(nb, sink_blocks + recent_blocks)
+    out = np.repeat(np.minimum(np.maximum(share, kept), nb)[:, None], rows, axis=1)  # the fixed rule
+    if demand is None:
+        return out.reshape(bsz, layers, hkv).transpose(1, 0, 2)
+    dem = demand.transpose(1, 0, 2).reshape(bsz, rows)
+    known = dem.min(axis=1) >= 0
+    if not known.all():
+        if not known.any():
+            return out.reshape(bsz, layers, hkv).transpose(1, 0, 2)
+        dem, nb, kept, share, budget = dem[known], nb[known], kept[known], share[known], budget[known]
+    k, n = kept[:, None], nb[:, None]
+    floor = k
+    if floor_fraction > 0:
+        floor = np.minimum(np.maximum(k, share_blocks(n, floor_fraction * budget[:, None])), n)
+    grant = np.where(dem == 0, k, floor) if head_predictor else np.repeat(floor, rows, axis=1)
+    surplus = np.maximum(share * rows - grant.sum(axis=1), 0)
+    extra = water_fill_rows(np.maximum(np.minimum(k + dem, n) - grant, 0), surplus)
+    grant += extra
+    rest = surplus - extra.sum(axis=1)
+    if rest.max() > 0:  # every demand met with pool to spare: spread it evenly
+        grant += water_fill_rows(n - grant, rest)
+    out[known] = grant
     return out.reshape(bsz, layers, hkv).transpose(1, 0, 2)
