@@ -19,6 +19,7 @@ def build_attention(cfg: DeployConfig, arch: ModelArch, arena: HostArena) -> Hyb
     threads = cpu_threads(cfg)
     on_gpu = cfg.decode.num_gpus > 0
     cost = calibrate(arch.head_dim, arch.num_key_value_heads, arch.gqa_group, num_threads=threads, gpu=on_gpu)
+    # decode.enforce_eager turns off the operator's per-layer CUDA graphs too: every launch eager
     options = HybridOptions(num_layers=arch.num_hidden_layers, cpu_threads=threads,
-                            device="gpu" if on_gpu else "cpu")
+                            device="gpu" if on_gpu else "cpu", cuda_graphs=not cfg.decode.enforce_eager)
     return HybridAttention(arena, cfg.decode.sparse, cost, options)
