@@ -1,0 +1,119 @@
+"""A reduced-precision mirror of the Quest block metadata: int8 boxes, rounded outward.
+
+The bf16 metadata is, per (page, KV head), the channel-wise min and max of K:
+``4 * d`` bytes. The mirror keeps, per (page, head), one positive scale ``s`` (bf16) and the box
+corners as int8 multiples of it,
+the min rounded down and the max rounded up, so the mirror's box contains the
+bf16 box: ``q_lo * s <= min`` and ``q_hi * s >= max`` channel by channel. A
+Quest bound over a containing box is at least the bound over the box (for
+every q, ``max(q*a, q*b)`` over the wider interval is no smaller), so a block
+scored from the mirror never scores below any of its tokens: the mirror is a
+valid, looser, upper bound. ``2 * d + 2`` bytes per (page, head).
+
+Exactness: ``s`` has an 8-bit significand and ``|q| <= 127`` a 7-bit one, so
+``q * s`` is exact in float32 (above float32's subnormal floor, since bf16 has
+float32's exponent range), and the kernel's dequantisation is the reference's,
+bit for bit. ``s`` is the smallest bf16 with ``127 * s >= max |corner|``.
+
+Layout (what the scoring kernel reads with one 16-byte load per lane):
+``values int8 [P, Hkv, d/8, 2, 8]`` stored as ``[P, Hkv, 2*d]``: for each
+8-channel group, the 8 rounded-down minima then the 8 rounded-up maxima; and
+``scales uint16 [P, Hkv]`` (bf16 bits). NumPy only: importable without CuPy.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from fluxion_dist.attention.layout import from_bf16_bits
+
+QMAX = 127
+"""Largest |int8| used: the range is symmetric so a negated box stays representable."""
+
+MAX_MAGNITUDE = 2.0 ** 127
+"""Largest |corner| mirrored: 127 * s stays finite in float32 below it (a corner at inf would
+make the kernel's (max + min) / 2 NaN). Real K metadata is many orders of magnitude below."""
+
+GROUP = 8
+"""Channels per interleaved group: one lane of the scoring kernel."""
+
+
+class CompactMetadata(NamedTuple):
+    values: np.ndarray  # int8 [P, Hkv, 2*d]: per 8-channel group, 8 minima then 8 maxima
+    scales: np.ndarray  # uint16 [P, Hkv]: bf16 bits of the positive per-(page, head) scale
+
+
+def nbytes_per_row(head_dim: int) -> tuple[int, int]:
+    """(bf16 metadata bytes, mirror bytes) of one (page, head)."""
+    return 4 * head_dim, 2 * head_dim + 2
+
+
+def _bits(kmin: np.ndarray, name: str) -> np.ndarray:
+    if not isinstance(kmin, np.ndarray) or kmin.dtype != np.uint16 or kmin.ndim != 3:
+        raise TypeError(f"{name} must be a uint16 (bf16 bits) numpy array [P, Hkv, d]; got "
+                        f"{getattr(kmin, 'dtype', type(kmin).__name__)} {getattr(kmin, 'shape', '')}")
+    return kmin
+
+
+def _scale_bits(amax: np.ndarray) -> np.ndarray:
+    """The smallest bf16 s > 0 with 127 * s >= amax (exactly), as bits."""
+    f = (amax.astype(np.float64) / QMAX).astype(np.float32)
+    f = np.where(f.astype(np.float64) * QMAX < amax, np.nextafter(f, np.float32(np.inf)), f)
+    u = f.view(np.uint32)
+    bits = (u >> 16) + ((u & 0xFFFF) != 0)  # round the float32 up to bf16 (positive: bits up)
+    bits = np.maximum(bits, 1).astype(np.uint32)  # amax 0: any positive scale; the least
+    for _ in range(4):  # the roundings above leave at most a step to take; never loops on
+        short = from_bf16_bits(bits.astype(np.uint16)).astype(np.float64) * QMAX < amax
+        if not short.any():
+            break
+        bits = bits + short
+    return bits.astype(np.uint16)
+
+
+def quantize(kmin: np.ndarray, kmax: np.ndarray) -> CompactMetadata:
+    """The mirror of bf16-bit metadata ``kmin, kmax [P, Hkv, d]`` (d a multiple of 8).
+
+    Raises ValueError for a corner that is NaN, infinite or beyond MAX_MAGNITUDE, or a box
+    whose min exceeds its max."""
+    _bits(kmin, "kmin")
+    _bits(kmax, "kmax")
+    if kmax.shape != kmin.shape:
+        raise ValueError(f"kmax must have kmin's shape {kmin.shape}; got {kmax.shape}")
+    p, hkv, d = kmin.shape
+    if d % GROUP:
+        raise ValueError(f"head_dim must be a multiple of {GROUP}; got {d}")
+    lo = from_bf16_bits(kmin).reshape(kmin.shape).astype(np.float64)
+    hi = from_bf16_bits(kmax).reshape(kmax.shape).astype(np.float64)
+    for name, x in (("kmin", lo), ("kmax", hi)):
+        bad = ~(np.abs(x) <= MAX_MAGNITUDE)  # NaN too
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{name}{list(at)} = {x[at]} cannot be mirrored (finite, |x| <= 2^127)")
+    if (lo > hi).any():
+        at = tuple(int(i) for i in np.argwhere(lo > hi)[0])
+        raise ValueError(f"kmin{list(at)} = {lo[at]} exceeds kmax = {hi[at]}")
+    amax = np.maximum(np.abs(lo), np.abs(hi)).max(axis=-1, initial=0.0)
+    scales = _scale_bits(amax)
+    s = from_bf16_bits(scales).reshape(scales.shape).astype(np.float64)[..., None]
+    # Both products are exact in float64 (7- and 8-bit significands), so the fix-ups below
+    # make the rounding direction exact whatever the division rounded to.
+    qlo = np.floor(lo / s)
+    qlo -= qlo * s > lo
+    qhi = np.ceil(hi / s)
+    qhi += qhi * s < hi
+    values = np.empty((p, hkv, d // GROUP, 2, GROUP), np.int8)
+    values[..., 0, :] = qlo.reshape(p, hkv, d // GROUP, GROUP)
+    values[..., 1, :] = qhi.reshape(p, hkv, d // GROUP, GROUP)
+    return CompactMetadata(values.reshape(p, hkv, 2 * d), scales)
+
+
+def dequantize(meta: CompactMetadata) -> tuple[np.ndarray, np.ndarray]:
+    """The mirror's boxes as float32 ``lo, hi [P, Hkv, d]``: exactly what the kernel computes."""
+    values, scales = meta
+    p, hkv, two_d = values.shape
+    d = two_d // 2
+    s = from_bf16_bits(scales).reshape(p, hkv)[..., None, None, None]
+    v = values.reshape(p, hkv, d // GROUP, 2, GROUP).astype(np.float32) * s
+    return v[..., 0, :].reshape(p, hkv, d), v[..., 1, :].reshape(p, hkv, d)
