@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import random
 import sys
 import tempfile
@@ -26,7 +27,10 @@ from pathlib import Path
 
 import httpx
 import psutil
-import ray
+
+# The soak's local cluster runs with Ray token authentication, which Ray reads once, on import.
+os.environ["RAY_AUTH_MODE"] = "token"
+import ray  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -109,7 +113,7 @@ def main() -> int:
         transport=dataclasses.replace(cfg.transport, timeout_s=min(cfg.transport.timeout_s, 5.0)))
     temp = tempfile.mkdtemp(prefix="fluxion-soak-ray-")
     before = {p.pid for p in psutil.process_iter()}
-    connect(cfg.cluster, temp_dir=temp)
+    connect(cfg.cluster, temp_dir=temp, state_dir=Path(temp) / "state")
     deployment = deploy.deploy(cfg, detached=False)
     _, decode_names, _ = deploy.actor_names(cfg)
     print(f"[soak] {deployment.endpoint}: {args.concurrency} streams for {args.duration:.0f}s", flush=True)

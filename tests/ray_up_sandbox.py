@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shlex
 import signal
 import socket
@@ -144,6 +145,11 @@ class RayUpSandbox:
                         f"{repo}/", f"{self.checkout}/"], check=True, timeout=120)
         self._make_overlay_venv()
         self._write_node_bashrc()
+        # The YAMLs mount the launching machine's Ray token (~/.ray/auth_token) on every node.
+        token = self.client_home / ".ray" / "auth_token"
+        token.parent.mkdir(mode=0o700, exist_ok=True)
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
 
     def cluster_yaml(self, shipped: Path, ssh_key: Path) -> Path:
         """The shipped YAML with only the ssh key swapped for this run's.

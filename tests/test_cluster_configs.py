@@ -67,6 +67,19 @@ def test_installs_this_project(path: Path):
     assert "pip install -e ~/fluxion-dist" in _all_commands(cfg)
 
 
+@pytest.mark.parametrize("path", RAY_CONFIGS, ids=lambda p: p.name)
+def test_ray_runs_with_token_authentication(path: Path):
+    # Every node starts Ray in token mode with the token the launching machine made, and every
+    # command there (drivers included) runs in token mode through ~/.bashrc.
+    cfg = _load(path)
+    assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    init = "\n".join(cfg.get("initialization_commands") or [])
+    assert "echo 'export RAY_AUTH_MODE=token' >> ~/.bashrc" in init
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cfg[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token ray start" in c for c in starts), f"{path.name}:{key}"
+
+
 def test_local_config_is_a_loopback_head():
     cfg = _load(CONFIG_DIR / "ray_local.yaml")
     assert cfg["provider"]["type"] == "local"
