@@ -32,6 +32,7 @@ from decode_worker.kv_receiver import KVReceiver
 from fluxion_dist.config import config_from_dict
 from fluxion_dist.hybrid import HostArena
 from fluxion_dist.model.loader import load_from_config
+from fluxion_dist.policy.request import RequestSparse
 from fluxion_dist.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -62,24 +63,27 @@ class DecodeWorker:
             self.kv.admit(request_id, prompt_len, max_tokens)
         return await self.kv.address()
 
-    async def generate(self, request_id: str, first_token: int, params: dict):
+    async def generate(self, request_id: str, first_token: int, params: dict, sparse: dict | None = None):
+        """Yields ``(token, fraction of the request's KV its step read, TokenLogprobs or None)`` per
+        decode step.
+        ``sparse``: the request's validated ``RequestSparse`` fields (None: the deployment's)."""
         self._start()
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[TokenEvent, float | None]] = asyncio.Queue()
         self.streams[request_id] = queue
         try:
             prompt_len = await self.kv.wait_received(request_id)
             async with self._lock:
                 done = self.engine.add(request_id, prompt_len, first_token, SamplingParams(**params),
-                                       self.tokenizer.eos_token_id)
+                                       self.tokenizer.eos_token_id, RequestSparse(**sparse) if sparse else None)
             if done is not None:
                 return
             self._wake.set()
             while True:
-                ev = await queue.get()
+                ev, kv_fraction = await queue.get()
                 if ev.error is not None:
                     raise RuntimeError(f"request {request_id}: {ev.error}")
                 if ev.token is not None:
-                    yield ev.token
+                    yield ev.token, kv_fraction, ev.logprobs
                 if ev.finish_reason is not None:
                     return
         finally:
@@ -94,7 +98,7 @@ class DecodeWorker:
             freed = self.kv.release(request_id)
         queue = self.streams.get(request_id)
         if queue is not None:
-            queue.put_nowait(TokenEvent(request_id, None, "abort"))
+            queue.put_nowait((TokenEvent(request_id, None, "abort"), None))
         return freed
 
     async def _run(self) -> None:
@@ -109,10 +113,15 @@ class DecodeWorker:
                     log.exception("%s: decode step failed; exiting so Ray restarts this worker", self.name)
                     os._exit(1)
             self.steps += 1
+            # The step's token events follow its batch order, as the report's per-request fractions do.
+            report = self.engine.last_report
+            fractions = report.budget_per_request if report is not None else ()
+            stepped = [ev.request_id for ev in events if ev.token is not None]
+            read = dict(zip(stepped, fractions)) if len(fractions) == len(stepped) else {}
             for ev in events:
                 queue = self.streams.get(ev.request_id)
                 if queue is not None:
-                    queue.put_nowait(ev)
+                    queue.put_nowait((ev, read.get(ev.request_id)))
             await asyncio.sleep(0)  # let admissions and aborts in between steps
 
     async def load(self) -> dict:

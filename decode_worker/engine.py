@@ -20,7 +20,7 @@ from decode_worker.model_runner import ModelRunner
 from fluxion_dist.hybrid import HybridAttention, StepReport
 from fluxion_dist.model.decoder import CausalLM
 from fluxion_dist.policy.request import RequestSparse
-from fluxion_dist.sampling import Sampler, SamplingParams
+from fluxion_dist.sampling import Sampler, SamplingParams, TokenLogprobs, token_logprobs
 
 
 class PagedKV(Protocol):
@@ -51,6 +51,7 @@ class TokenEvent:
     token: int | None  # None when the request ends without a new token (an error)
     finish_reason: str | None = None  # "stop" | "length" | "error" | "abort" (the actor's, on cancel)
     error: str | None = None
+    logprobs: TokenLogprobs | None = None  # when the request's SamplingParams.logprobs asks for them
 
 
 @dataclass(slots=True)
@@ -131,7 +132,9 @@ class DecodeEngine:
         tokens = self._sample(batch, logits)
         self.last_report = hook.report()
         self.budget_used = self.last_report.budget_used
-        for r, tok in zip(batch, tokens):
+        for i, (r, tok) in enumerate(zip(batch, tokens)):
+            n = r.sampler.params.logprobs
+            lp = token_logprobs(logits[i], tok, n) if n is not None else None
             r.seq.seq_len += 1
             r.last_token = tok
             r.generated += 1
@@ -143,7 +146,7 @@ class DecodeEngine:
             if finish:
                 self._running.remove(r)
                 self._forget(r)
-            events.append(TokenEvent(r.request_id, tok, finish))
+            events.append(TokenEvent(r.request_id, tok, finish, logprobs=lp))
         return events
 
     @staticmethod

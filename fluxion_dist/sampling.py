@@ -11,6 +11,8 @@ import torch
 MAX_SEED = 2**63 - 1
 # Below this, logits / temperature overflows float32 and softmax gives inf/nan.
 MIN_TEMPERATURE = 1e-2
+# OpenAI's completions API allows at most this many alternatives per token.
+MAX_LOGPROBS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +22,24 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; n >= 0: the chosen token's and the n likeliest
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """The model's log-probability of a chosen token and its ``n`` likeliest alternatives, from
+    the raw logits (before temperature and top-p, as OpenAI and vLLM report them)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token, logprob), likeliest first
+
+
+def token_logprobs(logits: torch.Tensor, token: int, n: int) -> TokenLogprobs:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = logp.topk(n) if n > 0 else None
+    pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+    return TokenLogprobs(token, float(logp[token]), pairs)
 
 
 class Sampler:
@@ -33,6 +53,8 @@ class Sampler:
             raise ValueError(f"top_p must be in (0, 1], not {params.top_p}")
         if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, {MAX_SEED}], not {params.seed}")
+        if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], not {params.logprobs}")
         self.params = params
         self._gen = None
         if params.temperature > 0:

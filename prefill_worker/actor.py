@@ -24,8 +24,9 @@ import torch
 
 from fluxion_dist.config import config_from_dict
 from fluxion_dist.model.loader import load_from_config
-from fluxion_dist.sampling import Sampler, SamplingParams
+from fluxion_dist.sampling import Sampler, SamplingParams, token_logprobs
 from prefill_worker.kv_pusher import KVPusher
+from prefill_worker import prompt_scoring
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ class PrefillWorker:
         self.served = 0
 
     async def prefill(self, request_id: str, prompt: list[int], decode_address: bytes,
-                      temperature: float, top_p: float, seed: int | None) -> dict:
-        """Returns ``{"token": first token, "kv_bytes": bytes pushed, "transfer_s": offer to commit}``."""
+                      temperature: float, top_p: float, seed: int | None, logprobs: int | None = None) -> dict:
+        """Returns ``{"token": first token, "kv_bytes": bytes pushed, "transfer_s": offer to commit,
+        "logprobs": the first token's TokenLogprobs when ``logprobs`` (the request's n) is set}``."""
         t0 = time.perf_counter()
         transfer = await self.pusher.open(request_id, len(prompt), decode_address)
         try:
@@ -59,7 +61,14 @@ class PrefillWorker:
         elapsed = time.perf_counter() - t0
         log.info("%s: prefilled %s (%d tokens) in %.1f ms", self.name, request_id, len(prompt), elapsed * 1e3)
         token = Sampler(SamplingParams(temperature=temperature, top_p=top_p, seed=seed))(out.logits[-1])
-        return {"token": token, "kv_bytes": transfer.bytes_sent, "transfer_s": elapsed}
+        lp = token_logprobs(out.logits[-1], token, logprobs) if logprobs is not None else None
+        return {"token": token, "kv_bytes": transfer.bytes_sent, "transfer_s": elapsed, "logprobs": lp}
+
+    async def prompt_logprobs(self, prompt: list[int], n: int) -> list:
+        """``echo`` + ``logprobs``: each prompt token's TokenLogprobs (None for the first); no KV moves."""
+        device = next(self.model.parameters()).device
+        chunk = self.cfg.prefill.chunk_tokens if device.type == "cuda" else None
+        return await asyncio.to_thread(prompt_scoring.prompt_logprobs, self.model, prompt, n, device, chunk)
 
     async def health(self) -> dict:
         return {"healthy": True, "served": self.served, **self.pusher.stats()}

@@ -36,7 +36,8 @@ def service(tmp_path_factory):
         # A dead prefill peer is noticed after this long, and its half-received pages freed.
         transport=dataclasses.replace(cfg.transport, timeout_s=4.0),
         cluster=dataclasses.replace(cfg.cluster, namespace="fluxion-test"))
-    connect(cfg.cluster, temp_dir=str(tmp_path_factory.mktemp("ray")))
+    tmp = tmp_path_factory.mktemp("ray")
+    connect(cfg.cluster, temp_dir=str(tmp), state_dir=tmp / "state")
     deployment = deploy.deploy(cfg, detached=False)
     client = httpx.Client(base_url=deployment.endpoint, timeout=120)
     yield cfg, deployment.endpoint, client
@@ -61,7 +62,8 @@ def _assert_kv_empty(cfg, timeout=15.0):
 
 
 def _assert_serving_again(client, cfg, timeout=60.0):
-    """Ray restarts a killed worker; within the timeout a request must succeed again."""
+    """Ray restarts a killed worker; within the timeout a request must succeed again, and /health
+    (the router's background probes, a probe interval behind) say healthy again."""
     deadline = time.monotonic() + timeout
     while True:
         r = _complete(client, cfg, "after the restart", max_tokens=5)
@@ -69,6 +71,9 @@ def _assert_serving_again(client, cfg, timeout=60.0):
             break
         time.sleep(0.5)
     assert r.status_code == 200, r.text
+    while (health := client.get("/health")).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert health.status_code == 200 and health.json()["healthy"], health.text
 
 
 def _complete(client, cfg, prompt, **kw):
@@ -85,6 +90,34 @@ def test_greedy_output_equals_single_process_model(service, prompt_len):
     r = _complete(client, cfg, prompt, max_tokens=40, return_token_ids=True)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["token_ids"] == want
+    _assert_kv_empty(cfg)
+
+
+def test_logprobs_match_the_single_process_models_log_softmax(service):
+    torch = pytest.importorskip("torch")
+    cfg, _, client = service
+    model, tok = load_from_config(cfg.model)
+    prompt = [32 + (i * 53 + 11) % 95 for i in range(37)]
+    r = _complete(client, cfg, [prompt], max_tokens=9, logprobs=3, echo=True, ignore_eos=True,
+                  return_token_ids=True)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    generated = choice["token_ids"]
+    with torch.inference_mode():
+        logits = model.prefill(torch.tensor(prompt + generated[:-1])).logits
+    want = torch.log_softmax(logits.float(), dim=-1)
+    got = choice["logprobs"]
+    assert len(got["token_logprobs"]) == len(prompt) + len(generated) and got["token_logprobs"][0] is None
+    for pos in range(1, len(prompt) + len(generated)):
+        token = (prompt + generated)[pos]
+        # the prompt's from the prefill's float32 logits; the generated ones decoded over bf16 KV
+        tol = 1e-4 if pos < len(prompt) else 3e-2
+        assert got["token_logprobs"][pos] == pytest.approx(float(want[pos - 1, token]), abs=tol), pos
+        # keyed by text, byte tokens that decode alike share a key (the likelier stays): the best survives
+        assert max(got["top_logprobs"][pos].values()) == pytest.approx(float(want[pos - 1].max()), abs=tol), pos
+    # greedy: each generated token is the likeliest, so its logprob is the top one
+    for pos in range(len(prompt), len(prompt) + len(generated)):
+        assert got["token_logprobs"][pos] == max(got["top_logprobs"][pos].values())
     _assert_kv_empty(cfg)
 
 
@@ -198,7 +231,7 @@ def test_metrics_and_health(service):
     assert "fluxion_requests_running 0.0" in text and 'outcome="rejected_429"' in text
     assert all(line.endswith(" 0.0") for line in text.splitlines() if line.startswith("fluxion_kv_occupancy_ratio{"))
     health = client.get("/health").json()
-    assert health["healthy"] and len(health["workers"]) == 2
+    assert health["healthy"] and len(health["workers"]) == 2, health
 
 
 def test_second_deploy_is_refused_and_a_failed_one_leaves_nothing(service):

@@ -129,7 +129,8 @@ class PrefillConfig:
     num_workers: int = field(default=1, metadata=doc("prefill actors", ge=1))
     num_cpus: float = field(default=1.0, metadata=doc("CPUs reserved per prefill actor", ge=0))
     num_gpus: float = field(default=0.0, metadata=doc("GPUs per prefill actor (0: runs on CPU)", ge=0))
-    max_restarts: int = field(default=3, metadata=doc("Ray restarts of a dead actor", ge=0))
+    max_restarts: int = field(default=-1, metadata=doc(
+        "Ray restarts of a dead actor; -1: for as long as the deployment lives", ge=-1))
     node_resource: str | None = field(default=None, metadata=doc(
         "custom Ray resource that marks prefill nodes (see cluster_configs/ray_*.yaml); unset: any node"))
     chunk_tokens: int = field(default=8192, metadata=doc(
@@ -145,7 +146,8 @@ class DecodeConfig:
     node_resource: str | None = field(default=None, metadata=doc(
         "custom Ray resource that marks decode nodes (see cluster_configs/ray_*.yaml); unset: any node"))
     max_batch_size: int = field(default=16, metadata=doc("sequences decoded together per step", ge=1))
-    max_restarts: int = field(default=3, metadata=doc("Ray restarts of a dead actor", ge=0))
+    max_restarts: int = field(default=-1, metadata=doc(
+        "Ray restarts of a dead actor; -1: for as long as the deployment lives", ge=-1))
     enforce_eager: bool = field(default=False, metadata=doc(
         "GPU decode: launch each step's kernels eagerly instead of replaying a CUDA graph per padded "
         "batch size (debugging; the CPU always runs eagerly)"))
@@ -160,6 +162,19 @@ class ServerConfig:
     max_prompt_tokens: int = field(default=8192, metadata=doc("longer prompts get HTTP 400", ge=1))
     max_tokens: int = field(default=1024, metadata=doc("largest max_tokens a request may ask", ge=1))
     served_model_name: str = field(default="fluxion-tiny", metadata=doc("the model id /v1/models lists"))
+    worker_timeout_s: float = field(default=10.0, metadata=doc(
+        "seconds a worker has to answer a router call (admit, abort, load) and to stream each next token; "
+        "past it the request fails with HTTP 503 (a hung worker holds no request longer)", gt=0))
+    prefill_timeout_s: float = field(default=300.0, metadata=doc(
+        "seconds a prefill (prompt compute + KV push) may take before its request fails with HTTP 503", gt=0))
+    health_interval_s: float = field(default=1.0, metadata=doc(
+        "seconds between the router's background health probes of each worker; /health answers from "
+        "the latest ones without waiting on any worker", gt=0))
+    health_timeout_s: float = field(default=2.0, metadata=doc(
+        "a worker that leaves a health probe unanswered this long is reported hung (/health: 503 degraded) "
+        "and gets no new requests", gt=0))
+    restart_hung_after_s: float = field(default=30.0, metadata=doc(
+        "a worker hung this long is killed so Ray restarts it (0: never)", ge=0))
 
 
 @dataclass(frozen=True, slots=True)

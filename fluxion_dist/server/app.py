@@ -14,12 +14,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fluxion_dist.config.schema import ServerConfig
+from fluxion_dist.config.schema import ServerConfig, SparseConfig
 from fluxion_dist.model.tokenizer import Tokenizer
-from fluxion_dist.sampling import SamplingParams
+from fluxion_dist.policy.request import RequestSparse, RequestSparseError, resolve_request_sparse
+from fluxion_dist.sampling import SamplingParams, TokenLogprobs
 from fluxion_dist.server.errors import AdmissionRefused, WorkerFailed
 from fluxion_dist.server.protocol import (CompletionRequest, UnsupportedParameter, completion_chunk,
                                           completion_id, error_body, usage)
+from fluxion_dist.server.logprobs import LogprobsBuilder
+from fluxion_dist.server.stream import GeneratedToken, token_id, token_logprobs
 
 # A prompt of N tokens is rarely more than this many characters; longer text is refused before
 # the tokenizer sees it (tokenizing 50 MB blocks the router's event loop for seconds).
@@ -33,11 +36,17 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
 
 
 class Backend(Protocol):
-    def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[int]:
-        """Yield the completion's token ids; raises AdmissionRefused or WorkerFailed."""
+    def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
+                 sparse: RequestSparse | None = None) -> AsyncIterator[int | GeneratedToken]:
+        """Yield the completion's tokens; raises AdmissionRefused or WorkerFailed. ``sparse``: the
+        request's own decode attention (None: the deployment's)."""
 
     def finished(self, request_id: str) -> None:
         """The app has all it wants (a stop string matched): closing the stream next is a normal finish."""
+
+    async def prompt_logprobs(self, request_id: str, prompt: list[int], n: int) -> list[TokenLogprobs | None]:
+        """Per prompt token, its logprob given the tokens before it and the ``n`` likeliest
+        alternatives there (None for the first token); raises WorkerFailed."""
 
     async def health(self) -> dict: ...
 
@@ -150,9 +159,36 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
-def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend) -> _BodyLimit:
-    """The API as an ASGI app: FastAPI behind the body-size limit."""
-    app = FastAPI(title="fluxion-dist", docs_url=None, redoc_url=None)
+class _SparseUsage:
+    """``usage.sparse``: the decode attention a request ran with and the KV fraction it read."""
+
+    def __init__(self, deploy: SparseConfig, requested: RequestSparse | None) -> None:
+        if requested is not None:
+            self.policy, self.budget = requested.policy, requested.budget
+        else:
+            self.policy = deploy.policy
+            self.budget = 1.0 if deploy.policy == "full" else deploy.budget
+        self._sum, self._steps = 0.0, 0
+
+    def add(self, item: int | GeneratedToken) -> None:
+        if isinstance(item, GeneratedToken) and item.kv_fraction_read is not None:
+            self._sum += item.kv_fraction_read
+            self._steps += 1
+
+    def body(self) -> dict:
+        # averaged over the decode steps; None when there were none (a one-token completion)
+        read = self._sum / self._steps if self._steps else None
+        return {"policy": self.policy, "budget": self.budget, "kv_fraction_read": read}
+
+
+def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend,
+              sparse: SparseConfig | None = None) -> _BodyLimit:
+    """The API as an ASGI app: FastAPI behind the body-size limit. ``sparse``: the deployment's
+    decode attention, which a request's ``sparse`` field is checked against."""
+    deploy_sparse = sparse or SparseConfig()
+    # The schema tells a caller what the API takes: behind a key, it is not public either.
+    app = FastAPI(title="fluxion-dist", docs_url=None, redoc_url=None,
+                  openapi_url=None if cfg.api_key else "/openapi.json")
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: Request, exc: RequestValidationError):
@@ -194,6 +230,13 @@ def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend) -> _Bod
         return {"object": "list", "data": [{"id": cfg.served_model_name, "object": "model",
                                             "created": 0, "owned_by": "fluxion-dist"}]}
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions():
+        # No shipped checkpoint's tokenizer carries a chat template; guessing one would answer
+        # with a format the model never saw.
+        return _error(400, "/v1/chat/completions needs the checkpoint's chat template, and this one ships "
+                           "none; send the conversation as a text prompt to /v1/completions", param="messages")
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         if req.model != cfg.served_model_name:
@@ -222,9 +265,24 @@ def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend) -> _Bod
         if req.max_tokens > cfg.max_tokens:
             return _error(400, f"max_tokens {req.max_tokens} exceeds the limit {cfg.max_tokens}",
                           param="max_tokens")
-        params = SamplingParams(req.max_tokens, req.temperature, req.top_p, req.seed, req.ignore_eos)
+        try:
+            request_sparse = resolve_request_sparse(deploy_sparse, req.sparse)
+        except RequestSparseError as e:
+            return _error(400, str(e), param="sparse")
+        sparse_usage = _SparseUsage(deploy_sparse, request_sparse)
+        params = SamplingParams(req.max_tokens, req.temperature, req.top_p, req.seed, req.ignore_eos, req.logprobs)
         cid, created = completion_id(), int(time.time())
-        stream = backend.generate(cid, prompt, params)
+        echo = "" if not req.echo else req.prompt if isinstance(req.prompt, str) else tokenizer.decode(prompt)
+        lp = LogprobsBuilder(tokenizer) if req.logprobs is not None else None
+        if lp is not None and req.echo:
+            try:
+                for t, scored in zip(prompt, await backend.prompt_logprobs(cid, prompt, req.logprobs)):
+                    lp.add(t, scored)
+            except WorkerFailed as e:
+                return _error(503, str(e), "server_error")
+        if req.max_tokens == 0:  # echo only: the prompt scored, nothing generated
+            return _echo_only(cid, req, echo, lp, created, usage(len(prompt), 0, sparse_usage.body()))
+        stream = backend.generate(cid, prompt, params, request_sparse)
         detok = _Detokenizer(tokenizer, req.stop_strings)
         try:  # admission and prefill failures surface before the first token, as a status code
             first = await anext(stream)
@@ -235,11 +293,21 @@ def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend) -> _Bod
         except WorkerFailed as e:
             return _error(503, str(e), "server_error")
 
+        def seen(item: int | GeneratedToken) -> int:
+            sparse_usage.add(item)
+            if lp is not None:
+                lp.add(token_id(item), token_logprobs(item))
+            return token_id(item)
+
         async def tokens() -> AsyncIterator[int]:
             if first is not None:
-                yield first
-            async for t in stream:
-                yield t
+                yield seen(first)
+            async for item in stream:
+                yield seen(item)
+
+        def chunk(text: str, finish: str | None = None) -> bytes:
+            return _sse(completion_chunk(cid, req.model, text, finish, created,
+                                         lp.take() if lp is not None and finish is None else None))
 
         def finish_reason(n: int) -> str:
             return "stop" if detok.stopped or n < req.max_tokens else "length"
@@ -269,9 +337,10 @@ def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend) -> _Bod
             finally:
                 gone.cancel()
                 await stream.aclose()
-            text = detok.sent + detok.flush()
-            body = completion_chunk(cid, req.model, text, finish_reason(n), created)
-            body["usage"] = usage(len(prompt), n)
+            text = echo + detok.sent + detok.flush()
+            body = completion_chunk(cid, req.model, text, finish_reason(n), created,
+                                    lp.body() if lp is not None else None)
+            body["usage"] = usage(len(prompt), n, sparse_usage.body())
             if req.return_token_ids:
                 body["choices"][0]["token_ids"] = detok.ids
             return body
@@ -279,21 +348,23 @@ def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend) -> _Bod
         async def sse() -> AsyncIterator[bytes]:
             n = 0
             try:
+                if echo:
+                    yield chunk(echo)
                 async for t in tokens():
                     n += 1
                     delta = detok.push(t)
                     if delta:
-                        yield _sse(completion_chunk(cid, req.model, delta, None, created))
+                        yield chunk(delta)
                     if detok.stopped:
                         backend.finished(cid)
                         break
                 rest = detok.flush()
-                if rest:
-                    yield _sse(completion_chunk(cid, req.model, rest, None, created))
-                yield _sse(completion_chunk(cid, req.model, "", finish_reason(n), created))
+                if rest or (lp is not None and lp.pending):
+                    yield chunk(rest)
+                yield chunk("", finish_reason(n))
                 if req.stream_options and req.stream_options.include_usage:
                     tail = completion_chunk(cid, req.model, "", None, created)
-                    tail["choices"], tail["usage"] = [], usage(len(prompt), n)
+                    tail["choices"], tail["usage"] = [], usage(len(prompt), n, sparse_usage.body())
                     yield _sse(tail)
             except WorkerFailed as e:
                 yield _sse(error_body(str(e), "server_error", code=503))
@@ -309,3 +380,22 @@ def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend) -> _Bod
 
 def _sse(obj: dict) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+def _echo_only(cid: str, req: CompletionRequest, echo: str, lp: LogprobsBuilder | None, created: int,
+               use: dict):
+    """``max_tokens: 0`` with ``echo``: the prompt (and its logprobs) as the whole completion."""
+    body = completion_chunk(cid, req.model, echo, "length", created, lp.body() if lp is not None else None)
+    if not req.stream:
+        body["usage"] = use
+        return body
+
+    async def sse() -> AsyncIterator[bytes]:
+        yield _sse(body)
+        if req.stream_options and req.stream_options.include_usage:
+            tail = completion_chunk(cid, req.model, "", None, created)
+            tail["choices"], tail["usage"] = [], use
+            yield _sse(tail)
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream")

@@ -22,8 +22,12 @@ import ray
 from prometheus_client import CollectorRegistry, Counter as PCounter, Gauge, Histogram, generate_latest
 from ray.exceptions import RayActorError, RayTaskError
 
+from fluxion_dist.config.schema import ServerConfig
+from fluxion_dist.policy.request import RequestSparse
 from fluxion_dist.sampling import SamplingParams
 from fluxion_dist.server.errors import AdmissionRefused, WorkerFailed
+from fluxion_dist.server.stream import GeneratedToken
+from fluxion_dist.server.worker_health import WorkerHealth
 from kv_store.errors import RemoteStoreFull, StoreFull
 
 
@@ -61,32 +65,63 @@ class RouterMetrics:
 
 
 class RayBackend:
-    def __init__(self, prefill: dict[str, ray.actor.ActorHandle], decode: dict[str, ray.actor.ActorHandle]) -> None:
+    def __init__(self, prefill: dict[str, ray.actor.ActorHandle], decode: dict[str, ray.actor.ActorHandle],
+                 server: ServerConfig) -> None:
         self.prefill, self.decode = prefill, decode
+        self.timeout_s, self.prefill_timeout_s = server.worker_timeout_s, server.prefill_timeout_s
+        self.workers = WorkerHealth({**prefill, **decode}, interval_s=server.health_interval_s,
+                                    timeout_s=server.health_timeout_s,
+                                    restart_hung_after_s=server.restart_hung_after_s)
         self._prefill_inflight: Counter[str] = Counter()
         self._finished: set[str] = set()
         self._refreshes: set[asyncio.Future] = set()  # held so the loop does not drop them
         self.metrics = RouterMetrics()
 
+    async def start(self) -> None:
+        await self.workers.start()
+
     def finished(self, request_id: str) -> None:
         self._finished.add(request_id)
 
+    async def _call(self, ref, what: str, timeout_s: float | None = None, *, watch: str | None = None):
+        """Await a worker call under its deadline; a late one fails the request with 503. With
+        ``watch``, also as soon as the health monitor finds that worker hung or dead (a prefill's
+        deadline is long: a stopped worker should not hold its requests that long)."""
+        timeout_s = timeout_s or self.timeout_s
+        future = asyncio.ensure_future(ref)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                done, _ = await asyncio.wait([future], timeout=min(left, 0.5) if watch else left)
+                if done:
+                    return future.result()
+                if time.monotonic() >= deadline:
+                    raise WorkerFailed(f"{what} did not answer within {timeout_s:g}s")
+                if watch and self.workers.status(watch) in ("hung", "missing"):
+                    raise WorkerFailed(f"{what} is {self.workers.status(watch)} (its health probe)")
+        finally:
+            if not future.done():
+                future.cancel()
+
     async def _refresh_occupancy(self, name: str) -> None:
         try:
-            load = await asyncio.wait_for(self.decode[name].load.remote(), 2)
+            load = await asyncio.wait_for(self.decode[name].load.remote(), self.timeout_s)
         except Exception:
             return
         self.metrics.kv_occupancy.labels(name).set(load["used_pages"] / max(load["total_pages"], 1))
 
     async def _loads(self) -> dict[str, dict]:
-        names = list(self.decode)
-        results = await asyncio.gather(*(self.decode[n].load.remote() for n in names), return_exceptions=True)
+        names = [n for n in self.decode if self.workers.usable(n)]
+        # a cheap call: held to the health probe's deadline, so one hung worker delays no admission long
+        results = await asyncio.gather(*(asyncio.wait_for(self.decode[n].load.remote(), self.workers.timeout_s)
+                                         for n in names), return_exceptions=True)
         return {n: r for n, r in zip(names, results) if isinstance(r, dict)}
 
     async def _admit(self, request_id: str, prompt_len: int, max_tokens: int) -> tuple[str, bytes]:
         loads = await self._loads()
         if not loads:
-            raise WorkerFailed("no decode worker is reachable")
+            raise WorkerFailed(f"no decode worker is reachable: {self.workers.snapshot().get('degraded')}")
         for name, load in loads.items():
             self.metrics.kv_occupancy.labels(name).set(load["used_pages"] / max(load["total_pages"], 1))
             self.metrics.budget.labels(name, load["policy"]).set(load["budget_used"])
@@ -95,8 +130,12 @@ class RayBackend:
         last: Exception | None = None
         for name in order:
             try:
-                address = await self.decode[name].admit.remote(request_id, prompt_len, max_tokens)
+                address = await self._call(self.decode[name].admit.remote(request_id, prompt_len, max_tokens),
+                                           f"decode worker {name}")
                 return name, address
+            except WorkerFailed as e:  # it may still reserve pages late: free them when it answers
+                self._background(self._abort(name, request_id))
+                last = e
             except RayTaskError as e:
                 if not isinstance(e.cause, StoreFull):
                     raise WorkerFailed(f"decode worker {name} refused the request: {_reason(e)}") from None
@@ -107,7 +146,8 @@ class RayBackend:
             raise AdmissionRefused(f"KV stores are full: {last}")
         raise last or WorkerFailed("no decode worker admitted the request")
 
-    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[int]:
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
+                       sparse: RequestSparse | None = None) -> AsyncIterator[int | GeneratedToken]:
         t0 = time.perf_counter()
         m = self.metrics
         m.waiting.inc()
@@ -124,10 +164,9 @@ class RayBackend:
             m.waiting.dec()
             waiting = False
         # off the request's path: one more round trip to the worker would add to its TTFT
-        refresh = asyncio.ensure_future(self._refresh_occupancy(decode_name))
-        self._refreshes.add(refresh)
-        refresh.add_done_callback(self._refreshes.discard)
-        prefill_name = min(self.prefill, key=lambda n: self._prefill_inflight[n])
+        self._background(self._refresh_occupancy(decode_name))
+        usable = [n for n in self.prefill if self.workers.usable(n)] or list(self.prefill)
+        prefill_name = min(usable, key=lambda n: self._prefill_inflight[n])
         m.queue.observe(time.perf_counter() - t0)
         m.prompt_tokens.inc(len(prompt))
         m.waiting.inc()
@@ -136,8 +175,9 @@ class RayBackend:
         try:
             self._prefill_inflight[prefill_name] += 1
             try:
-                done = await self.prefill[prefill_name].prefill.remote(
-                    request_id, prompt, address, params.temperature, params.top_p, params.seed)
+                done = await self._call(self.prefill[prefill_name].prefill.remote(
+                    request_id, prompt, address, params.temperature, params.top_p, params.seed, params.logprobs),
+                    f"prefill worker {prefill_name}", self.prefill_timeout_s, watch=prefill_name)
             except RayTaskError as e:
                 # Another request took the room since admit, or the prefill side's own store is full.
                 if isinstance(e.cause, (RemoteStoreFull, StoreFull)):
@@ -159,18 +199,24 @@ class RayBackend:
             m.generation_tokens.inc()
             n = 1
             try:
-                yield first
+                yield GeneratedToken(first, None, done.get("logprobs"))
                 gen = self.decode[decode_name].generate.options(num_returns="streaming").remote(
-                    request_id, first, dataclasses.asdict(params))
+                    request_id, first, dataclasses.asdict(params),
+                    dataclasses.asdict(sparse) if sparse is not None else None)
                 try:
-                    async for ref in gen:
-                        token = await ref
+                    while True:
+                        try:
+                            ref = await self._call(anext(gen), f"decode worker {decode_name}")
+                        except StopAsyncIteration:
+                            break
+                        # the decode step's token, the fraction of the KV it read, its logprobs if asked
+                        token, kv_fraction, logprobs = await ref
                         now = time.perf_counter()
                         m.itl.observe(now - t_last)
                         m.generation_tokens.inc()
                         t_last = now
                         n += 1
-                        yield token
+                        yield GeneratedToken(token, kv_fraction, logprobs)
                 except (RayActorError, RayTaskError) as e:
                     raise WorkerFailed(f"decode worker {decode_name} failed: {_reason(e)}") from None
                 outcome = "ok"
@@ -187,18 +233,40 @@ class RayBackend:
                 m.waiting.dec()
             self._finished.discard(request_id)
             m.requests.labels(outcome).inc()
-            try:  # frees the pages whatever happened; a dead worker's restart frees them too
-                await asyncio.wait_for(self.decode[decode_name].abort.remote(request_id), 10)
-            except Exception:
-                pass
-            await self._refresh_occupancy(decode_name)
+            # Frees the pages whatever happened (a dead worker's restart frees them too), beside the
+            # request: the client's answer (an error from a hung worker above all) waits for none of it.
+            self._background(self._release(decode_name, request_id))
+
+    async def _release(self, name: str, request_id: str) -> None:
+        await self._abort(name, request_id)
+        await self._refresh_occupancy(name)
+
+    async def _abort(self, name: str, request_id: str) -> None:
+        try:
+            await asyncio.wait_for(self.decode[name].abort.remote(request_id), self.timeout_s)
+        except Exception:
+            pass
+
+    def _background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
+
+    async def prompt_logprobs(self, request_id: str, prompt: list[int], n: int) -> list:
+        usable = [p for p in self.prefill if self.workers.usable(p)] or list(self.prefill)
+        name = min(usable, key=lambda p: self._prefill_inflight[p])
+        self._prefill_inflight[name] += 1
+        try:
+            return await self._call(self.prefill[name].prompt_logprobs.remote(prompt, n), f"prefill worker {name}",
+                                    self.prefill_timeout_s, watch=name)
+        except (RayActorError, RayTaskError) as e:
+            raise WorkerFailed(f"prefill worker {name} failed to score the prompt: {_reason(e)}") from None
+        finally:
+            self._prefill_inflight[name] -= 1
 
     async def health(self) -> dict:
-        actors = {**self.prefill, **self.decode}
-        results = await asyncio.gather(*(a.health.remote() for a in actors.values()), return_exceptions=True)
-        workers = {n: (r if isinstance(r, dict) else {"healthy": False, "error": _reason(r)})
-                   for n, r in zip(actors, results)}
-        return {"healthy": all(w.get("healthy") for w in workers.values()), "workers": workers}
+        """The background monitor's latest verdict: answers at once, whatever the workers do."""
+        return self.workers.snapshot()
 
     def metrics_text(self) -> bytes:
         return generate_latest(self.metrics.registry)

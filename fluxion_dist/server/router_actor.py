@@ -19,8 +19,8 @@ class Router:
         tokenizer = tokenizer_from_config(self.cfg.model)
         ns = self.cfg.cluster.namespace
         self.backend = RayBackend({n: ray.get_actor(n, namespace=ns) for n in prefill_names},
-                                  {n: ray.get_actor(n, namespace=ns) for n in decode_names})
-        app = build_app(self.cfg.server, tokenizer, self.backend)
+                                  {n: ray.get_actor(n, namespace=ns) for n in decode_names}, self.cfg.server)
+        app = build_app(self.cfg.server, tokenizer, self.backend, self.cfg.decode.sparse)
         self.server = uvicorn.Server(uvicorn.Config(app, host=self.cfg.server.host, port=self.cfg.server.port,
                                                     log_level="warning", lifespan="off"))
         self._task: asyncio.Task | None = None
@@ -28,6 +28,7 @@ class Router:
     async def start(self) -> str:
         """Bind and serve; returns the endpoint URL (the real port when the config asked for 0)."""
         if self._task is None:
+            await self.backend.start()
             self._task = asyncio.create_task(self.server.serve())
             while not self.server.started:
                 if self._task.done():
@@ -37,4 +38,6 @@ class Router:
         return f"http://{host}:{port}"
 
     async def health(self) -> dict:
-        return {"healthy": self._task is not None and not self._task.done(), **await self.backend.health()}
+        workers = await self.backend.health()
+        serving = self._task is not None and not self._task.done()
+        return {**workers, "healthy": serving and workers["healthy"], "serving": serving}
