@@ -130,3 +130,113 @@ def sender_main(pipe: Connection, store_config: StoreConfig, transport: Transpor
                 return
     except Exception:
         pipe.send(("crash", traceback.format_exc()))
+
+
+def fuzz_main(pipe: Connection, transport: TransportConfig, address: bytes, secret: bytes, seed: int,
+              num_hellos: int, num_connections: int) -> None:
+    """A hostile process inside the network (it can reach the server's UCX worker) that sends
+    hostile HELLOs and, on connections it opens properly, hostile frames. Reports what each
+    should have been counted as by the server."""
+    _log_setup()
+    try:
+        pipe.send(("expected", dict(_fuzz(transport, address, secret, seed, num_hellos, num_connections))))
+    except Exception:
+        pipe.send(("crash", traceback.format_exc()))
+
+
+def _fuzz(transport, address, secret, seed, num_hellos, num_connections):
+    import asyncio
+    import random
+    from collections import Counter
+
+    from kv_store import FrameKey, new_secret, wire
+    from kv_store.transport_base import HELLO_TAG, ctrl_tag, reply_tag
+
+    rng = random.Random(seed)
+    fabric = ucx_fabric(transport)
+    key, foreign = FrameKey(secret), FrameKey(new_secret())
+    expected: Counter[str] = Counter()
+
+    def conn_id() -> int:
+        return rng.randrange(1, 2**32 - 1)
+
+    def offer(xfer: int) -> wire.Offer:  # random ids and sizes, all in the schema's ranges
+        return wire.Offer(xfer, f"fuzz-{rng.getrandbits(64):x}", rng.randrange(1, 2**32 - 1),
+                          rng.randrange(1, 1024), rng.randrange(1, 64), rng.randrange(1, 512), 16, "bf16",
+                          rng.randrange(0, 2**63), rng.randrange(0, 2**63))
+
+    def hostile_hello(i: int) -> tuple[bytes, str]:
+        hello = wire.Hello(conn_id(), fabric.address())
+        kind = i % 6
+        if kind == 0:
+            return rng.randbytes(rng.randrange(1, 400)), "hello_malformed"
+        if kind == 1:
+            return wire.encode(hello, foreign, HELLO_TAG), "hello_auth"
+        if kind == 2:  # the tag left out (zeros)
+            raw = bytearray(wire.encode(hello, key, HELLO_TAG))
+            raw[16:48] = bytes(32)
+            return bytes(raw), "hello_auth"
+        if kind == 3:  # authenticated, with a random address of another format
+            first = rng.choice([b for b in range(256) if b != address[0]])
+            junk = bytes([first]) + rng.randbytes(rng.randrange(0, 2000))
+            return wire.encode(wire.Hello(conn_id(), junk), key, HELLO_TAG), "hello_address"
+        if kind == 4:  # authenticated, an address too short to hold a header and a uuid
+            junk = address[:1] + rng.randbytes(rng.randrange(0, 9))
+            return wire.encode(wire.Hello(conn_id(), junk), key, HELLO_TAG), "hello_address"
+        raw = bytearray(wire.encode(hello, key, HELLO_TAG))  # one byte flipped anywhere
+        at = rng.randrange(len(raw))
+        raw[at] ^= rng.randrange(1, 256)
+        return bytes(raw), "hello_auth" if 16 <= at < 48 else "hello_malformed"
+
+    def killer(cid: int, xfer: int) -> tuple[bytes, str]:
+        ch = ctrl_tag(cid)
+        kind = rng.randrange(5)
+        if kind == 0:
+            return rng.randbytes(rng.randrange(1, 300)), "frame_malformed"
+        if kind == 1:
+            return wire.encode(offer(xfer), foreign, ch), "frame_auth"
+        if kind == 2:  # a genuine frame of another connection, replayed here
+            return wire.encode(offer(xfer), key, ctrl_tag(cid ^ 1)), "frame_auth"
+        if kind == 3:
+            return wire.encode(wire.Layer(xfer + 7, 0, [1], 0), key, ch), "protocol"
+        return b"\0" * (wire.MAX_FRAME_BYTES + rng.randrange(1, 100)), "frame_malformed"
+
+    async def run() -> None:
+        ep = await fabric.connect(address)
+        for i in range(num_hellos):
+            payload, reason = hostile_hello(i)
+            await ep.send(payload, HELLO_TAG)
+            expected[reason] += 1
+        for _ in range(num_connections):
+            cid = conn_id()
+            await ep.send(wire.encode(wire.Hello(cid, fabric.address()), key, HELLO_TAG), HELLO_TAG)
+            buf = bytearray(wire.MAX_FRAME_BYTES)
+            await asyncio.wait_for(ep.recv(buf, reply_tag(cid)), 20)
+            assert wire.decode(buf, key, reply_tag(cid)) == wire.Welcome(cid, True, "")
+            xfer = 0
+            for _ in range(rng.randrange(0, 3)):  # offers for ids nobody admitted: refused, nothing held
+                xfer += 1
+                await ep.send(wire.encode(offer(xfer), key, ctrl_tag(cid)), ctrl_tag(cid))
+                expected["not_admitted"] += 1
+            payload, reason = killer(cid, xfer)
+            await ep.send(payload, ctrl_tag(cid))
+            expected[reason] += 1
+            # Until the server says BYE (naming why). The BYE is best effort (its send is bounded
+            # there), so no BYE is no failure here: the test checks the server's own account.
+            try:
+                while not isinstance(await _recv_frame(ep, buf, key, reply_tag(cid)), wire.Bye):
+                    pass
+            except asyncio.TimeoutError:
+                pass
+        ep.abort()
+
+    fabric.loop.run(run(), timeout_s=300)
+    return expected
+
+
+async def _recv_frame(ep, buf: bytearray, key, tag: int):
+    import asyncio
+
+    from kv_store import wire
+    await asyncio.wait_for(ep.recv(buf, tag), 20)
+    return wire.decode(buf, key, tag)
