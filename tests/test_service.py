@@ -229,6 +229,11 @@ def test_metrics_and_health(service):
         assert name in text, name
     assert "fluxion_kv_transferred_bytes_total 0.0" not in text
     assert "fluxion_requests_running 0.0" in text and 'outcome="rejected_429"' in text
+    deadline = time.monotonic() + 10  # the gauge is refreshed right after the free, beside the request
+    while not all(line.endswith(" 0.0") for line in text.splitlines()
+                  if line.startswith("fluxion_kv_occupancy_ratio{")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        text = client.get("/metrics").text
     assert all(line.endswith(" 0.0") for line in text.splitlines() if line.startswith("fluxion_kv_occupancy_ratio{"))
     health = client.get("/health").json()
     assert health["healthy"] and len(health["workers"]) == 2, health

@@ -94,8 +94,12 @@ def _assert_kv_empty(cfg, client, timeout=15.0):
             break
         time.sleep(0.2)
     assert load["used_pages"] == 0 and load["active"] == 0, load
-    occupancy = [line for line in client.get("/metrics").text.splitlines()
-                 if line.startswith("fluxion_kv_occupancy_ratio{")]
+    while True:  # the router refreshes the gauge right after each free, beside the request
+        occupancy = [line for line in client.get("/metrics").text.splitlines()
+                     if line.startswith("fluxion_kv_occupancy_ratio{")]
+        if all(line.endswith(" 0.0") for line in occupancy) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert occupancy and all(line.endswith(" 0.0") for line in occupancy), occupancy
 
 
