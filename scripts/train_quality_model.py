@@ -1,52 +1,55 @@
-"""Train the quality model (``fluxion_dist.quality.model``) on the synthetic long-context tasks.
+"""Train the v2 quality model (``quality.model.TEXT_ARCH``) on natural text with the RULER tasks.
 
-Two phases, both measured in *training time*, not steps, so a run ends on schedule
-whatever the device's speed and a run split over several calls resumes exactly:
+The loss is next-token cross-entropy over every position of the samples (Austen
+haystacks with facts spliced in), with the answer tokens (each ending in ``<eoa>``)
+weighted ``--answer-weight`` times. Two phases, measured in *training time*, so a run
+ends on schedule whatever the device's speed and one split over calls resumes exactly:
 
-1. short contexts (``--short``, 128 tokens) until the lookup circuit has formed:
-   retrieval accuracy at or above ``--gate`` on a log window, or ``--gate-cap`` of
-   the budget. Lengthening the context before that only dilutes the few useful
-   attention paths, and the model stalls at predicting a uniform number (seen on
-   the H100: two runs that ramped by the clock alone learnt nothing).
-2. a ramp to 16k over the rest of the budget (``--stages``, fractions of that rest);
-   later stages alternate with a shorter shape so shorter contexts are not forgotten.
+1. short contexts (``--short``) until retrieval has formed: teacher-forced accuracy
+   on ``GATED`` at or above ``--gate`` on a log window, or ``--gate-cap`` of the budget.
+   Lengthening the context first only dilutes the few useful attention paths.
+2. a curriculum to 32k over the rest of the budget (``--stages``, fractions of that
+   rest); later stages alternate with a shorter shape so short contexts stay learnt.
 
-The learning rate follows a cosine over the whole budget::
+The learning rate follows a cosine over the whole budget. Each call checkpoints every
+``--save-minutes`` and on exit (``--call-minutes``); the checkpoint directory
+``OUT/checkpoint`` is a complete model directory (config.json, bf16 model.safetensors,
+tokenizer.json) that ``quality.model.load_quality_model`` and the serving loader read,
+and a later call with the same ``--out`` resumes it::
 
-    # one H100 call: ~7 minutes of training, then the shippable bf16 export
-    python scripts/train_quality_model.py --out $OUT --budget-minutes 7 --export $OUT/model
-    # a CPU smoke run in seconds
-    python scripts/train_quality_model.py --out /tmp/q --arch tiny --budget-minutes 0.2 \\
-        --short 128x8 --gate-cap 0.5 --stages "0:256x4" --log-every 2
-
-Each call checkpoints every ``--save-every`` steps and on exit (``--call-minutes``),
-and a later call with the same ``--out`` resumes.
+    # one H200 call of a 25-minute run (three calls in all)
+    python scripts/train_quality_model.py --out $OUT --budget-minutes 25 --call-minutes 8.5
+    # a CPU smoke run: a tiny model, a few steps; a second call resumes its step count
+    python scripts/train_quality_model.py --smoke --out /tmp/q
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from fluxion_dist.quality.model import QUALITY_ARCH, TINY_QUALITY_ARCH, export_model, init_model
-from fluxion_dist.quality.tasks import TRAIN_TASKS, make_sample, training_queries
+from fluxion_dist.quality.corpus import CORPUS_DIR
+from fluxion_dist.quality.model import TEXT_ARCH, TINY_TEXT_ARCH, export_model, init_model, write_text_tokenizer
+from fluxion_dist.quality.ruler_tasks import RULER_TASKS
+from fluxion_dist.quality.text_vocab import load_text_vocab
+from fluxion_dist.quality.train_batches import BatchMaker
 from fluxion_dist.quality.train_checkpoint import (TrainerState, has_checkpoint, load_checkpoint,
                                                    save_checkpoint)
-from fluxion_dist.quality.train_forward import answer_loss
+from fluxion_dist.quality.train_forward import lm_loss
 
-DEFAULT_STAGES = ("0:256x128;0.05:512x64;0.12:1024x64;0.22:2048x32;0.34:4096x16,2048x32;"
-                  "0.5:8192x8,4096x16;0.68:16384x4,8192x8")
-# rows of a batch cycle through this: the copy task and multi-key retrieval twice, since
-# they carry the shared lookup; var tracking twice, for its longer answers
-CYCLE = ("copy", "kv_retrieval", "passkey", "var_tracking", "copy", "kv_retrieval", "aggregation", "var_tracking")
-GATED = ("kv_retrieval", "passkey")
-_SHORT = {"kv_retrieval": "kv", "passkey": "pk", "var_tracking": "vt", "aggregation": "agg", "copy": "copy"}
+DEFAULT_STAGES = ("0:1024x128;0.08:2048x64;0.18:4096x32;0.32:8192x16,4096x32;"
+                  "0.5:16384x8,8192x16;0.72:32768x4,16384x8")
+SMOKE = dict(arch="tiny", device="cpu", short=(512, 4), stages="0:512x4", budget_minutes=60.0, call_steps=3,
+             log_every=1, gate_cap=0.5, workers=0, warmup=2)
+GATED = ("niah_single", "niah_multikey")
+_SHORT = {"niah_single": "s1", "niah_multikey": "mk", "niah_multivalue": "mv", "niah_multiquery": "mq",
+          "vt_chains": "vt", "cwe": "cwe", "fwe": "fwe", "qa_facts": "qa"}
 
 
 def parse_shape(spec: str) -> tuple[int, int]:
@@ -84,26 +87,40 @@ def make_optimizer(model: torch.nn.Module, lr: float, fused: bool) -> torch.opti
                              lr=lr, betas=(0.9, 0.95), fused=fused)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="run directory; its checkpoint/ is resumed if present "
-                    "(and is a model directory: config.json + model.safetensors)")
-    ap.add_argument("--arch", choices=("quality", "tiny"), default="quality")
-    ap.add_argument("--budget-minutes", type=float, default=7.0, help="training time of the whole run")
+    ap.add_argument("--out", type=Path, required=True, help="run directory; its checkpoint/ is resumed if present")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, 3 steps a call: " + str(SMOKE))
+    ap.add_argument("--arch", choices=("text", "tiny"), default="text")
+    ap.add_argument("--tokenizer", type=Path, default=CORPUS_DIR, help="directory of the BPE tokenizer.json")
+    ap.add_argument("--budget-minutes", type=float, default=25.0, help="training time of the whole run")
     ap.add_argument("--call-minutes", type=float, default=9.0, help="stop (and checkpoint) after this long")
-    ap.add_argument("--short", type=parse_shape, default=(128, 256), help="phase 1 shape, LENGTHxBATCH")
+    ap.add_argument("--call-steps", type=int, default=0, help="... or after this many steps (0: no limit)")
+    ap.add_argument("--short", type=parse_shape, default=(1024, 128), help="phase 1 shape, LENGTHxBATCH")
     ap.add_argument("--gate", type=float, default=0.9, help=f"phase 1 ends at this accuracy on {GATED}")
-    ap.add_argument("--gate-cap", type=float, default=0.35, help="... or at this fraction of the budget")
+    ap.add_argument("--gate-cap", type=float, default=0.2, help="... or at this fraction of the budget")
     ap.add_argument("--stages", default=DEFAULT_STAGES, help="phase 2: START:LxB[,LxB];... (START: fraction)")
+    ap.add_argument("--answer-weight", type=float, default=5.0, help="loss weight of answer tokens (others: 1)")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--save-every", type=int, default=2000)
-    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--save-minutes", type=float, default=3.0)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 2)),
+                    help="processes making batches ahead (0: in the training loop)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--export", type=Path, help="write the shippable model here once the budget is spent")
+    ap.add_argument("--export", type=Path, help="also write the shippable model here once the budget is spent")
     args = ap.parse_args(argv)
+    if args.smoke:
+        given = {a.dest for a in ap._actions if f"--{a.dest.replace('_', '-')}" in (argv or sys.argv[1:])}
+        for k, v in SMOKE.items():
+            if k not in given:
+                setattr(args, k, v)
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     t_call = time.perf_counter()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -112,75 +129,94 @@ def main(argv: list[str] | None = None) -> int:
     factory = lambda m: make_optimizer(m, args.lr, cuda)  # noqa: E731
     if has_checkpoint(ckpt):
         model, opt, state = load_checkpoint(ckpt, factory, device)
+        tokenizer_dir = ckpt  # the run keeps the tokenizer it started with
         print(f"resumed {ckpt} at step {state.step}, {state.train_seconds:.0f}s trained", flush=True)
     else:
-        arch = QUALITY_ARCH if args.arch == "quality" else TINY_QUALITY_ARCH
+        arch = TEXT_ARCH if args.arch == "text" else TINY_TEXT_ARCH
         model = init_model(arch, args.seed).to(device).train()
         opt = factory(model)
         state = TrainerState(0, 0.0, args.seed, args.budget_minutes * 60, None)
-        print(f"new model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        tokenizer_dir = args.tokenizer
+        n = sum(p.numel() for p in model.parameters())
+        print(f"new model: {n / 1e6:.2f}M parameters ({2 * n / 2**20:.1f} MiB in bf16), "
               f"{arch.num_hidden_layers} layers, {arch.num_attention_heads}q/{arch.num_key_value_heads}kv "
-              f"heads of {arch.head_dim}", flush=True)
+              f"heads of {arch.head_dim}, d_model {arch.hidden_size}, rope theta {arch.rope_theta:g}", flush=True)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
     step, trained, gate_at = state.step, state.train_seconds, state.gate_seconds
     budget = args.budget_minutes * 60  # may differ from the stored one: a run can be extended
-    tally = torch.zeros(len(TRAIN_TASKS), 2, dtype=torch.long, device=device)
-    loss_sum, loss_n, tokens = torch.zeros((), device=device), 0, 0
-    t_log = time.perf_counter()
+    load_text_vocab(tokenizer_dir)  # tokenize (and cache) the corpus once, before the workers read it
+    maker = BatchMaker(tokenizer_dir, state.seed, args.workers)
+    n_tasks = len(RULER_TASKS)
+    tally = torch.zeros(n_tasks, 3, device=device)  # correct, answers, answer-loss sum
+    loss_sum, lm_sum, loss_n, tokens = torch.zeros((), device=device), torch.zeros((), device=device), 0, 0
+    t_log = t_save = time.perf_counter()
 
     def checkpoint() -> None:
         save_checkpoint(ckpt, model, opt, TrainerState(step, trained, state.seed, budget, gate_at))
+        write_text_tokenizer(ckpt, tokenizer_dir)
 
-    while trained < budget and time.perf_counter() - t_call < args.call_minutes * 60:
-        t0 = time.perf_counter()
-        if gate_at is None and trained >= args.gate_cap * budget:
-            gate_at = trained
-            print(f"phase 2 at step {step} by the clock: the gate was not reached", flush=True)
-        length, batch = shape_at(args.short, stages, gate_at, trained, budget, step)
-        rng = np.random.default_rng([state.seed, step])
-        tasks = [CYCLE[(step + i) % len(CYCLE)] for i in range(batch)]
-        samples = [make_sample(t, rng, length, queries=training_queries(t), vary=True) for t in tasks]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, trained / budget, args.lr, args.warmup)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            res = answer_loss(model, samples, device)
-        opt.zero_grad(set_to_none=True)
-        res.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        tokens += length * batch
-        loss_sum += res.loss.detach()
-        loss_n += 1
-        # per-task tallies stay on the device: no sync until the log line
-        task_ids = torch.tensor([TRAIN_TASKS.index(t) for t in res.span_task], device=device)
-        tally.index_add_(0, task_ids, torch.stack([res.span_correct.long(), torch.ones_like(task_ids)], 1))
-        trained += time.perf_counter() - t0
-        if step % args.log_every == 0:
-            counts = tally.tolist()
-            dt = time.perf_counter() - t_log
-            acc = {t: c / n if n else float("nan") for t, (c, n) in zip(TRAIN_TASKS, counts)}
-            # the shapes of the current stage (they alternate step by step)
-            shapes = ",".join(f"{ln}x{b}" for ln, b in dict.fromkeys(
-                shape_at(args.short, stages, gate_at, trained, budget, s) for s in (step, step + 1)))
-            print(f"step {step:5d} | {100 * trained / budget:5.1f}% | len {shapes:>16s} | "
-                  f"loss {float(loss_sum) / loss_n:.4f} | acc "
-                  + " ".join(f"{_SHORT[t]} {a:.2f}" for t, a in acc.items())
-                  + f" | {tokens / dt / 1e3:5.0f}k tok/s | lr {opt.param_groups[0]['lr']:.1e} | "
-                  f"{time.perf_counter() - t_call:4.0f}s", flush=True)
-            if gate_at is None and all(acc[t] >= args.gate for t in GATED):
+    def shape_of(s: int) -> tuple[int, int]:
+        return shape_at(args.short, stages, gate_at, trained, budget, s)
+
+    calls_steps = 0
+    try:
+        while (trained < budget and time.perf_counter() - t_call < args.call_minutes * 60
+               and (args.call_steps == 0 or calls_steps < args.call_steps)):
+            (length, batch), samples = maker.get(step, shape_of)
+            t0 = time.perf_counter()
+            if gate_at is None and trained >= args.gate_cap * budget:
                 gate_at = trained
-                print(f"phase 2 at step {step}: {GATED} reached {args.gate}", flush=True)
-            tally.zero_()
-            loss_sum, loss_n, tokens = torch.zeros((), device=device), 0, 0
-            t_log = time.perf_counter()
-        if step % args.save_every == 0:
-            checkpoint()
+                print(f"phase 2 at step {step} by the clock: the gate was not reached", flush=True)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, trained / budget, args.lr, args.warmup)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                res = lm_loss(model, samples, device, args.answer_weight)
+            opt.zero_grad(set_to_none=True)
+            res.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            calls_steps += 1
+            tokens += length * batch
+            loss_sum += res.loss.detach()
+            lm_sum += res.lm_loss
+            loss_n += 1
+            # per-task tallies stay on the device: no sync until the log line
+            ids = torch.tensor([RULER_TASKS.index(t) for t in res.span_task], device=device)
+            tally.index_add_(0, ids, torch.stack([res.span_correct.float(), torch.ones_like(res.span_loss),
+                                                  res.span_loss], 1))
+            if cuda:
+                torch.cuda.synchronize()  # the step's time, not its launch
+            trained += time.perf_counter() - t0
+            if step % args.log_every == 0:
+                rows = tally.tolist()
+                dt = time.perf_counter() - t_log
+                acc = {t: c / n if n else float("nan") for t, (c, n, _) in zip(RULER_TASKS, rows)}
+                aloss = {t: s / n if n else float("nan") for t, (_, n, s) in zip(RULER_TASKS, rows)}
+                print(f"step {step:5d} | {100 * trained / budget:5.1f}% | len {length:5d}x{batch:<3d} | "
+                      f"loss {float(loss_sum) / loss_n:.3f} lm {float(lm_sum) / loss_n:.3f} | "
+                      + " ".join(f"{_SHORT[t]} {acc[t]:.2f}/{aloss[t]:.2f}" for t in RULER_TASKS)
+                      + f" | {tokens / dt / 1e3:5.0f}k tok/s | lr {opt.param_groups[0]['lr']:.1e} | "
+                      f"{time.perf_counter() - t_call:4.0f}s", flush=True)
+                if gate_at is None and all(acc[t] >= args.gate for t in GATED):
+                    gate_at = trained
+                    print(f"phase 2 at step {step}: {GATED} reached {args.gate}", flush=True)
+                tally.zero_()
+                loss_sum, lm_sum, loss_n, tokens = (torch.zeros((), device=device), torch.zeros((), device=device),
+                                                    0, 0)
+                t_log = time.perf_counter()
+            if time.perf_counter() - t_save > args.save_minutes * 60:
+                checkpoint()
+                t_save = time.perf_counter()
+    finally:
+        maker.close()
     checkpoint()
     done = trained >= budget
     print(f"{'finished' if done else 'paused'} at step {step}: {trained:.0f}s of {budget:.0f}s trained, "
-          f"checkpoint in {ckpt}", flush=True)
+          f"checkpoint (a model directory) in {ckpt}", flush=True)
     if done and args.export is not None:
-        export_model(model, args.export)
+        export_model(model, args.export, tokenizer_dir)
         print(f"exported the model to {args.export}", flush=True)
     return 0
 

@@ -311,8 +311,9 @@ def make_ruler_sample(task: RulerTask, tv: TextVocab, rng: np.random.Generator, 
         return niah_multiquery(tv, rng, length)
     if task == "vt_chains":
         if vary:
-            chains = int(rng.integers(1, 5))
-            return vt_chains(tv, rng, length, chains, rng.integers(1, 6, chains), min(queries, chains))
+            chains = int(rng.integers(1, int(np.clip(length // 256, 1, 4)) + 1))
+            hops = rng.integers(1, int(np.clip(length // (64 * chains), 1, 5)) + 1, chains)
+            return vt_chains(tv, rng, length, chains, hops, min(queries, chains))
         return vt_chains(tv, rng, length)
     if task == "cwe":
         return cwe(tv, rng, length, float(rng.uniform(1 / 20, 1 / 8)) if vary else 1 / 12)
@@ -321,7 +322,7 @@ def make_ruler_sample(task: RulerTask, tv: TextVocab, rng: np.random.Generator, 
             return fwe(tv, rng, length, float(rng.uniform(1 / 40, 1 / 16)), int(rng.integers(5, 12)))
         return fwe(tv, rng, length)
     if task == "qa_facts":
-        n = int(rng.integers(2, 11)) if vary else 6
+        n = int(rng.integers(2, int(np.clip(length // 64, 2, 10)) + 1)) if vary else 6
         return qa_facts(tv, rng, length, n, min(queries, n))
     raise ValueError(f"unknown RULER task {task!r}; allowed: {RULER_TASKS}")
 

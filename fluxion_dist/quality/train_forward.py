@@ -6,9 +6,11 @@ trained here are exactly the ones the serving path loads) and changes only the
 batching: all B*T tokens go through the projections as one matrix, and attention
 is one SDPA call over ``[B, H, T, d]`` (flash attention under bf16 autocast on a GPU).
 
-Loss and accuracy are computed only where a task has an answer: the filler haystack
-is random and carries no signal, and the full ``[B, T, vocab]`` logits at 16k tokens
-would cost more memory than the rest of the step.
+Two losses. ``answer_loss`` (v1, the word tasks): only where a task has an answer,
+since the filler haystack is random and carries no signal. ``lm_loss`` (v2, natural
+text): next-token loss over every position, with answer tokens weighted up, so the
+model learns the language its haystacks are made of (and attention that looks like a
+real LM's) while the answers still dominate what it is tested on.
 """
 
 from __future__ import annotations
@@ -92,3 +94,34 @@ def answer_loss(model: CausalLM, samples: list[Sample], device: torch.device) ->
     n_spans = len(idx.span_task)
     span_wrong = torch.zeros(n_spans, dtype=torch.long, device=device).index_add_(0, idx.span_id, wrong)
     return BatchResult(loss, span_wrong == 0, idx.span_task)
+
+
+@dataclass(frozen=True, slots=True)
+class LMResult:
+    loss: torch.Tensor  # scalar: weighted mean cross-entropy (answer tokens x answer_weight)
+    lm_loss: torch.Tensor  # scalar, detached: mean cross-entropy over the non-answer tokens
+    span_loss: torch.Tensor  # float [spans], detached: mean cross-entropy of each answer's tokens
+    span_correct: torch.Tensor  # bool [spans]: every token of the answer is the argmax (teacher forced)
+    span_task: list[str]
+
+
+def lm_loss(model: CausalLM, samples: list[Sample], device: torch.device, answer_weight: float) -> LMResult:
+    tokens = batch_tokens(samples, device)
+    b, t = tokens.shape
+    idx = AnswerIndex.of(samples, device)
+    h = hidden_states(model, tokens)
+    logits = model._logits(h[:, :-1].reshape(b * (t - 1), -1))  # [B*(T-1), vocab] float32
+    target = tokens[:, 1:].reshape(-1)
+    ce = F.cross_entropy(logits, target, reduction="none")
+    at = idx.rows * (t - 1) + idx.cols - 1  # flat index of the position that predicts each answer token
+    weight = torch.ones_like(ce).index_fill_(0, at, answer_weight)
+    loss = (weight * ce).sum() / weight.sum()
+    n_spans = len(idx.span_task)
+    ans = ce[at].detach()
+    wrong = (logits[at].argmax(-1) != target[at]).long()
+    zeros = torch.zeros(n_spans, device=device)
+    span_len = zeros.index_add(0, idx.span_id, torch.ones_like(ans))
+    span_loss = zeros.index_add(0, idx.span_id, ans) / span_len
+    span_wrong = torch.zeros(n_spans, dtype=torch.long, device=device).index_add_(0, idx.span_id, wrong)
+    lm = (ce.detach().sum() - ans.sum()) / max(ce.numel() - at.numel(), 1)
+    return LMResult(loss, lm, span_loss, span_wrong == 0, idx.span_task)
