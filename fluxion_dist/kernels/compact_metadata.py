@@ -18,16 +18,21 @@ bit for bit. ``s`` is the smallest bf16 with ``127 * s >= max |corner|``.
 Layout (what the scoring kernel reads with one 16-byte load per lane):
 ``values int8 [P, Hkv, d/8, 2, 8]`` stored as ``[P, Hkv, 2*d]``: for each
 8-channel group, the 8 rounded-down minima then the 8 rounded-up maxima; and
-``scales uint16 [P, Hkv]`` (bf16 bits). NumPy only: importable without CuPy.
+``scales uint16 [P, Hkv]`` (bf16 bits). ``quantize`` / ``dequantize`` are NumPy (this
+module imports without CuPy); ``quantize_pages`` rebuilds chosen pages' rows on the GPU
+(compact_metadata.cu), bit for bit as ``quantize``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from fluxion_dist.attention.layout import from_bf16_bits
+
+if TYPE_CHECKING:
+    import cupy
 
 QMAX = 127
 """Largest |int8| used: the range is symmetric so a negated box stays representable."""
@@ -117,3 +122,33 @@ def dequantize(meta: CompactMetadata) -> tuple[np.ndarray, np.ndarray]:
     s = from_bf16_bits(scales).reshape(p, hkv)[..., None, None, None]
     v = values.reshape(p, hkv, d // GROUP, 2, GROUP).astype(np.float32) * s
     return v[..., 0, :].reshape(p, hkv, d), v[..., 1, :].reshape(p, hkv, d)
+
+
+_WARPS = 4  # QUANT_WARPS in compact_metadata.cu
+
+
+def quantize_pages(kmin: "cupy.ndarray", kmax: "cupy.ndarray", pages: "cupy.ndarray", values: "cupy.ndarray",
+                   scales: "cupy.ndarray") -> None:
+    """Rebuild, on the GPU, the mirror rows of ``pages`` (int32 [n]) from the bf16 metadata
+    ``kmin, kmax [P, Hkv, d]`` into ``values`` int8 [P, Hkv, 2*d] and ``scales`` bf16 bits
+    [P, Hkv], in place and asynchronously: after a prefill loads pages, or after an append
+    widens a page's box. Pages must lie in [0, P) and their corners be finite with
+    |x| <= MAX_MAGNITUDE (``quantize`` checks that on the host; reading device memory here
+    would cost a round trip, so the kernel trusts it)."""
+    from fluxion_dist.kernels import loader
+    from fluxion_dist.kernels.checks import BF16_BITS, expect
+
+    expect("kmin", kmin, BF16_BITS, (None, None, None))
+    p, hkv, d = kmin.shape
+    if d % GROUP:
+        raise ValueError(f"head_dim must be a multiple of {GROUP}; got {d}")
+    expect("kmax", kmax, BF16_BITS, (p, hkv, d))
+    expect("pages", pages, np.int32, (None,))
+    expect("values", values, np.int8, (p, hkv, 2 * d))
+    expect("scales", scales, BF16_BITS, (p, hkv))
+    n = pages.shape[0]
+    if n == 0:
+        return
+    kernel = loader.get_kernel("compact_metadata", "quantize_metadata", HEAD_DIM=d)
+    kernel((-(-n * hkv // _WARPS),), (_WARPS * 32,),
+           (kmin, kmax, pages, np.int32(n), np.int32(hkv), values, scales))

@@ -55,7 +55,8 @@ _DIM_GROUP_CHECKS = (
 _DIM_CHECKS = ((("HEAD_DIM", 128),), (("HEAD_DIM", 64),))
 
 SOURCES: dict[str, KernelSource] = {
-    "scoring": KernelSource("scoring.cu", ("quest_scores",), ("HEAD_DIM", "GROUP"), _DIM_GROUP_CHECKS),
+    "scoring": KernelSource("scoring.cu", ("quest_scores", "quest_scores_compact"), ("HEAD_DIM", "GROUP"),
+                            _DIM_GROUP_CHECKS),
     "selection": KernelSource("selection.cu", ("select_blocks",), ("SELECT_THREADS", "BY_MASS"),
                               tuple((("BY_MASS", m), ("SELECT_THREADS", t)) for t, m in
                                     ((256, 0), (512, 1), (1024, 0), (1024, 1)))),
@@ -65,6 +66,7 @@ SOURCES: dict[str, KernelSource] = {
     "append": KernelSource("append.cu", ("append_kv",), ("HEAD_DIM",), _DIM_CHECKS),
     "block_table": KernelSource("block_table.cu", ("force_blocks", "classify_entries", "admit_blocks", "advance_ring"), (), ((),)),
     "staging": KernelSource("staging.cu", ("stage_inputs", "stage_output"), (), ((),)),
+    "compact_metadata": KernelSource("compact_metadata.cu", ("quantize_metadata",), ("HEAD_DIM",), _DIM_CHECKS),
 }
 
 

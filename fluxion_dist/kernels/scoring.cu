@@ -7,6 +7,11 @@
 // reads whole 256-byte metadata rows. Coarse levels (factor 4, 16) fold min-of-mins and
 // max-of-maxes over `factor` base pages in registers before the dot product; the bytes read
 // are the same at every level. All GROUP heads of a KV head share one read of the metadata.
+//
+// Two metadata formats share the kernel body (a Meta reader): quest_scores reads bf16
+// kmin/kmax, quest_scores_compact the int8 mirror of compact_metadata.py (per (page, head)
+// 256 bytes of interleaved 8-channel min/max groups and a bf16 scale), so a lane's 8
+// channels of both corners are one 16-byte load and a row is half the bytes.
 #include "common.cuh"
 
 #define SCORE_THREADS 64  // the launcher's _THREADS
@@ -22,7 +27,7 @@ static_assert(GROUP >= 1 && GROUP <= 16, "GROUP out of range");
 // lets L2 fetch all of it on the first miss instead of the 32-byte sectors one load touches
 // (measured in docs/benchmarks.md, GPU kernels). Read-only for the kernel's
 // life (.nc), and no L1 allocation: nothing reads a row twice.
-__device__ __forceinline__ uint4 load_meta(const bf16_t* p) {
+__device__ __forceinline__ uint4 load_meta(const void* p) {
     uint4 v;
     asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
@@ -56,10 +61,49 @@ __device__ __forceinline__ void score_row(const float (&qr)[GROUP][8], const flo
     if (write && h_scores != nullptr) h_scores[c] = best;
 }
 
-__global__ void __launch_bounds__(SCORE_THREADS) quest_scores(
+// bf16 corners: a lane's 8 channels of kmin and of kmax, two 16-byte loads.
+struct Bf16Meta {
+    const bf16_t* kmin;  // [P, Hkv, HEAD_DIM]
+    const bf16_t* kmax;
+    struct Raw { uint4 lo, hi; };
+    __device__ __forceinline__ static Raw zero() { return {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u)}; }
+    __device__ __forceinline__ Raw load(long long row, int ch) const {
+        return {load_meta(kmin + row * HEAD_DIM + ch), load_meta(kmax + row * HEAD_DIM + ch)};
+    }
+    __device__ __forceinline__ static void unpack(const Raw& r, float (&lo)[8], float (&hi)[8]) {
+        unpack_bf16x8(r.lo, lo);
+        unpack_bf16x8(r.hi, hi);
+    }
+};
+
+// Four int8 lanes of a word -> float, times the row's scale (exact: 7- and 8-bit significands).
+__device__ __forceinline__ void unpack_i8x4(unsigned int w, float s, float* f) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = (float)(((int)(w << (24 - 8 * i))) >> 24) * s;
+}
+
+// The int8 mirror: one 16-byte load holds the lane's 8 minima then 8 maxima; the scale is one
+// bf16 per (page, head), the same address for the whole row group (one broadcast read).
+struct CompactMeta {
+    const signed char* values;     // [P, Hkv, HEAD_DIM/8, 2, 8]
+    const bf16_t* scales;          // [P, Hkv]
+    struct Raw { uint4 v; float s; };
+    __device__ __forceinline__ static Raw zero() { return {make_uint4(0u, 0u, 0u, 0u), 0.f}; }
+    __device__ __forceinline__ Raw load(long long row, int ch) const {
+        return {load_meta(values + row * (2 * HEAD_DIM) + 2 * ch), bf16_to_f32(__ldg(scales + row))};
+    }
+    __device__ __forceinline__ static void unpack(const Raw& r, float (&lo)[8], float (&hi)[8]) {
+        unpack_i8x4(r.v.x, r.s, lo);
+        unpack_i8x4(r.v.y, r.s, lo + 4);
+        unpack_i8x4(r.v.z, r.s, hi);
+        unpack_i8x4(r.v.w, r.s, hi + 4);
+    }
+};
+
+template <class Meta>
+__device__ __forceinline__ void quest_scores_body(
     const float* __restrict__ q,             // [B, Hkv*GROUP, HEAD_DIM]
-    const bf16_t* __restrict__ kmin,         // [P, Hkv, HEAD_DIM]
-    const bf16_t* __restrict__ kmax,         // [P, Hkv, HEAD_DIM]
+    const Meta meta,
     const int* __restrict__ block_tables,    // [B, max_blocks]
     const int* __restrict__ seq_lens,        // [B]
     float* __restrict__ scores,              // [B, Hkv*GROUP, num_coarse], or null
@@ -101,32 +145,27 @@ __global__ void __launch_bounds__(SCORE_THREADS) quest_scores(
         // life waiting on q, then the table, then the metadata).
         constexpr int TILE = SCORE_PASSES * ROWS_PER_CTA;
         const int num_tiles = (num_coarse + TILE - 1) / TILE;
-        auto fetch = [&](int tile, uint4 (&lo)[SCORE_PASSES], uint4 (&hi)[SCORE_PASSES]) {
+        using Raw = typename Meta::Raw;
+        auto fetch = [&](int tile, Raw (&raw)[SCORE_PASSES]) {
 #pragma unroll
             for (int p = 0; p < SCORE_PASSES; ++p) {
                 const int c = tile * TILE + p * ROWS_PER_CTA + row;
-                lo[p] = hi[p] = make_uint4(0u, 0u, 0u, 0u);
-                if (tile < num_tiles && c < nc) {
-                    const long long off = ((long long)table[c] * num_kv_heads + kh) * HEAD_DIM + ch;
-                    lo[p] = load_meta(kmin + off);
-                    hi[p] = load_meta(kmax + off);
-                }
+                raw[p] = Meta::zero();
+                if (tile < num_tiles && c < nc) raw[p] = meta.load((long long)table[c] * num_kv_heads + kh, ch);
             }
         };
-        uint4 lo_cur[SCORE_PASSES], hi_cur[SCORE_PASSES];
-        fetch(blockIdx.x, lo_cur, hi_cur);
+        Raw cur[SCORE_PASSES];
+        fetch(blockIdx.x, cur);
         for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-            uint4 lo_nxt[SCORE_PASSES], hi_nxt[SCORE_PASSES];
-            fetch(tile + gridDim.x, lo_nxt, hi_nxt);
+            Raw nxt[SCORE_PASSES];
+            fetch(tile + gridDim.x, nxt);
 #pragma unroll
             for (int p = 0; p < SCORE_PASSES; ++p) {
                 const int c = tile * TILE + p * ROWS_PER_CTA + row;
                 float lo[8], hi[8];
-                unpack_bf16x8(lo_cur[p], lo);
-                unpack_bf16x8(hi_cur[p], hi);
+                Meta::unpack(cur[p], lo, hi);
                 score_row(qr, lo, hi, c < nc, c < num_coarse && writer, c, num_coarse, q_scores, h_scores);
-                lo_cur[p] = lo_nxt[p];
-                hi_cur[p] = hi_nxt[p];
+                cur[p] = nxt[p];
             }
         }
         return;
@@ -142,14 +181,35 @@ __global__ void __launch_bounds__(SCORE_THREADS) quest_scores(
             const int j_end = min((c + 1) * factor, nb);
 #pragma unroll 4
             for (int j = c * factor; j < j_end; ++j) {
-                const long long off = ((long long)table[j] * num_kv_heads + kh) * HEAD_DIM + ch;
                 float lo[8], hi[8];
-                unpack_bf16x8(load_meta(kmin + off), lo);
-                unpack_bf16x8(load_meta(kmax + off), hi);
+                Meta::unpack(meta.load((long long)table[j] * num_kv_heads + kh, ch), lo, hi);
 #pragma unroll
                 for (int i = 0; i < 8; ++i) { mn[i] = fminf(mn[i], lo[i]); mx[i] = fmaxf(mx[i], hi[i]); }
             }
         }
         score_row(qr, mn, mx, c < nc, c < num_coarse && writer, c, num_coarse, q_scores, h_scores);
     }
+}
+
+#define QUEST_SCORES_ARGS                                                                          \
+    const int* __restrict__ block_tables, const int* __restrict__ seq_lens,                        \
+        float* __restrict__ scores, float* __restrict__ kv_scores, int num_kv_heads,               \
+        int max_blocks, int num_coarse, int factor, float scale
+#define QUEST_SCORES_PASS block_tables, seq_lens, scores, kv_scores, num_kv_heads, max_blocks, num_coarse, factor, scale
+
+// kmin, kmax: bf16 [P, Hkv, HEAD_DIM]; scores [B, Hkv*GROUP, num_coarse] or null;
+// kv_scores [B, Hkv, num_coarse] or null.
+__global__ void __launch_bounds__(SCORE_THREADS) quest_scores(
+    const float* __restrict__ q, const bf16_t* __restrict__ kmin, const bf16_t* __restrict__ kmax,
+    QUEST_SCORES_ARGS)
+{
+    quest_scores_body<Bf16Meta>(q, Bf16Meta{kmin, kmax}, QUEST_SCORES_PASS);
+}
+
+// values: int8 [P, Hkv, HEAD_DIM/8, 2, 8], scales: bf16 [P, Hkv] (compact_metadata.py).
+__global__ void __launch_bounds__(SCORE_THREADS) quest_scores_compact(
+    const float* __restrict__ q, const signed char* __restrict__ values, const bf16_t* __restrict__ scales,
+    QUEST_SCORES_ARGS)
+{
+    quest_scores_body<CompactMeta>(q, CompactMeta{values, scales}, QUEST_SCORES_PASS);
 }

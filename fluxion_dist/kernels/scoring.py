@@ -1,8 +1,11 @@
-"""Quest block scores on the GPU (launcher for scoring.cu).
+"""Quest block scores on the GPU (launchers for scoring.cu).
 
 Oracle: :func:`fluxion_dist.attention.reference.quest_scores` over
 :func:`~fluxion_dist.attention.reference.coarsen_metadata` for coarse levels, and
 :func:`~fluxion_dist.attention.reference.kv_head_scores` for the per-KV-head maximum.
+``quest_scores`` reads the bf16 metadata; ``quest_scores_compact`` its int8 mirror
+(:mod:`fluxion_dist.kernels.compact_metadata`), whose oracle is the same reference over
+:func:`~fluxion_dist.kernels.compact_metadata.dequantize`.
 """
 
 from __future__ import annotations
@@ -38,14 +41,39 @@ def quest_scores(q: cp.ndarray, kmin: cp.ndarray, kmax: cp.ndarray, block_tables
     ``kv_scores`` is written (selection per KV head needs nothing else) and ``scores`` is None.
     """
     expect("q", q, np.float32, (None, None, None))
-    bsz, hq, d = q.shape
+    d = q.shape[2]
     expect("kmin", kmin, BF16_BITS, (None, None, d))
-    npages, hkv, _ = kmin.shape
-    expect("kmax", kmax, BF16_BITS, (npages, hkv, d))
+    expect("kmax", kmax, BF16_BITS, kmin.shape)
+    for name, a in (("kmin", kmin), ("kmax", kmax)):
+        expect_aligned(name, a)
+    return _launch("quest_scores", q, (kmin, kmax), kmin.shape[1], block_tables, seq_lens, scale, factor,
+                   query_scores, out)
+
+
+def quest_scores_compact(q: cp.ndarray, values: cp.ndarray, scales: cp.ndarray, block_tables: cp.ndarray,
+                         seq_lens: cp.ndarray, *, scale: float, factor: int = 1, query_scores: bool = True,
+                         out: tuple[cp.ndarray | None, cp.ndarray] | None = None,
+                         ) -> tuple[cp.ndarray | None, cp.ndarray]:
+    """``quest_scores`` over the int8 mirror: ``values`` int8 [P, Hkv, 2*d] and ``scales`` bf16 bits
+    [P, Hkv] as :func:`fluxion_dist.kernels.compact_metadata.quantize` lays them out. Every
+    score is at least the bf16 metadata's score of the same block (the mirror's boxes contain
+    the bf16 boxes), up to float32 rounding of the sums."""
+    expect("q", q, np.float32, (None, None, None))
+    d = q.shape[2]
+    expect("values", values, np.int8, (None, None, 2 * d))
+    expect("scales", scales, BF16_BITS, values.shape[:2])
+    expect_aligned("values", values)
+    return _launch("quest_scores_compact", q, (values, scales), values.shape[1], block_tables, seq_lens, scale,
+                   factor, query_scores, out)
+
+
+def _launch(kernel_name: str, q: cp.ndarray, meta: tuple[cp.ndarray, cp.ndarray], hkv: int,
+            block_tables: cp.ndarray, seq_lens: cp.ndarray, scale: float, factor: int, query_scores: bool,
+            out: tuple[cp.ndarray | None, cp.ndarray] | None) -> tuple[cp.ndarray | None, cp.ndarray]:
+    bsz, hq, d = q.shape
     expect("block_tables", block_tables, np.int32, (bsz, None))
     expect("seq_lens", seq_lens, np.int32, (bsz,))
-    for name, a in (("q", q), ("kmin", kmin), ("kmax", kmax)):
-        expect_aligned(name, a)
+    expect_aligned("q", q)
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     if factor < 1:
@@ -64,7 +92,7 @@ def quest_scores(q: cp.ndarray, kmin: cp.ndarray, kmax: cp.ndarray, block_tables
     if bsz == 0 or nc == 0:
         return scores, kv_scores
 
-    kernel = loader.get_kernel("scoring", "quest_scores", HEAD_DIM=d, GROUP=hq // hkv)
+    kernel = loader.get_kernel("scoring", kernel_name, HEAD_DIM=d, GROUP=hq // hkv)
     rows_per_cta = _THREADS // (d // 8)
     if factor == 1:
         # CTAs stride over tiles, prefetching the next: about _CTAS_PER_SM per SM in all.
@@ -74,7 +102,7 @@ def quest_scores(q: cp.ndarray, kmin: cp.ndarray, kmax: cp.ndarray, block_tables
     else:
         grid = (-(-nc // rows_per_cta), hkv, bsz)
     kernel(grid, (_THREADS,), (
-        q, kmin, kmax, block_tables, seq_lens, scores if scores is not None else np.uint64(0), kv_scores,
+        q, *meta, block_tables, seq_lens, scores if scores is not None else np.uint64(0), kv_scores,
         np.int32(hkv), np.int32(max_blocks), np.int32(nc), np.int32(factor),
         np.float32(positive_scale(scale))))
     return scores, kv_scores
