@@ -51,8 +51,15 @@ def server_main(pipe: Connection, store_config: StoreConfig, transport: Transpor
         while True:
             cmd, *args = pipe.recv()
             if cmd == "admit":
-                request_id, num_tokens = args
-                server.admit(request_id, num_tokens)
+                # Optionally with a deadline and pages held for the request (the decode worker's
+                # reservation for the tokens it will generate), freed if the offer never comes.
+                request_id, num_tokens, *extra = args
+                deadline_s, hold_tokens = extra if extra else (None, 0)
+                holds = ()
+                if hold_tokens:
+                    holds = (f"{request_id}/held",)
+                    store.reserve(holds[0], hold_tokens, ttl_s=600)
+                server.admit(request_id, num_tokens, deadline_s=deadline_s, holds=holds)
                 pipe.send("ok")
             elif cmd == "rejections":
                 pipe.send(server.rejections.snapshot())

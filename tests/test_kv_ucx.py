@@ -196,3 +196,18 @@ def test_a_sender_with_another_secret_is_told_authentication_failed(server):
         intruder.proc.join(10)
         if intruder.proc.is_alive():
             intruder.proc.kill()
+
+
+def test_an_admission_whose_offer_never_comes_frees_its_pages(server, sender):
+    srv, _ = server
+    assert ask(srv.pipe, ("admit", "late", 100, 1.0, 500)) == "ok"
+    assert used_pages(srv) == 4 * 32
+    deadline = time.monotonic() + 20
+    while ask(srv.pipe, ("poll", "late"))[0] != "failed":
+        assert time.monotonic() < deadline, "the admission never expired"
+        time.sleep(0.2)
+    assert ask(srv.pipe, ("poll", "late")) == ("failed", "TransferFailed")
+    assert used_pages(srv) == 0
+    # The offer, too late: refused, nothing held.
+    assert ask(sender.pipe, ("push", "late", 100, 11, None))[:2] == ("error", "TransferRefused")
+    assert used_pages(srv) == 0
