@@ -206,3 +206,29 @@ def test_gil_released_and_one_caller_at_a_time():
     mid = [t for t in ticks if t0 + 0.25 * (t1 - t0) < t < t0 + 0.75 * (t1 - t0)]
     assert len(mid) > 20, f"another thread ran only {len(mid)} times during a {t1 - t0:.3f} s call"
     assert refused and all("running a call on another thread" in r for r in refused)
+
+
+def test_a_forked_child_refuses_the_parents_team():
+    rng = np.random.default_rng(6)
+    batch = paged_batch(rng, [100], 2, 2, 16)
+    indptr, blocks = random_selection(rng, batch.seq_lens, 2, "all")
+    with AttentionTeam(3) as team:
+        team.bind(batch.kv_pages, batch.seq_lens, 4, 0.1)
+        pid = os.fork()
+        if pid == 0:  # the child: refuse, not hang; then a team of its own works
+            code = 1
+            try:
+                team.attend(batch.q, batch.block_tables, indptr, blocks)
+            except RuntimeError as e:
+                code = 0 if "forked" in str(e) else 2
+            try:
+                with AttentionTeam(2) as own:
+                    own.bind(batch.kv_pages, batch.seq_lens, 4, 0.1)
+                    own.attend(batch.q, batch.block_tables, indptr, blocks)
+                team.close()
+            except Exception:
+                code = 3
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
+        assert_matches_reference(batch, indptr, blocks, team.attend(batch.q, batch.block_tables, indptr, blocks), 0.1)

@@ -233,12 +233,16 @@ cdef class Team:
         j.m = <float *>cnp.PyArray_DATA(m)
         j.l = <float *>cnp.PyArray_DATA(l)
         j.isa, j.prefetch = self.isa, self.prefetch
+        cdef int ran
         self.running = True
         with nogil:
             fx_job_plan(&j, self.parts, self.num_threads, self.scale2, self.i64, self.f32)
-            fx_team_run(self.team, _work, &j)
-            bad = fx_job_first_bad(&j)
+            ran = fx_team_run(self.team, _work, &j)
+            bad = fx_job_first_bad(&j) if ran == 0 else -1
         self.running = False
+        if ran != 0:
+            raise RuntimeError("the team's threads belong to the process it was made in (this one forked "
+                               "since): make a team here" if ran == -2 else "the team is running a call")
         if bad >= 0:
             dims_ = _checks.ArenaDims(self.B, self.hq, self.hkv, d, self.arena.num_pages, block_tables.shape[1])
             lens = cnp.PyArray_SimpleNew(1, dims, cnp.NPY_INT32)

@@ -220,7 +220,7 @@ static void fx_merge_chunks(const float *po, const float *pm2, const float *pl, 
 /* Token-level scores inside one block for hierarchical selection: the max over
  * the group's heads of q.k*scale per token; -inf for padding. `q` comes from
  * fx_prepare_q with `scale`; `sp` is g*16 floats of scratch. */
-static void fx_token_scores(const float *q, const uint16_t *K, int d, int g, int32_t blk,
+static inline void fx_token_scores(const float *q, const uint16_t *K, int d, int g, int32_t blk,
                             int32_t seq_len, float *out, float *sp, int isa) {
     int8_t tok[FX_BT];
     int nt = fx_block_tokens(blk, seq_len, 0xFFFFu, tok);

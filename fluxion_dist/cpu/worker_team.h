@@ -33,6 +33,13 @@
 
 typedef void (*fx_task_fn)(void *arg, int member);
 
+/* Bumped in a forked child: a team made before the fork has no threads there, and waiting on
+ * them would hang, so fx_team_run refuses a team of another epoch. */
+static int fx_fork_epoch;
+static pthread_once_t fx_fork_once = PTHREAD_ONCE_INIT;
+static void fx_on_fork_child(void) { fx_fork_epoch++; }
+static void fx_watch_forks(void) { pthread_atfork(NULL, NULL, fx_on_fork_child); }
+
 typedef struct fx_team fx_team;
 
 typedef struct {
@@ -46,6 +53,7 @@ struct fx_team {
     pthread_t *threads;
     fx_member *members;
     int started; /* workers created */
+    int epoch;   /* fx_fork_epoch at creation */
     /* task */
     fx_task_fn fn;
     void *arg;
@@ -133,11 +141,13 @@ static void fx_team_publish(fx_team *t) {
 /* Stop and join every worker, then free the team. NULL is a no-op. */
 static void fx_team_destroy(fx_team *t) {
     if (!t) return;
-    __atomic_store_n(&t->stop, 1, __ATOMIC_RELEASE);
-    fx_team_publish(t);
-    for (int i = 0; i < t->started; i++) pthread_join(t->threads[i], NULL);
-    pthread_cond_destroy(&t->cv);
-    pthread_mutex_destroy(&t->mu);
+    if (t->epoch == fx_fork_epoch) { /* in a forked child the threads and the lock are the parent's */
+        __atomic_store_n(&t->stop, 1, __ATOMIC_RELEASE);
+        fx_team_publish(t);
+        for (int i = 0; i < t->started; i++) pthread_join(t->threads[i], NULL);
+        pthread_cond_destroy(&t->cv);
+        pthread_mutex_destroy(&t->mu);
+    }
     free(t->threads);
     free(t->members);
     free(t);
@@ -146,8 +156,10 @@ static void fx_team_destroy(fx_team *t) {
 /* A team of n members (n-1 threads); NULL with errno set when a thread or memory is refused.
  * The workers block every signal, so the interpreter's handlers keep running on its own thread. */
 static fx_team *fx_team_create(int n, int64_t spin_ns, int64_t pause_ns) {
+    pthread_once(&fx_fork_once, fx_watch_forks);
     fx_team *t = (fx_team *)calloc(1, sizeof *t);
     if (!t) return NULL;
+    t->epoch = fx_fork_epoch;
     t->n = n;
     t->spin_ns = spin_ns;
     t->pause_ns = pause_ns;
@@ -181,9 +193,11 @@ static fx_team *fx_team_create(int n, int64_t spin_ns, int64_t pause_ns) {
     return t;
 }
 
-/* Run fn(arg, member) on every member, the caller as member 0; returns when all are done.
- * Returns -1 (nothing run) when another caller is inside this team's fx_team_run. */
+/* Run fn(arg, member) on every member, the caller as member 0; returns 0 when all are done.
+ * Nothing runs and it returns -1 when another caller is inside this team's fx_team_run, -2 in
+ * a process forked after the team was made. */
 static int fx_team_run(fx_team *t, fx_task_fn fn, void *arg) {
+    if (t->epoch != fx_fork_epoch) return -2;
     if (__atomic_exchange_n(&t->busy, 1, __ATOMIC_ACQUIRE)) return -1;
     t->fn = fn;
     t->arg = arg;
