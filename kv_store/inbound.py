@@ -68,6 +68,8 @@ class InboundConnection:
         self.error: KVStoreError | None = None
         self._side_tasks: set[asyncio.Task] = set()
         self._bye: asyncio.Task | None = None
+        self._seq_in = 0   # frames received on the control channel (their tags cover it)
+        self._seq_out = 0  # frames sent on the reply channel
 
     # ---------------------------------------------------------------- plumbing
 
@@ -83,8 +85,7 @@ class InboundConnection:
         log.log(logging.INFO if graceful else logging.WARNING,
                 "closing KV connection %#x: %s", self.conn_id, error)
         if isinstance(error, (WireError, ProtocolError)):
-            tag = reply_tag(self.conn_id)
-            bye = self.ep.send(wire.encode(wire.Bye(str(error)[:wire.MAX_TEXT]), self.key, tag), tag)
+            bye = self.ep.send(self._encode(wire.Bye(str(error)[:wire.MAX_TEXT])), reply_tag(self.conn_id))
             self._bye = self._spawn(asyncio.wait_for(bye, 0.5), "BYE", quiet=True)
             self._bye.add_done_callback(lambda _: self.ep.abort())
         else:
@@ -96,12 +97,17 @@ class InboundConnection:
         task.add_done_callback(self._side_tasks.discard)
         return task
 
+    def _encode(self, frame: wire.Frame) -> bytes:
+        """The next frame of the reply channel: call in the order the frames are sent."""
+        data = wire.encode(frame, self.key, reply_tag(self.conn_id), self._seq_out)
+        self._seq_out += 1
+        return data
+
     def send(self, frame: wire.Frame) -> None:
         """Fire and forget. Never awaited: UCX does not cancel a send to a dead peer, and a
         frame loop stuck on one would never reach its teardown. Tasks start in creation
         order, so frames still leave in order."""
-        tag = reply_tag(self.conn_id)
-        coro = self.ep.send(wire.encode(frame, self.key, tag), tag)
+        coro = self.ep.send(self._encode(frame), reply_tag(self.conn_id))
         self._spawn(coro, f"frame to {self.conn_id:#x}", quiet=True)
 
     # ---------------------------------------------------------------- frames
@@ -110,7 +116,8 @@ class InboundConnection:
         buf = bytearray(wire.MAX_FRAME_BYTES)
         try:
             while True:
-                frame = await self.ep.recv_frame(buf, ctrl_tag(self.conn_id), self.key)
+                frame = await self.ep.recv_frame(buf, ctrl_tag(self.conn_id), self.key, self._seq_in)
+                self._seq_in += 1
                 self.last_seen = time.monotonic()
                 if not self._handle(frame):
                     return

@@ -67,6 +67,8 @@ class PeerConnection:
         self._inflight: asyncio.Semaphore | None = None
         self._welcome: asyncio.Future | None = None
         self._tasks: list[asyncio.Task] = []
+        self._seq_out = 0  # frames sent on the control channel (their tags cover it)
+        self._seq_in = 0   # frames received on the reply channel
 
     @property
     def alive(self) -> bool:
@@ -106,16 +108,22 @@ class PeerConnection:
         assert self.ep is not None
         self.loop.spawn(self.ep.send(frame, tag), "KV frame", quiet=True)
 
+    def _encode(self, frame: wire.Frame) -> bytes:
+        """The next frame of the control channel: call in the order the frames are sent."""
+        data = wire.encode(frame, self.key, ctrl_tag(self.conn_id), self._seq_out)
+        self._seq_out += 1
+        return data
+
     def _ctrl(self, frame: wire.Frame) -> None:
-        tag = ctrl_tag(self.conn_id)
-        self._send_frame(wire.encode(frame, self.key, tag), tag)
+        self._send_frame(self._encode(frame), ctrl_tag(self.conn_id))
 
     async def _reply_loop(self) -> None:
         assert self.ep is not None
         buf = bytearray(wire.MAX_FRAME_BYTES)
         try:
             while True:
-                frame = await self.ep.recv_frame(buf, reply_tag(self.conn_id), self.key)
+                frame = await self.ep.recv_frame(buf, reply_tag(self.conn_id), self.key, self._seq_in)
+                self._seq_in += 1
                 self.last_seen = time.monotonic()
                 self._on_frame(frame)
         except MessageTruncated:
@@ -286,9 +294,8 @@ class PeerConnection:
             # same order as the LAYER frames are posted, which the server checks.
             first = self._next_seq
             self._next_seq += len(messages)
-            tag = ctrl_tag(self.conn_id)
-            header = wire.encode(wire.Layer(transfer.xfer, layer, segments, first), self.key, tag)
-            sends = [self.ep.send(header, tag)]
+            header = self._encode(wire.Layer(transfer.xfer, layer, segments, first))
+            sends = [self.ep.send(header, ctrl_tag(self.conn_id))]
             sends += [self.ep.send(m, data_tag(self.conn_id, first + k)) for k, m in enumerate(messages)]
             try:
                 await asyncio.gather(*sends)

@@ -71,13 +71,13 @@ class Endpoint(ABC):
     @abstractmethod
     def closed(self) -> bool: ...
 
-    async def recv_frame(self, buf: bytearray, tag: int, key: FrameKey) -> "wire.Frame":
-        """Receive one control frame into ``buf`` (``wire.MAX_FRAME_BYTES``), check its tag
-        under ``key`` and decode it."""
+    async def recv_frame(self, buf: bytearray, tag: int, key: FrameKey, seq: int) -> "wire.Frame":
+        """Receive frame ``seq`` of channel ``tag`` into ``buf`` (``wire.MAX_FRAME_BYTES``),
+        check its tag under ``key`` and decode it."""
         # A short message must not be read with the previous frame's prefix.
         buf[:wire.PREFIX.size] = bytes(wire.PREFIX.size)
         await self.recv(buf, tag)
-        return wire.decode(buf, key, tag)
+        return wire.decode(buf, key, tag, seq)
 
 
 class Fabric(ABC):

@@ -5,8 +5,10 @@
 The crc32 covers the prefix fields before it and the body, so a flipped kind cannot turn
 one valid frame into another (DONE and COMMITTED have the same keys). The tag is an
 HMAC-SHA256 under the deployment's secret (``auth.FrameKey``) over the channel the frame
-travels on (its 64-bit UCX tag), the prefix up to the tag and the body: a frame from
-outside the deployment, or moved to another connection or direction, does not verify.
+travels on (its 64-bit UCX tag), its index on that channel (``seq``: 0 for the first frame
+and for every HELLO; not on the wire, both ends count), the prefix up to the tag and the
+body: a frame from outside the deployment, moved to another connection or direction, or
+replayed on its own channel, does not verify.
 
 Bulk KV never goes in a frame: a LAYER frame announces the raw messages that follow on
 their own tags. A frame is trusted only after, in order: the buffer holds a whole prefix;
@@ -207,8 +209,9 @@ def _check_fields(kind: FrameKind, body: dict) -> None:
             raise MalformedFrame(f"{kind.name} frame: bad value for {name!r}: {body[name]!r:.80}")
 
 
-def encode(frame: Frame, key: FrameKey, channel: int) -> bytes:
-    """The frame as it goes on the wire on ``channel`` (the UCX tag it is sent with)."""
+def encode(frame: Frame, key: FrameKey, channel: int, seq: int = 0) -> bytes:
+    """The frame as it goes on the wire as frame ``seq`` of ``channel`` (the UCX tag it is
+    sent with)."""
     kind = _KIND[type(frame)]
     body_map = dataclasses.asdict(frame)
     _check_fields(kind, body_map)  # never put on the wire what a peer would reject
@@ -218,11 +221,11 @@ def encode(frame: Frame, key: FrameKey, channel: int) -> bytes:
                             f"{MAX_FRAME_BYTES}")
     head = PREFIX.pack(MAGIC, WIRE_VERSION, int(kind), len(body), 0, b"")[:_CRC_AT]
     head += struct.pack("<I", zlib.crc32(body, zlib.crc32(head)))
-    return head + key.tag(channel, head, body) + body
+    return head + key.tag(channel, seq, head, body) + body
 
 
-def decode(buf: bytes | bytearray | memoryview, key: FrameKey, channel: int) -> Frame:
-    """Parse and validate one frame received on ``channel`` from the start of ``buf``
+def decode(buf: bytes | bytearray | memoryview, key: FrameKey, channel: int, seq: int = 0) -> Frame:
+    """Parse and validate frame ``seq`` received on ``channel`` from the start of ``buf``
     (trailing bytes are slack)."""
     view = memoryview(buf).cast("B")
     if len(view) < PREFIX.size:
@@ -241,9 +244,10 @@ def decode(buf: bytes | bytearray | memoryview, key: FrameKey, channel: int) -> 
     body = view[PREFIX.size:PREFIX.size + body_len]
     if zlib.crc32(body, zlib.crc32(view[:_CRC_AT])) != crc:
         raise MalformedFrame("checksum mismatch (corrupt or truncated frame)")
-    if not key.verify(channel, tag, view[:_TAG_AT], body):
+    if not key.verify(channel, seq, tag, view[:_TAG_AT], body):
         raise AuthenticationFailed("authentication failed: the frame's tag does not verify under this "
-                                   "deployment's secret (a sender of another deployment, or a forged frame)")
+                                   "deployment's secret (a sender of another deployment, or a forged or "
+                                   "replayed frame)")
     try:
         kind = FrameKind(kind_no)
     except ValueError:

@@ -195,17 +195,19 @@ def _fuzz(transport, address, secret, seed, num_hellos, num_connections):
         raw[at] ^= rng.randrange(1, 256)
         return bytes(raw), "hello_auth" if 16 <= at < 48 else "hello_malformed"
 
-    def killer(cid: int, xfer: int) -> tuple[bytes, str]:
+    def killer(cid: int, xfer: int, seq: int) -> tuple[bytes, str]:
         ch = ctrl_tag(cid)
-        kind = rng.randrange(5)
+        kind = rng.randrange(6)
         if kind == 0:
             return rng.randbytes(rng.randrange(1, 300)), "frame_malformed"
         if kind == 1:
-            return wire.encode(offer(xfer), foreign, ch), "frame_auth"
+            return wire.encode(offer(xfer), foreign, ch, seq), "frame_auth"
         if kind == 2:  # a genuine frame of another connection, replayed here
-            return wire.encode(offer(xfer), key, ctrl_tag(cid ^ 1)), "frame_auth"
-        if kind == 3:
-            return wire.encode(wire.Layer(xfer + 7, 0, [1], 0), key, ch), "protocol"
+            return wire.encode(offer(xfer), key, ctrl_tag(cid ^ 1), seq), "frame_auth"
+        if kind == 3:  # a genuine frame of this connection, replayed later
+            return wire.encode(wire.Ping(), key, ch, max(seq - 1, 0) if seq else seq + 1), "frame_auth"
+        if kind == 4:
+            return wire.encode(wire.Layer(xfer + 7, 0, [1], 0), key, ch, seq), "protocol"
         return b"\0" * (wire.MAX_FRAME_BYTES + rng.randrange(1, 100)), "frame_malformed"
 
     async def run() -> None:
@@ -219,20 +221,21 @@ def _fuzz(transport, address, secret, seed, num_hellos, num_connections):
             await ep.send(wire.encode(wire.Hello(cid, fabric.address()), key, HELLO_TAG), HELLO_TAG)
             buf = bytearray(wire.MAX_FRAME_BYTES)
             await asyncio.wait_for(ep.recv(buf, reply_tag(cid)), 20)
-            assert wire.decode(buf, key, reply_tag(cid)) == wire.Welcome(cid, True, "")
+            assert wire.decode(buf, key, reply_tag(cid), 0) == wire.Welcome(cid, True, "")
             xfer = 0
             for _ in range(rng.randrange(0, 3)):  # offers for ids nobody admitted: refused, nothing held
+                await ep.send(wire.encode(offer(xfer + 1), key, ctrl_tag(cid), xfer), ctrl_tag(cid))
                 xfer += 1
-                await ep.send(wire.encode(offer(xfer), key, ctrl_tag(cid)), ctrl_tag(cid))
                 expected["not_admitted"] += 1
-            payload, reason = killer(cid, xfer)
+            payload, reason = killer(cid, xfer, xfer)
             await ep.send(payload, ctrl_tag(cid))
             expected[reason] += 1
             # Until the server says BYE (naming why). The BYE is best effort (its send is bounded
             # there), so no BYE is no failure here: the test checks the server's own account.
             try:
-                while not isinstance(await _recv_frame(ep, buf, key, reply_tag(cid)), wire.Bye):
-                    pass
+                seq = 1
+                while not isinstance(await _recv_frame(ep, buf, key, reply_tag(cid), seq), wire.Bye):
+                    seq += 1
             except asyncio.TimeoutError:
                 pass
         ep.abort()
@@ -241,9 +244,9 @@ def _fuzz(transport, address, secret, seed, num_hellos, num_connections):
     return expected
 
 
-async def _recv_frame(ep, buf: bytearray, key, tag: int):
+async def _recv_frame(ep, buf: bytearray, key, tag: int, seq: int):
     import asyncio
 
     from kv_store import wire
     await asyncio.wait_for(ep.recv(buf, tag), 20)
-    return wire.decode(buf, key, tag)
+    return wire.decode(buf, key, tag, seq)

@@ -317,6 +317,7 @@ BAD_FRAMES = {
     "replayed from another connection": lambda ch: wire.encode(_offer(), KEY, ch ^ (1 << 33)),
     "bad sizes": lambda ch: wire.encode(_offer(), KEY, ch),
     "not admitted": lambda ch: wire.encode(_offer("never-admitted", G.kv_bytes(10)), KEY, ch),
+    "a later frame first": lambda ch: wire.encode(wire.Ping(), KEY, ch, 1),
 }
 REFUSED = {"bad sizes": ("r", "bad_request"), "not admitted": ("never-admitted", "not_admitted")}
 
@@ -342,7 +343,7 @@ def test_bad_frame_closes_only_its_connection(lone_server, name, caplog):
             eventually(lambda: not server.connected(conn_id))
             assert f"closing KV connection {conn_id:#x}: " in caplog.text
             assert server.rejections.total == rejected + 1
-            if "key" in name or "replayed" in name:
+            if "key" in name or "replayed" in name or "later" in name:
                 assert "authentication failed" in caplog.text
                 assert server.rejections.snapshot()["frame_auth"] >= 1
     assert dst.stats().used_pages == 0
@@ -386,3 +387,17 @@ def test_bad_hello_frames_are_dropped(lone_server):
     for reason, frames in junk.items():
         assert after[reason] - before[reason] == len(frames), reason
     assert server.num_connections <= conns  # none of them opened one (others may time out meanwhile)
+
+
+def test_a_frame_replayed_on_its_own_channel_closes_the_connection(lone_server):
+    """Each frame's tag covers its index on its channel: a genuine frame sent again does not verify."""
+    hub, dst, server = lone_server
+    ep, conn_id = _raw_connection(hub, server)
+    ping = wire.encode(wire.Ping(), KEY, ctrl_tag(conn_id), 0)
+    hub.loop.run(ep.send(ping, ctrl_tag(conn_id)))
+    time.sleep(0.3)
+    assert server.connected(conn_id)  # the genuine one is taken
+    before = server.rejections.snapshot()["frame_auth"]
+    hub.loop.run(ep.send(ping, ctrl_tag(conn_id)))
+    eventually(lambda: not server.connected(conn_id))
+    assert server.rejections.snapshot()["frame_auth"] == before + 1

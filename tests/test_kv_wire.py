@@ -45,7 +45,7 @@ def _frame_with_body(kind: wire.FrameKind, body: bytes, version: int = wire.WIRE
     """A frame with a right checksum and (under ``key``) a right tag around any body."""
     head = wire.PREFIX.pack(wire.MAGIC, version, int(kind), len(body), 0, b"")[:12]
     head += struct.pack("<I", zlib.crc32(body, zlib.crc32(head)))
-    return head + key.tag(CH, head, body) + body
+    return head + key.tag(CH, 0, head, body) + body
 
 
 @pytest.mark.parametrize("frame", FRAMES, ids=lambda f: type(f).__name__)
@@ -143,6 +143,11 @@ def test_a_frame_verifies_only_under_its_key_and_channel(frame):
     for channel in (CH ^ 1, CH ^ 3, CH ^ (1 << 32)):            # moved to another direction/connection
         with pytest.raises(AuthenticationFailed):
             wire.decode(data, KEY, channel)
+    later = wire.encode(frame, KEY, CH, 41)
+    assert wire.decode(later, KEY, CH, 41) == frame
+    for seq in (0, 40, 42):                                      # replayed, or out of its place
+        with pytest.raises(AuthenticationFailed):
+            wire.decode(later, KEY, CH, seq)
     stripped = bytearray(data)
     stripped[16:16 + 32] = bytes(32)                            # the tag left out
     with pytest.raises(AuthenticationFailed):
