@@ -71,7 +71,12 @@ _LETTERS = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
 
 
 def _codes(rng: np.random.Generator, n: int) -> list[str]:
-    return [str(v) for v in 10000 + rng.choice(90000, n, replace=False)]
+    """``n`` distinct five-digit codes (drawn and deduplicated: ``choice`` without
+    replacement would shuffle all 90000 for every sample)."""
+    codes: dict[int, None] = {}
+    while len(codes) < n:
+        codes.update(dict.fromkeys((10000 + rng.integers(0, 90000, n - len(codes))).tolist()))
+    return [str(v) for v in codes]
 
 
 def _keys(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:

@@ -103,8 +103,13 @@ def _tokenize_corpus(tok, tokenizer_bytes: bytes, corpus_path: Path) -> np.ndarr
     return out
 
 
-@functools.cache
 def load_text_vocab(tokenizer_dir: Path = CORPUS_DIR, corpus_path: Path = CORPUS_DIR / "austen.txt.xz") -> TextVocab:
+    """The BPE of ``tokenizer_dir`` over the corpus; one per process and resolved path."""
+    return _load(Path(tokenizer_dir).resolve(), Path(corpus_path).resolve())
+
+
+@functools.cache
+def _load(tokenizer_dir: Path, corpus_path: Path) -> TextVocab:
     from tokenizers import Tokenizer
 
     path = Path(tokenizer_dir) / "tokenizer.json"
@@ -123,9 +128,10 @@ def load_text_vocab(tokenizer_dir: Path = CORPUS_DIR, corpus_path: Path = CORPUS
     word = word[word > 0]
     sentence = word[ends[corpus[word - 1]]]
     paragraphs = np.concatenate([[0], after_nl])
-    span_starts = np.union1d(word, paragraphs)
     span_ends = np.zeros(corpus.size + 1, dtype=bool)
-    span_ends[span_starts] = True
+    span_ends[word] = True
+    span_ends[paragraphs] = True
+    span_starts = np.flatnonzero(span_ends)
     span_ends[np.flatnonzero(corpus == newline)] = True  # before a paragraph break
     span_ends[corpus.size] = True
     return TextVocab(tok, path, corpus, paragraphs, sentence, word, span_starts, span_ends,
