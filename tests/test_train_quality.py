@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from fluxion_dist.config.schema import ModelConfig
 from fluxion_dist.model.loader import load_from_config
-from fluxion_dist.quality.model import TINY_TEXT_ARCH, init_model, load_quality_model
+from fluxion_dist.quality.model import TEXT_ARCH, TINY_TEXT_ARCH, init_model, load_quality_model
 from fluxion_dist.quality.ruler_tasks import RULER_TASKS, make_ruler_sample
 from fluxion_dist.quality.tasks import TaskSuite
 from fluxion_dist.quality.text_vocab import load_text_vocab
@@ -83,3 +84,22 @@ def test_smoke_run_resumes_and_leaves_a_model_directory(tmp_path, capsys):
     served, tok = load_from_config(ModelConfig(path=str(ckpt)))
     assert served.arch.eos_token_id == tok.eos_token_id == load_text_vocab().eoa
     assert TaskSuite.for_model(ckpt).tasks == RULER_TASKS
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch)")
+def test_full_size_step_on_the_gpu_at_32k():
+    """TEXT_ARCH under bf16 autocast at the curriculum's longest shape: the loss is the
+    float32 one within bf16 rounding, and a step's gradients are finite everywhere."""
+    dev = torch.device("cuda")
+    model = init_model(TEXT_ARCH, 0).to(dev).train()
+    tv = load_text_vocab()
+    rng = np.random.default_rng(0)
+    samples = [make_ruler_sample(t, tv, rng, 32768, queries=2, vary=True) for t in ("niah_multikey", "vt_chains")]
+    with torch.no_grad():
+        ref = lm_loss(model, samples, dev, 5.0).loss
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        res = lm_loss(model, samples, dev, 5.0)
+    res.loss.backward()
+    torch.testing.assert_close(res.loss.float(), ref, rtol=2e-2, atol=2e-2)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
