@@ -302,8 +302,11 @@ def main(argv=None) -> int:
                 med[policy] = m
                 fl = floor_hybrid(reports, arch, weights, mach)
                 used = np.mean([r.budget_used for r in reports])
+                where = [np.mean([sum(getattr(x, f) for x in r.layers) for r in reports])
+                         for f in ("gpu_cached_blocks", "gpu_uva_blocks", "cpu_blocks")]
                 log(f"TPOT ctx={ctx} B={batch} {policy} | {m * 1e3:.2f} | {p99 * 1e3:.2f} | {fl * 1e3:.2f} | "
-                    f"{m / fl:.2f} | budget used {used:.3f}")
+                    f"{m / fl:.2f} | budget used {used:.3f} | (block, head) runs per step: cached {where[0]:.0f}, "
+                    f"UVA {where[1]:.0f}, CPU {where[2]:.0f}")
             del pages
             ratios = [f"{p}/dense_hbm {med[p] / med_a:.2f}" for p in med]
             ratios += [f"{p}/fluxion {med[p] / med['fluxion']:.2f}" for p in med if p != "fluxion" and "fluxion" in med]
