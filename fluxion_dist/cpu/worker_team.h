@@ -89,18 +89,19 @@ static inline int fx_team_waited(const fx_team *t, uint64_t seen, int caller) {
 
 static int fx_team_spin(const fx_team *t, uint64_t seen, int caller) {
     if (fx_team_waited(t, seen, caller)) return 1;
-    int64_t start = fx_now_ns();
+    const int64_t start = fx_now_ns();
+    int yielding = t->pause_ns == 0;
     for (unsigned i = 1;; i++) {
         if (fx_team_waited(t, seen, caller)) return 1;
-        if ((i & 31) == 0) {
-            int64_t waited = fx_now_ns() - start;
+        if (yielding || (i & 31) == 0) { /* a clock read costs about what a pause does */
+            const int64_t waited = fx_now_ns() - start;
             if (!caller && waited > t->spin_ns) return 0;
-            if (waited > t->pause_ns) {
-                sched_yield();
-                continue;
-            }
+            yielding = waited >= t->pause_ns;
         }
-        fx_pause();
+        if (yielding)
+            sched_yield();
+        else
+            fx_pause();
     }
 }
 
