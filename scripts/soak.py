@@ -125,9 +125,15 @@ def main() -> int:
     outcomes, ok_after_kill = asyncio.run(drive(deployment.endpoint, cfg.server.served_model_name, args, kill))
     elapsed = time.monotonic() - t0
 
-    deadline = time.monotonic() + 30  # half-received transfers are reclaimed after the peer timeout
+    # Half-received transfers are reclaimed after the peer timeout; the killed worker may still be
+    # restarting (a loaded machine takes tens of seconds to bring one up).
+    deadline = time.monotonic() + 60
+    empty = [{"used_pages": -1, "active": -1}]
     while True:
-        loads = ray.get([deployment.actors[n].load.remote() for n in decode_names])
+        try:
+            loads = ray.get([deployment.actors[n].load.remote() for n in decode_names], timeout=10)
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            loads = empty  # not answering yet: counts as not empty
         if all(ld["used_pages"] == 0 and ld["active"] == 0 for ld in loads) or time.monotonic() > deadline:
             break
         time.sleep(0.2)

@@ -10,7 +10,8 @@ import pytest
 from fluxion_dist.config.schema import ServerConfig, SparseConfig
 from fluxion_dist.model.tokenizer import ByteTokenizer
 from fluxion_dist.policy.request import RequestSparse
-from fluxion_dist.server.app import _Detokenizer, build_app
+from fluxion_dist.server.app import build_app
+from fluxion_dist.server.detokenizer import Detokenizer
 from fluxion_dist.sampling import TokenLogprobs
 from fluxion_dist.server.stream import GeneratedToken
 
@@ -146,17 +147,17 @@ async def test_stop_strings_identical_in_stream_and_not(stop):
 
 
 def test_stream_holds_back_only_a_possible_stop_prefix():
-    d = _Detokenizer(ByteTokenizer(), ["STOP"])
+    d = Detokenizer(ByteTokenizer(), ["STOP"])
     out = [d.push(t) for t in b"ab ST"]
     assert "".join(out) == "ab "  # "ST" may start the stop string
     assert d.push(ord("x")) == "STx"
 
 
 def test_genuine_replacement_character_is_not_withheld():
-    d = _Detokenizer(ByteTokenizer(), [])
+    d = Detokenizer(ByteTokenizer(), [])
     sent = "".join(d.push(t) for t in b"a\xff" + b"bcdef")
     assert sent.startswith("a\ufffd")
-    d2 = _Detokenizer(ByteTokenizer(), [])
+    d2 = Detokenizer(ByteTokenizer(), [])
     assert "".join(d2.push(t) for t in "é".encode()) == "é"  # an incomplete character is held, then sent
 
 

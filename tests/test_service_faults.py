@@ -23,7 +23,7 @@ from fluxion_dist.server.ray_cluster import connect  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_TIMEOUT_S = 4.0
-RESTART_HUNG_AFTER_S = 8.0
+RESTART_HUNG_AFTER_S = 12.0
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +148,13 @@ def test_a_stopped_decode_worker_fails_its_requests_within_the_deadline(service)
         assert seconds < 1.0 and r.status_code == 503, (seconds, r.text)
         assert r.json()["status"] == "degraded" and r.json()["degraded"].get(name) == "hung", r.text
 
-        # A new request is not sent to the hung worker; it fails fast with 503.
+        # A new request is not sent to the hung worker: it waits up to the deadline for a usable one,
+        # then gets 503 naming the hung worker.
         t0 = time.monotonic()
         r = _complete(client, cfg, "while it is stopped", max_tokens=4)
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text
-        assert time.monotonic() - t0 < WORKER_TIMEOUT_S + 1
+        assert name in r.json()["error"]["message"], r.text
+        assert time.monotonic() - t0 < WORKER_TIMEOUT_S + 2
         passed = True
     finally:
         if stopped_at is not None and not passed:

@@ -18,10 +18,12 @@ from fluxion_dist.config.schema import ServerConfig, SparseConfig
 from fluxion_dist.model.tokenizer import Tokenizer
 from fluxion_dist.policy.request import RequestSparse, RequestSparseError, resolve_request_sparse
 from fluxion_dist.sampling import SamplingParams, TokenLogprobs
+from fluxion_dist.server.body_limit import BodyLimit
+from fluxion_dist.server.detokenizer import Detokenizer
 from fluxion_dist.server.errors import AdmissionRefused, WorkerFailed
+from fluxion_dist.server.logprobs import LogprobsBuilder
 from fluxion_dist.server.protocol import (CompletionRequest, UnsupportedParameter, completion_chunk,
                                           completion_id, error_body, usage)
-from fluxion_dist.server.logprobs import LogprobsBuilder
 from fluxion_dist.server.stream import GeneratedToken, token_id, token_logprobs
 
 # A prompt of N tokens is rarely more than this many characters; longer text is refused before
@@ -53,105 +55,8 @@ class Backend(Protocol):
     def metrics_text(self) -> bytes: ...
 
 
-class _Detokenizer:
-    """Turns the token stream into text deltas and stops at a stop string (not included).
-
-    Stream and non-stream read the same text: ``push`` returns what is safe to send now and
-    ``flush`` the rest at the end. Held back are only a tail that could still become a stop
-    string and a trailing U+FFFD for at most ``MAX_INCOMPLETE`` tokens (a UTF-8 character is
-    at most 4 bytes; a replacement character that survives longer is genuine text).
-    """
-
-    MAX_INCOMPLETE = 3
-
-    def __init__(self, tok: Tokenizer, stops: list[str]) -> None:
-        self.tok, self.stops, self.ids, self.sent = tok, stops, [], ""
-        self.text, self.stopped, self._held_tokens = "", False, 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        cut = min((at for at in (text.find(s) for s in self.stops) if at >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = text[:cut], True
-            return ""
-        self.text = text
-        if text.endswith("\ufffd") and self._held_tokens < self.MAX_INCOMPLETE:
-            self._held_tokens += 1  # maybe a multi-byte character still incomplete
-            return ""
-        self._held_tokens = 0
-        safe = len(text) - self._stop_prefix_len(text)
-        if safe <= len(self.sent):
-            return ""
-        delta, self.sent = text[len(self.sent):safe], text[:safe]
-        return delta
-
-    def _stop_prefix_len(self, text: str) -> int:
-        """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
-    def flush(self) -> str:
-        """The text not sent yet (after the last token, or up to the stop string)."""
-        delta = self.text[len(self.sent):] if self.text.startswith(self.sent) else ""
-        self.sent = self.text
-        return delta
-
-
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
     return JSONResponse(error_body(message, kind, param, status), status_code=status)
-
-
-class _BodyLimit:
-    """ASGI wrapper: 413 for a body over ``limit`` bytes, by Content-Length or while it streams in."""
-
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await _send_413(send, self.limit)
-        seen, started = 0, False
-
-        async def send_tracked(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send_tracked)
-        except _BodyTooLarge:
-            if not started:
-                await _send_413(send, self.limit)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _send_413(send, limit: int) -> None:
-    body = json.dumps(error_body(f"request body exceeds {limit} bytes", "invalid_request_error", None,
-                                 413)).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -182,7 +87,7 @@ class _SparseUsage:
 
 
 def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend,
-              sparse: SparseConfig | None = None) -> _BodyLimit:
+              sparse: SparseConfig | None = None) -> BodyLimit:
     """The API as an ASGI app: FastAPI behind the body-size limit. ``sparse``: the deployment's
     decode attention, which a request's ``sparse`` field is checked against."""
     deploy_sparse = sparse or SparseConfig()
@@ -283,7 +188,7 @@ def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend,
         if req.max_tokens == 0:  # echo only: the prompt scored, nothing generated
             return _echo_only(cid, req, echo, lp, created, usage(len(prompt), 0, sparse_usage.body()))
         stream = backend.generate(cid, prompt, params, request_sparse)
-        detok = _Detokenizer(tokenizer, req.stop_strings)
+        detok = Detokenizer(tokenizer, req.stop_strings)
         try:  # admission and prefill failures surface before the first token, as a status code
             first = await anext(stream)
         except StopAsyncIteration:
@@ -375,7 +280,7 @@ def build_app(cfg: ServerConfig, tokenizer: Tokenizer, backend: Backend,
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     limit = max(MIN_BODY_LIMIT, cfg.max_prompt_tokens * BODY_BYTES_PER_TOKEN)
-    return _BodyLimit(app, limit)
+    return BodyLimit(app, limit)
 
 
 def _sse(obj: dict) -> bytes:

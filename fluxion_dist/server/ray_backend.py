@@ -8,6 +8,10 @@ A request's life cycle here:
 3. stream the remaining tokens from the decode worker's streaming generator;
 4. on any exit (done, client gone, worker died) tell the decode worker to drop the request,
    which frees its pages.
+Every call to a worker has a deadline (``server.worker_timeout_s``; a prefill
+``server.prefill_timeout_s``, cut short when the health monitor finds its worker hung), so a
+hung worker fails the requests it holds with 503 instead of holding them; workers the monitor
+reports hung or dead get no new requests.
 """
 
 from __future__ import annotations
@@ -111,8 +115,16 @@ class RayBackend:
             return
         self.metrics.kv_occupancy.labels(name).set(load["used_pages"] / max(load["total_pages"], 1))
 
+    async def _usable(self, pool: dict[str, ray.actor.ActorHandle]) -> list[str]:
+        """The pool's workers fit for a request; while none is (one restarting, say), wait for
+        one up to ``server.worker_timeout_s``, so a quick restart costs a delay, not a 503."""
+        deadline = time.monotonic() + self.timeout_s
+        while not (names := [n for n in pool if self.workers.usable(n)]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return names
+
     async def _loads(self) -> dict[str, dict]:
-        names = [n for n in self.decode if self.workers.usable(n)]
+        names = await self._usable(self.decode)
         # a cheap call: held to the health probe's deadline, so one hung worker delays no admission long
         results = await asyncio.gather(*(asyncio.wait_for(self.decode[n].load.remote(), self.workers.timeout_s)
                                          for n in names), return_exceptions=True)
@@ -165,14 +177,16 @@ class RayBackend:
             waiting = False
         # off the request's path: one more round trip to the worker would add to its TTFT
         self._background(self._refresh_occupancy(decode_name))
-        usable = [n for n in self.prefill if self.workers.usable(n)] or list(self.prefill)
-        prefill_name = min(usable, key=lambda n: self._prefill_inflight[n])
-        m.queue.observe(time.perf_counter() - t0)
         m.prompt_tokens.inc(len(prompt))
         m.waiting.inc()
         waiting = True
         outcome = "error"
         try:
+            usable = await self._usable(self.prefill)
+            if not usable:
+                raise WorkerFailed(f"no prefill worker is reachable: {self.workers.snapshot().get('degraded')}")
+            prefill_name = min(usable, key=lambda n: self._prefill_inflight[n])
+            m.queue.observe(time.perf_counter() - t0)
             self._prefill_inflight[prefill_name] += 1
             try:
                 done = await self._call(self.prefill[prefill_name].prefill.remote(
@@ -253,7 +267,9 @@ class RayBackend:
         task.add_done_callback(self._refreshes.discard)
 
     async def prompt_logprobs(self, request_id: str, prompt: list[int], n: int) -> list:
-        usable = [p for p in self.prefill if self.workers.usable(p)] or list(self.prefill)
+        usable = await self._usable(self.prefill)
+        if not usable:
+            raise WorkerFailed(f"no prefill worker is reachable: {self.workers.snapshot().get('degraded')}")
         name = min(usable, key=lambda p: self._prefill_inflight[p])
         self._prefill_inflight[name] += 1
         try:
