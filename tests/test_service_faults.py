@@ -147,6 +147,7 @@ def test_a_stopped_decode_worker_fails_its_requests_within_the_deadline(service)
         seconds, r = _timed_health(client)
         assert seconds < 1.0 and r.status_code == 503, (seconds, r.text)
         assert r.json()["status"] == "degraded" and r.json()["degraded"].get(name) == "hung", r.text
+        assert f'fluxion_worker_up{{worker="{name}"}} 0.0' in client.get("/metrics").text
 
         # A new request is not sent to the hung worker: it waits up to the deadline for a usable one,
         # then gets 503 naming the hung worker.
@@ -167,6 +168,7 @@ def test_a_stopped_decode_worker_fails_its_requests_within_the_deadline(service)
         assert seconds < 1.0
     r = _complete(client, cfg, "after the replacement", max_tokens=5)
     assert r.status_code == 200, r.text
+    assert f'fluxion_worker_up{{worker="{name}"}} 1.0' in client.get("/metrics").text
     _assert_kv_empty(cfg, client)
 
 

@@ -66,6 +66,8 @@ class RouterMetrics:
                                      registry=self.registry, buckets=buckets)
         self.budget = Gauge("fluxion_sparse_budget_used_ratio", "fraction of the KV decode attention read",
                             ["worker", "policy"], registry=self.registry)
+        self.worker_up = Gauge("fluxion_worker_up", "1 while the worker answers its health probes healthy, "
+                               "else 0 (hung, dead or restarting, unhealthy)", ["worker"], registry=self.registry)
 
 
 class RayBackend:
@@ -285,6 +287,8 @@ class RayBackend:
         return self.workers.snapshot()
 
     def metrics_text(self) -> bytes:
+        for name, state in self.workers.snapshot()["workers"].items():
+            self.metrics.worker_up.labels(name).set(1.0 if state["status"] == "ok" else 0.0)
         return generate_latest(self.metrics.registry)
 
 
