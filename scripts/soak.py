@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""Soak the CPU demo deployment: mixed-length streaming load for a bounded time, one decode
-worker killed half-way, then the books are checked.
+"""Soak the CPU demo deployment: mixed-length streaming load for a bounded time with faults
+injected (the decode worker SIGSTOPped past the router's deadline a quarter of the way, then
+resumed; killed half-way; one client in eight hanging up after its first chunk), then the
+books are checked.
 
 Passes when every request ended in a full response or a clean error (an HTTP error with a
 JSON body, or an SSE error event), none was lost (hung, cut off, or a transport error), the
@@ -19,6 +21,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -34,6 +37,7 @@ import ray  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+STOP_S = 4.0  # how long the decode worker is SIGSTOPped: past the router's per-token deadline
 
 from fluxion_dist.config import load_config  # noqa: E402
 from fluxion_dist.server import deploy  # noqa: E402
@@ -41,7 +45,8 @@ from fluxion_dist.server.ray_cluster import connect  # noqa: E402
 
 
 async def one_request(client: httpx.AsyncClient, model: str, rng: random.Random, timeout_s: float) -> str:
-    """Returns 'ok', 'clean_error' or 'lost:<why>'."""
+    """Returns 'ok', 'clean_error', 'hung_up' (the client left after its first chunk) or 'lost:<why>'."""
+    hang_up = rng.random() < 1 / 8
     body = {"model": model, "prompt": "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(8, 600))),
             "max_tokens": rng.randint(4, 48), "temperature": 0, "stream": True, "ignore_eos": True}
     try:
@@ -57,6 +62,8 @@ async def one_request(client: httpx.AsyncClient, model: str, rng: random.Random,
                     elif line.startswith("data: "):
                         event = json.loads(line[6:])
                         saw_error |= "error" in event
+                        if hang_up:
+                            return "hung_up"
                         tokens += "choices" in event and bool(event["choices"]) and bool(event["choices"][0]["text"])
                 if not saw_done:
                     return "lost:stream cut off before [DONE]"
@@ -67,7 +74,7 @@ async def one_request(client: httpx.AsyncClient, model: str, rng: random.Random,
         return f"lost:{type(e).__name__}: {e}"
 
 
-async def drive(endpoint: str, model: str, args, kill) -> tuple[Counter, int]:
+async def drive(endpoint: str, model: str, args, stop, kill) -> tuple[Counter, int]:
     rng = random.Random(args.seed)
     outcomes: Counter = Counter()
     ok_after_kill = 0
@@ -87,7 +94,12 @@ async def drive(endpoint: str, model: str, args, kill) -> tuple[Counter, int]:
 
         async def killer() -> None:
             nonlocal killed_at
-            await asyncio.sleep(args.duration / 2)
+            await asyncio.sleep(args.duration / 4)
+            t_stop = time.monotonic() - start
+            await asyncio.to_thread(stop)
+            print(f"[soak] decode worker stopped at t={t_stop:.1f}s, resumed at t={time.monotonic() - start:.1f}s",
+                  flush=True)
+            await asyncio.sleep(max(args.duration / 2 - (time.monotonic() - start), 0))
             killed_at = time.monotonic()
             await asyncio.to_thread(kill)
             print(f"[soak] killed a decode worker at t={killed_at - start:.1f}s", flush=True)
@@ -108,8 +120,11 @@ def main() -> int:
 
     cfg = load_config(args.config)
     cfg = dataclasses.replace(
-        cfg, server=dataclasses.replace(cfg.server, host="127.0.0.1", port=0),
+        cfg,
         cluster=dataclasses.replace(cfg.cluster, address="local", namespace="fluxion-soak"),
+        # short deadlines, so the stop below outlasts one within the run
+        server=dataclasses.replace(cfg.server, host="127.0.0.1", port=0, worker_timeout_s=STOP_S - 1,
+                                   health_timeout_s=1.0, health_interval_s=0.5),
         transport=dataclasses.replace(cfg.transport, timeout_s=min(cfg.transport.timeout_s, 5.0)))
     temp = tempfile.mkdtemp(prefix="fluxion-soak-ray-")
     before = {p.pid for p in psutil.process_iter()}
@@ -121,8 +136,16 @@ def main() -> int:
     def kill() -> None:
         ray.kill(deployment.actors[decode_names[0]], no_restart=False)
 
+    def stop() -> None:  # a hung worker: its requests must fail by the deadline, and it must come back
+        pid = ray.get(deployment.actors[decode_names[0]].__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(STOP_S)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
     t0 = time.monotonic()
-    outcomes, ok_after_kill = asyncio.run(drive(deployment.endpoint, cfg.server.served_model_name, args, kill))
+    outcomes, ok_after_kill = asyncio.run(drive(deployment.endpoint, cfg.server.served_model_name, args, stop, kill))
     elapsed = time.monotonic() - t0
 
     # Half-received transfers are reclaimed after the peer timeout; the killed worker may still be
@@ -146,7 +169,7 @@ def main() -> int:
     lost = {k: v for k, v in outcomes.items() if k.startswith("lost")}
     total = sum(outcomes.values())
     print(f"[soak] {total} requests in {elapsed:.0f}s: {outcomes['ok']} ok, {outcomes['clean_error']} clean errors, "
-          f"{sum(lost.values())} lost; {ok_after_kill} ok after the kill")
+          f"{outcomes['hung_up']} hung up by the client, {sum(lost.values())} lost; {ok_after_kill} ok after the kill")
     print(f"[soak] decode KV at the end: {[(ld['used_pages'], ld['active']) for ld in loads]} (pages, active)")
     checks = {
         "no request lost": not lost,

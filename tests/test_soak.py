@@ -1,4 +1,5 @@
-"""The soak in its short form: mixed load on the CPU demo deployment with one decode worker killed."""
+"""The soak in its short form: mixed load on the CPU demo deployment with a decode worker stopped past
+the router's deadline, then killed, and clients hanging up mid-stream."""
 
 import subprocess
 import sys
