@@ -8,19 +8,25 @@ CUDA graphs (on a GPU, unless ``enforce_eager``): a hook whose state is static d
 (``capturable = True``, e.g. ``fluxion_dist.model.hbm_kv.DenseHBMKV``) gets the whole step
 captured as ONE graph per padded batch size (1, 2, 4, ..., max_batch_size), on the step's first
 use of that size: the eager run is that step (so capturing rewrites nothing), later steps copy
-their inputs and replay. The hybrid operator's hook plans each layer on the host from the
-previous layer's counts and replays its own per-layer graphs (``hybrid.device_pipeline``), so
-it runs eagerly here, over the real rows only. On the CPU every step is eager.
+their inputs and replay. The hybrid operator's hook does host work per layer call (its plan,
+the CPU share's wait for the routing) and replays its own per-layer graphs
+(``hybrid.device_pipeline``), so it is not captured: its steps run *piecewise*, each layer's
+model pieces (norm + q/k/v + RoPE; o_proj + MLP) replayed as CUDA graphs per batch size, the
+hook called eagerly between them, over the real rows only. On the CPU every step is eager.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from fluxion_dist.model.decoder import AttentionHook, CausalLM
 from fluxion_dist.model.loader import to_device
+
+log = logging.getLogger(__name__)
 
 
 def padded_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -55,6 +61,8 @@ class ModelRunner:
         self._staging = torch.zeros((2, max_batch_size), dtype=torch.long, pin_memory=on_gpu)
         self._copied = torch.cuda.Event() if on_gpu else None
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pieces: dict[int, _Pieces] = {}
+        self._pieces_failed = False
         self._pool = None
         self.graph_replays = 0  # steps served by a replay (tests, benchmarks)
 
@@ -78,6 +86,8 @@ class ModelRunner:
         if bind is not None:
             bind(pos)
         if not graph:
+            if self.use_graphs:
+                return self._run_pieces(ids, pos, attend)
             return self.model.decode_step(ids, pos, attend)[:n]
         key = (bs, id(attend))
         entry = self._graphs.get(key)
@@ -112,7 +122,80 @@ class ModelRunner:
             self._pool = g.pool()
         self._graphs[key] = (g, out)
 
+    def _run_pieces(self, ids: torch.Tensor, pos: torch.Tensor, attend: AttentionHook) -> torch.Tensor:
+        n = ids.shape[0]
+        pw = self._pieces.get(n)
+        if pw is None:
+            logits = self.model.decode_step(ids, pos, attend)  # the step itself, and the warm-up
+            if self._pieces_failed:
+                return logits
+            try:
+                self._pieces[n] = self._capture_pieces(ids, pos)
+            except RuntimeError:
+                # a model whose ops cannot be captured still decodes, eagerly (tests assert the replays)
+                log.exception("piecewise CUDA-graph capture failed; decoding eagerly from now on")
+                self._pieces_failed = True
+                torch.cuda.synchronize()
+            return logits
+        pw.embed.replay()
+        for i, (qkv, rest) in enumerate(zip(pw.qkv, pw.rest)):
+            qkv.replay()
+            pw.attn.copy_(attend(i, *pw.qkv_out[i]))
+            rest.replay()
+        pw.head.replay()
+        self.graph_replays += 1
+        return pw.logits
+
+    def _capture_pieces(self, ids: torch.Tensor, pos: torch.Tensor) -> "_Pieces":
+        m, n = self.model, ids.shape[0]
+        a = m.arch
+        dtype = next(m.parameters()).dtype
+        h = torch.empty((n, a.hidden_size), dtype=dtype, device=self.device)
+        cos = torch.empty((n, a.head_dim), dtype=torch.float32, device=self.device)
+        sin = torch.empty_like(cos)
+        attn = torch.empty((n, a.num_attention_heads, a.head_dim), dtype=dtype, device=self.device)
+
+        def embed() -> None:
+            e, c, s = m.decode_embed(ids, pos)
+            h.copy_(e)
+            cos.copy_(c)
+            sin.copy_(s)
+
+        torch.cuda.synchronize()
+        g_embed, _ = self._capture_one(embed)
+        qkv, qkv_out, rest = [], [], []
+        for i in range(a.num_hidden_layers):
+            g, out = self._capture_one(lambda i=i: m.decode_qkv(i, h, cos, sin))  # outputs live in the pool
+            qkv.append(g)
+            qkv_out.append(out)
+            rest.append(self._capture_one(lambda i=i: h.copy_(m.decode_rest(i, h, attn)))[0])
+        g_head, logits = self._capture_one(lambda: m.decode_logits(h))
+        return _Pieces(g_embed, qkv, qkv_out, rest, g_head, attn, logits)
+
+    def _capture_one(self, fn):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):
+            out = fn()
+        if self._pool is None:
+            self._pool = g.pool()
+        return g, out
+
     def release_graphs(self) -> None:
         """Drop the captured graphs (a hook they captured is going away)."""
         self._graphs.clear()
+        self._pieces.clear()
         self._pool = None
+
+
+@dataclass(slots=True)
+class _Pieces:
+    """One batch size's piecewise step: graphs over static buffers (the hidden state, RoPE's
+    cos/sin and the hook's output are written in place; q, k, v live in the graphs' pool)."""
+
+    embed: torch.cuda.CUDAGraph
+    qkv: list[torch.cuda.CUDAGraph]
+    qkv_out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    rest: list[torch.cuda.CUDAGraph]
+    head: torch.cuda.CUDAGraph
+    attn: torch.Tensor
+    logits: torch.Tensor

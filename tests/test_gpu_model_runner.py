@@ -88,7 +88,7 @@ def test_runner_graph_replay_equals_eager_on_the_quality_model():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
-def _hybrid_engine(model, policy, budget=1.0):
+def _hybrid_engine(model, policy, budget=1.0, enforce_eager=False):
     arch = model.arch
     geo = KVGeometry(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
     store = KVStore(StoreConfig(geo, 64 << 20, pin="auto"))
@@ -97,7 +97,34 @@ def _hybrid_engine(model, policy, budget=1.0):
     op = HybridAttention(HostArena(pages.pages, pages.kmin, pages.kmax),
                          SparseConfig(policy=policy, budget=budget, mass_target=0.95), cost,
                          HybridOptions(num_layers=arch.num_hidden_layers, cpu_threads=2, device="gpu"))
-    return DecodeEngine(model, pages, 4, op), pages, store
+    return DecodeEngine(model, pages, 4, op, enforce_eager=enforce_eager), pages, store
+
+
+def _decode_one(model, engine, pages, store, prompt, steps):
+    pre = model.prefill(torch.tensor(prompt, device=CUDA))
+    pages.admit("r", len(prompt), steps)
+    store.put("r", len(prompt), [pack_layer(k, v) for k, v in zip(pre.keys, pre.values)])
+    first = int(pre.logits[-1].argmax())
+    assert engine.add("r", pages.adopt("r"), first, SamplingParams(max_tokens=steps, ignore_eos=True), None) is None
+    got = [first]
+    while engine.num_active:
+        got += [ev.token for ev in engine.step()]
+    pages.release("r")
+    return got
+
+
+def test_piecewise_graphs_over_the_hybrid_operator_equal_eager():
+    """The hybrid hook runs between per-layer model graphs: the same tokens as the eager step."""
+    model = _quality()
+    prompt = torch.randint(5, 1664, (2000,), generator=torch.Generator().manual_seed(5)).tolist()
+    runs = []
+    for eager in (True, False):
+        engine, pages, store = _hybrid_engine(model, "full", enforce_eager=eager)
+        runs.append(_decode_one(model, engine, pages, store, prompt, 10))
+        assert (engine.runner.graph_replays > 0) is (not eager)
+        engine.attention.close()
+        store.close()
+    assert runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("policy, budget", [("full", 1.0), ("fluxion", 0.1)])
@@ -120,6 +147,7 @@ def test_runner_over_the_hybrid_operator_on_the_gpu(policy, budget):
         if policy == "fluxion":
             assert report.budget_used < 0.5
     pages.release("r")
+    assert engine.runner.graph_replays > 0  # piecewise: the model's layers replayed as graphs
     if policy == "full":
         runner = ModelRunner(model, 1)
         kv = DenseHBMKV(model.arch, 1, len(prompt) + 8, CUDA, 1)

@@ -178,11 +178,29 @@ class CausalLM(nn.Module):
         """One new token per sequence: ``tokens, positions [B]`` -> logits ``[B, vocab]``."""
         if tokens.shape != positions.shape or tokens.ndim != 1:
             raise ValueError(f"tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} must be [B]")
+        h, cos, sin = self.decode_embed(tokens, positions)
+        for i in range(len(self.model.layers)):
+            q, k, v = self.decode_qkv(i, h, cos, sin)
+            h = self.decode_rest(i, h, attend(i, q, k, v))
+        return self._logits(h)
+
+    # The pieces of a decode step, in order (a runner may replay each as a CUDA graph, with the
+    # attention hook run between them): embed -> per layer (qkv, hook, rest) -> logits.
+    def decode_embed(self, tokens: torch.Tensor, positions: torch.Tensor):
+        """``tokens, positions [B]`` -> the hidden state ``[B, hidden]`` and RoPE's ``cos, sin``."""
         cos, sin = self.rotary.cos_sin(positions)
-        h = self.model.embed_tokens(tokens)
-        for i, layer in enumerate(self.model.layers):
-            q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
-            out = attend(i, q, k, v)
-            h = h + layer.self_attn.o_proj(out.reshape(tokens.numel(), -1).to(h.dtype))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.embed_tokens(tokens), cos, sin
+
+    def decode_qkv(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Layer ``layer``'s post-RoPE ``q [B, Hq, d]``, ``k, v [B, Hkv, d]`` for the hook."""
+        lay = self.model.layers[layer]
+        return lay.self_attn.qkv(lay.input_layernorm(h), cos, sin)
+
+    def decode_rest(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The layer after attention: ``h`` plus the projected ``attn [B, Hq, d]``, then the MLP."""
+        lay = self.model.layers[layer]
+        h = h + lay.self_attn.o_proj(attn.reshape(h.shape[0], -1).to(h.dtype))
+        return h + lay.mlp(lay.post_attention_layernorm(h))
+
+    def decode_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._logits(h)
