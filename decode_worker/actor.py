@@ -45,7 +45,8 @@ class DecodeWorker:
         self.model, self.tokenizer = load_from_config(self.cfg.model)
         self.kv = KVReceiver(self.cfg, self.model.arch, kv_secret)
         attention = build_attention(self.cfg, self.model.arch, HostArena(self.kv.pages, self.kv.kmin, self.kv.kmax))
-        self.engine = DecodeEngine(self.model, self.kv, self.cfg.decode.max_batch_size, attention)
+        self.engine = DecodeEngine(self.model, self.kv, self.cfg.decode.max_batch_size, attention,
+                                   enforce_eager=self.cfg.decode.enforce_eager)
         self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._lock: asyncio.Lock | None = None  # engine and store change only between steps
         self._wake: asyncio.Event | None = None
