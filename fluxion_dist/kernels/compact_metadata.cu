@@ -5,7 +5,8 @@
 // the channels, reduce max|corner| with shuffles, pick the least bf16 scale s with
 // 127 * s >= max|corner|, and write floor(min / s) and ceil(max / s), each corrected by one
 // step where the float division rounded across an integer (q * s is exact in float32: 7- and
-// 8-bit significands).
+// 8-bit significands). CuPy compiles with -ftz=true: subnormal corners are moved outward to 0 or
+// +-2^-126 on their bits before any float operation, and the scale is at least 2^-126.
 #include "common.cuh"
 
 #define QUANT_WARPS 4  // the launcher's _WARPS
@@ -19,14 +20,24 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// The least positive bf16 s with QMAX * s >= amax (amax finite, >= 0).
+#define LEAST_NORMAL_BITS 0x0080u  // bf16 bits of 2^-126
+
+// A corner as float32, a subnormal one moved outward (up: towards +inf) to 0 or +-2^-126.
+__device__ __forceinline__ float outward_corner(bf16_t b, bool up) {
+    if ((b & 0x7f80u) != 0u || (b & 0x7fu) == 0u) return bf16_to_f32(b);  // normal, zero, inf/NaN
+    const bool neg = (b & 0x8000u) != 0u;
+    if (up) return neg ? 0.f : __uint_as_float(0x00800000u);
+    return neg ? -__uint_as_float(0x00800000u) : 0.f;
+}
+
+// The least bf16 s >= 2^-126 with QMAX * s >= amax (amax finite, >= 0, zero or normal).
 __device__ __forceinline__ bf16_t least_scale(float amax) {
     const unsigned int u = __float_as_uint(__fdiv_ru(amax, (float)QMAX));
     unsigned int bits = (u >> 16) + ((u & 0xffffu) != 0u);  // round up to bf16 (positive)
-    if (bits == 0u) bits = 1u;                              // amax 0: any positive scale
+    if (bits < LEAST_NORMAL_BITS) bits = LEAST_NORMAL_BITS;
     while (bf16_to_f32((bf16_t)bits) * (float)QMAX < amax) ++bits;
     // The least: one step down must fall short (it can only after the round-up above).
-    while (bits > 1u && bf16_to_f32((bf16_t)(bits - 1u)) * (float)QMAX >= amax) --bits;
+    while (bits > LEAST_NORMAL_BITS && bf16_to_f32((bf16_t)(bits - 1u)) * (float)QMAX >= amax) --bits;
     return (bf16_t)bits;
 }
 
@@ -47,13 +58,13 @@ __global__ void __launch_bounds__(QUANT_WARPS * 32) quantize_metadata(
 
     float amax = 0.f;
     for (int c = lane; c < HEAD_DIM; c += 32)
-        amax = fmaxf(amax, fmaxf(fabsf(bf16_to_f32(lo[c])), fabsf(bf16_to_f32(hi[c]))));
+        amax = fmaxf(amax, fmaxf(fabsf(outward_corner(lo[c], false)), fabsf(outward_corner(hi[c], true))));
     amax = warp_max(amax);
     const bf16_t sb = least_scale(amax);
     const float s = bf16_to_f32(sb);
     signed char* out = values + row * (2 * HEAD_DIM);
     for (int c = lane; c < HEAD_DIM; c += 32) {
-        const float a = bf16_to_f32(lo[c]), b = bf16_to_f32(hi[c]);
+        const float a = outward_corner(lo[c], false), b = outward_corner(hi[c], true);
         float ql = floorf(a / s), qh = ceilf(b / s);
         if (ql * s > a) ql -= 1.f;
         if (qh * s < b) qh += 1.f;

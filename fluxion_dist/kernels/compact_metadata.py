@@ -13,7 +13,14 @@ valid, looser, upper bound. ``2 * d + 2`` bytes per (page, head).
 Exactness: ``s`` has an 8-bit significand and ``|q| <= 127`` a 7-bit one, so
 ``q * s`` is exact in float32 (above float32's subnormal floor, since bf16 has
 float32's exponent range), and the kernel's dequantisation is the reference's,
-bit for bit. ``s`` is the smallest bf16 with ``127 * s >= max |corner|``.
+bit for bit. ``s`` is the smallest bf16 with ``127 * s >= max |corner|``, and at least
+float32's least normal (2^-126).
+
+Subnormals: CuPy compiles every kernel with ``-ftz=true``, which flushes subnormal inputs of
+float arithmetic and comparisons to zero, so the kernel could not round a subnormal corner
+outward (nor dequantise with a subnormal scale). A subnormal corner is therefore first moved
+outward to the nearest value that is zero or normal (a min to -2^-126 or 0, a max to 2^-126
+or 0), here and in the kernel alike, and the scale never goes below 2^-126.
 
 Layout (what the scoring kernel reads with one 16-byte load per lane):
 ``values int8 [P, Hkv, d/8, 2, 8]`` stored as ``[P, Hkv, 2*d]``: for each
@@ -62,13 +69,28 @@ def _bits(kmin: np.ndarray, name: str) -> np.ndarray:
     return kmin
 
 
+LEAST_NORMAL = 2.0 ** -126
+"""Float32's least normal: the least scale, and where subnormal corners move (see above)."""
+
+_LEAST_NORMAL_BITS = 0x0080
+
+
+def _outward_of_subnormals(x: np.ndarray, up: bool) -> np.ndarray:
+    """Subnormal ``x`` moved outward (``up``: towards +inf) to 0 or +-2^-126; others kept."""
+    sub = (x != 0) & (np.abs(x) < LEAST_NORMAL)
+    if not sub.any():
+        return x
+    out = np.where(x > 0, LEAST_NORMAL, 0.0) if up else np.where(x < 0, -LEAST_NORMAL, 0.0)
+    return np.where(sub, out, x)
+
+
 def _scale_bits(amax: np.ndarray) -> np.ndarray:
-    """The smallest bf16 s > 0 with 127 * s >= amax (exactly), as bits."""
+    """The smallest bf16 s >= 2^-126 with 127 * s >= amax (exactly), as bits."""
     f = (amax.astype(np.float64) / QMAX).astype(np.float32)
     f = np.where(f.astype(np.float64) * QMAX < amax, np.nextafter(f, np.float32(np.inf)), f)
     u = f.view(np.uint32)
     bits = (u >> 16) + ((u & 0xFFFF) != 0)  # round the float32 up to bf16 (positive: bits up)
-    bits = np.maximum(bits, 1).astype(np.uint32)  # amax 0: any positive scale; the least
+    bits = np.maximum(bits, _LEAST_NORMAL_BITS).astype(np.uint32)  # never subnormal (see the module doc)
     for _ in range(4):  # the roundings above leave at most a step to take; never loops on
         short = from_bf16_bits(bits.astype(np.uint16)).astype(np.float64) * QMAX < amax
         if not short.any():
@@ -99,6 +121,7 @@ def quantize(kmin: np.ndarray, kmax: np.ndarray) -> CompactMetadata:
     if (lo > hi).any():
         at = tuple(int(i) for i in np.argwhere(lo > hi)[0])
         raise ValueError(f"kmin{list(at)} = {lo[at]} exceeds kmax = {hi[at]}")
+    lo, hi = _outward_of_subnormals(lo, up=False), _outward_of_subnormals(hi, up=True)
     amax = np.maximum(np.abs(lo), np.abs(hi)).max(axis=-1, initial=0.0)
     scales = _scale_bits(amax)
     s = from_bf16_bits(scales).reshape(scales.shape).astype(np.float64)[..., None]
