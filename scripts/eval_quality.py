@@ -31,14 +31,15 @@ from fluxion_dist.quality.harness import OperatorPolicy, deployment_sparse, make
 from fluxion_dist.quality.model import SHIPPED_DIR, load_quality_model
 from fluxion_dist.quality.operator_decode import attention_dtype_note
 from fluxion_dist.quality.policies import DEFAULT_POLICIES, check_policy_names, label
-from fluxion_dist.quality.tasks import TASKS
+from fluxion_dist.quality.tasks import ALL_TASKS, TaskSuite
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=SHIPPED_DIR, help="checkpoint directory (default: the shipped one)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768])
-    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    ap.add_argument("--tasks", nargs="+", choices=ALL_TASKS, default=None,
+                    help="default: every task the model reads (word tasks for v1, RULER tasks for a BPE model)")
     ap.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES),
                     help="deployment policies (fluxion_dist.policy.POLICIES) and/or the oracle oracle_topk")
     ap.add_argument("--samples", type=int, default=40, help="per task and context")
@@ -60,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         sparse = deployment_sparse(args.budget, overrides)
     except ValueError as e:
         ap.error(str(e))
+    suite = TaskSuite.for_model(args.model)
+    tasks = args.tasks or list(suite.tasks)
+    if any(t not in suite.tasks for t in tasks):
+        ap.error(f"--tasks {[t for t in tasks if t not in suite.tasks]}: not tasks {args.model} reads; "
+                 f"its tasks: {', '.join(suite.tasks)}")
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     runners = make_runners(model, names, sparse, cost, max_tokens=max(args.contexts), compute=device,
                            device=args.operator_device, cpu_threads=threads)
     op_device = next((r.runner.op.device for r in runners if isinstance(r, OperatorPolicy)), None)
-    meta = {"model": str(args.model), "contexts": args.contexts, "samples": args.samples, "seed": args.seed,
+    meta = {"model": str(args.model), "tasks": tasks, "contexts": args.contexts, "samples": args.samples, "seed": args.seed,
             "budget": args.budget, "sparse_overrides": overrides, "sparse": dataclasses.asdict(sparse),
             "policies": [label(n) for n in names], "operator_device": op_device,
             "cost_model": {**dataclasses.asdict(cost), "source": "calibrate", "seconds": round(time.perf_counter() - t0, 2)},
@@ -88,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # results are written after every context, so a run cut short still leaves its numbers
         for context in args.contexts:
-            cells += run_cells(model, runners, args.tasks, [context], args.samples, args.seed, device,
-                               progress=lambda line: print(line, flush=True))
+            cells += run_cells(model, runners, tasks, [context], args.samples, args.seed, device,
+                               progress=lambda line: print(line, flush=True), suite=suite)
             meta["seconds"] = round(time.perf_counter() - t0, 1)
             report.write_json(args.out / "quality_eval.json", cells, meta)
             drawn = report.plot(args.out / "quality_eval.png", cells)

@@ -29,7 +29,7 @@ from fluxion_dist.quality.decode_hook import PolicyAttention
 from fluxion_dist.quality.fidelity import FidelityStats
 from fluxion_dist.quality.operator_decode import OperatorRunner, PackedPrefill, pack_prefill
 from fluxion_dist.quality.policies import ORACLES, OracleTopK, check_policy_names
-from fluxion_dist.quality.tasks import TASKS, Sample, TaskName, make_sample
+from fluxion_dist.quality.tasks import ALL_TASKS, SHIPPED_SUITE, Sample, TaskName, TaskSuite
 
 
 @dataclass(slots=True)
@@ -51,10 +51,12 @@ class Cell:
         return self.correct / self.total if self.total else float("nan")
 
 
-def eval_samples(task: TaskName, context: int, count: int, seed: int) -> list[Sample]:
-    """The same samples for every policy and run: seeded by (seed, task, context, index)."""
-    t = TASKS.index(task)
-    return [make_sample(task, np.random.default_rng([seed, t, context, i]), context) for i in range(count)]
+def eval_samples(task: TaskName, context: int, count: int, seed: int,
+                 suite: TaskSuite = SHIPPED_SUITE) -> list[Sample]:
+    """The same samples for every policy and run: seeded by (seed, task, context, index), in
+    the task family (and tokenizer) of the model being evaluated (``suite``)."""
+    t = ALL_TASKS.index(task)
+    return [suite.make_sample(task, np.random.default_rng([seed, t, context, i]), context) for i in range(count)]
 
 
 @torch.inference_mode()
@@ -187,12 +189,12 @@ def make_runners(model: CausalLM, names: list[str], sparse: SparseConfig, cost: 
 
 def run_cells(model: CausalLM, runners: list[Runner], tasks: list[TaskName], contexts: list[int],
               samples: int, seed: int = 0, device: torch.device = torch.device("cpu"),
-              progress=print) -> list[Cell]:
+              progress=print, suite: TaskSuite = SHIPPED_SUITE) -> list[Cell]:
     cells = []
     for context in contexts:
         for task in tasks:
             row = {r.name: Cell(task, context, r.name, FidelityStats(model.arch)) for r in runners}
-            for s in eval_samples(task, context, samples, seed):
+            for s in eval_samples(task, context, samples, seed, suite):
                 pre = Prefilled(model, torch.from_numpy(s.prompt()).to(device))
                 answer = s.answer().tolist()
                 for r in runners:
