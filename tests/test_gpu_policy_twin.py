@@ -50,8 +50,9 @@ def test_far_demand_kernel_matches_the_twin():
 @pytest.mark.parametrize("graphs", [True, False])
 def test_pipeline_selection_equals_the_twin(graphs):
     dec = Decode([1000, 1777, 433], 2, 4, d=128, layers=3, steps=7, seed=21)
-    op = dec.operator("fluxion", "gpu", budget=0.05, mass=0.9, record_selection=True, refresh_steps=2,
-                      cuda_graphs=graphs)
+    # floors below the fixed share, local heads back to the pool: the plan really moves budgets
+    op = dec.operator("fluxion", "gpu", budget=0.05, mass=0.9, sparse=dict(floor_fraction=0.5, head_predictor=True),
+                      record_selection=True, refresh_steps=2, cuda_graphs=graphs)
     own = [None, RequestSparse("fluxion", 0.1), RequestSparse("fluxion", 0.2)]
     budgets = np.array([0.05, 0.1, 0.2])
     pipe, state, kept = op.pipeline, op.device_state, op.kept

@@ -41,9 +41,10 @@ class Decode:
         self.ids = [f"r{b}" for b in range(len(seq_lens))]
         self.slots = slots
 
-    def operator(self, policy, device, budget=1.0, mass=1.0, **kw):
+    def operator(self, policy, device, budget=1.0, mass=1.0, sparse=None, **kw):
+        """``sparse``: more SparseConfig fields; ``kw``: HybridOptions fields."""
         cfg = SparseConfig(policy=policy, budget=budget, mass_target=mass, sink_tokens=16, recent_tokens=32,
-                           gpu_cache_blocks=self.slots * self.layers)
+                           gpu_cache_blocks=self.slots * self.layers, **(sparse or {}))
         cost = CostModel.from_rates(self.d, cpu_gb_per_s=5.0, uva_gb_per_s=5.0, cached_gb_per_s=50.0)
         return HybridAttention(self.arena, cfg, cost, HybridOptions(self.layers, cpu_threads=1, device=device, **kw))
 
@@ -102,7 +103,8 @@ def test_sparse_selection_is_kept_plus_best_at_the_planned_counts(policy):
     from fluxion_dist.policy.budget import pooled_row_budgets, share_blocks
 
     dec = Decode([1500, 777, 2100], 2, 4, layers=3, steps=4, seed=7)
-    op = dec.operator(policy, "cpu", budget=0.1, mass=0.9, record_selection=True)
+    # floors below the fixed share, local heads back to the pool: budgets really move
+    op = dec.operator(policy, "cpu", budget=0.1, mass=0.9, sparse=dict(floor_fraction=0.5, head_predictor=True), record_selection=True)
     for step in range(4):
         b = len(dec.seqs)
         hook = op.step(dec.seqs, dec.ids)

@@ -117,6 +117,17 @@ def test_no_demand_is_the_fixed_rule_and_budgets_are_per_request():
     assert np.all(full == 500)
 
 
+def test_full_floors_without_the_predictor_are_the_fixed_rule():
+    """floor_fraction 1 and no head predictor (the config's defaults): whatever the demand, every
+    row reads the fixed share, so fluxion selects what Quest does."""
+    rng = np.random.default_rng(1)
+    nb, demand = _random_case(rng)
+    got = pooled_row_budgets(demand, nb, 0.05, floor_fraction=1.0, head_predictor=False, **OPTS)
+    fixed = pooled_row_budgets(None, nb, 0.05, num_layers=demand.shape[0], num_kv_heads=demand.shape[2],
+                               floor_fraction=1.0, head_predictor=False, **OPTS)
+    np.testing.assert_array_equal(got, fixed)
+
+
 def test_bad_inputs_name_the_argument():
     with pytest.raises(BudgetError, match="budget"):
         pooled_row_budgets(None, [10], 0.0, num_layers=1, num_kv_heads=1, floor_fraction=0.5,

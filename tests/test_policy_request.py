@@ -65,9 +65,9 @@ def test_config_fields_are_validated():
     from fluxion_dist.errors import ConfigError
 
     cfg = config_from_dict({"decode": {"sparse": {"policy": "fluxion", "floor_fraction": 0.25,
-                                                  "head_predictor": False, "max_request_budget": 0.5}}})
+                                                  "head_predictor": True, "max_request_budget": 0.5}}})
     sp = cfg.decode.sparse
-    assert (sp.floor_fraction, sp.head_predictor, sp.max_request_budget) == (0.25, False, 0.5)
+    assert (sp.floor_fraction, sp.head_predictor, sp.max_request_budget) == (0.25, True, 0.5)
     for bad in ({"floor_fraction": 1.5}, {"max_request_budget": 0}, {"head_predictor": 1}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             config_from_dict({"decode": {"sparse": bad}})

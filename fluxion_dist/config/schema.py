@@ -108,12 +108,15 @@ class SparseConfig:
         "grants it by measured demand (the same total, spent where the output needs it)", gt=0, le=1))
     mass_target: float = field(default=0.95, metadata=doc(
         "fluxion: estimated softmax mass each head's demand must reach", gt=0, le=1))
-    floor_fraction: float = field(default=0.5, metadata=doc(
-        "fluxion: every head keeps at least this fraction of the budget (plus its sinks and window) "
-        "before the pool is granted by demand", ge=0, le=1))
-    head_predictor: bool = field(default=True, metadata=doc(
+    floor_fraction: float = field(default=1.0, metadata=doc(
+        "fluxion: every head keeps at least this fraction of the budget (never less than its sinks and "
+        "window) before the rest of the pool is granted by measured demand; 1.0: every head at least "
+        "Quest's share (the default: lower floors lost accuracy on the quality model at 4k tokens with "
+        "the bound-softmax demand)", ge=0, le=1))
+    head_predictor: bool = field(default=False, metadata=doc(
         "fluxion: heads whose measured demand lies inside the sinks and window (local heads) get only "
-        "those blocks, giving their floor back to the pool"))
+        "those blocks, giving their floor back to the pool (off by default: it did not pay on the "
+        "quality model at 4k tokens)"))
     max_request_budget: float = field(default=0.25, metadata=doc(
         "largest budget a request's own sparse.budget may ask for", gt=0, le=1))
     sink_tokens: int = field(default=16, metadata=doc("leading tokens always attended", ge=0))
