@@ -159,7 +159,7 @@ def test_demand_refreshes_on_the_staggered_schedule():
     """refresh_steps=2: layer l measures on steps where (step + l) is even, and on the first
     step of every request (here a request joins at step 2)."""
     dec = Decode([900, 600], 2, 2, layers=2, steps=6, seed=3)
-    op = dec.operator("fluxion", "cpu", budget=0.1, mass=0.9, refresh_steps=2)
+    op = dec.operator("fluxion", "cpu", budget=0.1, mass=0.9, sparse=dict(floor_fraction=0.5), refresh_steps=2)
     seen = []
     for step in range(5):
         ids = dec.ids if step >= 2 else dec.ids[:1]
@@ -177,6 +177,12 @@ def test_demand_refreshes_on_the_staggered_schedule():
     assert seen == [{0, 1}, {1}, {0, 1}, {1}, {0}]
     op.release("r0")
     assert not any(rid == "r0" for rid, _ in op.demand)
+    # floors at the full share without the predictor (the defaults): demand moves nothing, nothing measures
+    quest_like = dec.operator("fluxion", "cpu", budget=0.1, mass=0.9)
+    hook = quest_like.step(dec.seqs, dec.ids)
+    for layer in range(dec.layers):
+        hook(layer, torch.randn(2, dec.hq, dec.d), torch.randn(2, dec.hkv, dec.d), torch.randn(2, dec.hkv, dec.d))
+    assert not quest_like.demand
 
 
 @pytest.mark.parametrize("policy", ["quest_gpu", "fluxion"])

@@ -11,7 +11,8 @@ heads), and measure a layer's demand when :func:`measures` says so:
   layer, the far demand of the top-p pass at the mass target); a request not measured yet
   gets the fixed share. A layer measures every ``refresh_steps`` steps, staggered over the
   layers so a step refreshes only some of them, and on every step where a request of the
-  batch has no demand for it yet.
+  batch has no demand for it yet; never where demand cannot move a block (floors at the
+  full share without the head predictor: then fluxion reads Quest's share per row).
 """
 
 from __future__ import annotations
@@ -71,10 +72,16 @@ def plan_step(config: SparseConfig, kept: KeptBlocks, demand: np.ndarray | None,
                               num_kv_heads=num_kv_heads)
 
 
+def demand_matters(config: SparseConfig) -> bool:
+    """Whether demand can move a row's blocks: not with floors at the full share and no head
+    predictor (every row then reads the fixed share, whatever it measures)."""
+    return config.floor_fraction < 1.0 or config.head_predictor
+
+
 def measures(config: SparseConfig, budgets: np.ndarray, demand: np.ndarray | None, step: int, layer: int,
              refresh_steps: int) -> bool:
     """Whether the layer runs the top-p pass this step (``demand`` as :func:`demand_of` gives it)."""
-    if traits(config.policy).selection != "fluxion" or np.all(budgets >= 1.0):
+    if traits(config.policy).selection != "fluxion" or np.all(budgets >= 1.0) or not demand_matters(config):
         return False
     return demand is None or bool(np.any(demand[layer] < 0)) or (step + layer) % refresh_steps == 0
 
