@@ -57,7 +57,7 @@ from typing import Literal, Protocol, Sequence
 import numpy as np
 import torch
 
-from fluxion_dist.attention.layout import BLOCK_TOKENS, from_bf16_bits, num_blocks
+from fluxion_dist.attention.layout import BLOCK_TOKENS, from_bf16_bits
 from fluxion_dist.config.schema import SparseConfig
 from fluxion_dist.cpu import selection as cpu_sel
 from fluxion_dist.cpu.attention import sparse_partial_attention
