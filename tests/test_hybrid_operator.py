@@ -17,7 +17,7 @@ from fluxion_dist.hybrid import CostModel, HybridAttention, HybridAttentionError
 from fluxion_dist.hybrid.paged_builder import allocate_arena, build_paged, pages_needed
 
 POLICIES = ("full", "quest_gpu", "cpu_only", "fixed_hybrid", "fluxion")
-# a GPU about as fast as the CPU here, so the balanced split really splits
+# a cost model with GPU rates (the CPU path keeps only its CPU rate)
 GPU_RATES = CostModel.from_rates(32, cpu_gb_per_s=5.0, uva_gb_per_s=5.0, cached_gb_per_s=50.0)
 
 
