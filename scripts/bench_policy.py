@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32, help="layers of the step the pooled budget plans")
     ap.add_argument("--batch", type=int, default=16, help="requests of the step the pooled budget plans")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--floor-fraction", type=float, default=0.5,
+                    help="sparse.floor_fraction of the plan (below 1 so demand moves blocks)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -63,7 +65,7 @@ def main() -> None:
     lo, hi = block_boxes(kf)
     kmin, kmax = (np.ascontiguousarray((x.view(np.uint32) >> 16).astype(np.uint16)) for x in (lo, hi))
     print(f"synthetic KV + block boxes: {time.perf_counter() - t0:.1f} s")
-    cfg = SparseConfig(policy="fluxion")
+    cfg = SparseConfig(policy="fluxion", floor_fraction=args.floor_fraction)
     kept = KeptBlocks.from_config(cfg)
     t, hkv, thr = args.tokens, args.kv_heads, args.threads
     nb = num_blocks(t)
@@ -92,7 +94,7 @@ def main() -> None:
                                   recent_blocks=kept.recent_blocks, floor_fraction=cfg.floor_fraction,
                                   head_predictor=predictor)
 
-    k_rows = plan(cfg.head_predictor)[0, 0]
+    k_rows = plan(True)[0, 0]
     forced = twin.force_kept(kvs.copy(), lens, sink_blocks=kept.sink_blocks, recent_blocks=kept.recent_blocks)
     steps = [
         ("Quest scores + kv-head max (Cython)", scores),
@@ -113,7 +115,7 @@ def main() -> None:
         print(f"| {name} | {med:.3f} | {best:.3f} |")
     on, off = plan(True)[0, 0], plan(False)[0, 0]
     print(f"\nbudget {cfg.budget}: {int(np.ceil(cfg.budget * nb))} blocks per row on average; kept "
-          f"{kept.sink_blocks} + {kept.recent_blocks}\n")
+          f"{kept.sink_blocks} + {kept.recent_blocks}; floor fraction {cfg.floor_fraction}\n")
     print("| KV head | planted | far demand | blocks, predictor on | blocks, predictor off |\n|---|---|---|---|---|")
     for h in range(hkv):
         print(f"| {h} | {kv.kinds[h]} | {int(far[h])} | {int(on[h])} | {int(off[h])} |")
