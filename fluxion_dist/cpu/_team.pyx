@@ -20,36 +20,8 @@ from fluxion_dist.cpu.attention import BatchPartial
 cnp.import_array()
 
 
-cdef extern from "attention_job.h" nogil:
-    ctypedef struct fx_arena:
-        const uint16_t *kv
-        int64_t num_pages
-        int64_t page_stride
-        int64_t head_stride
-        int d
-        int g
-    ctypedef struct fx_attn_job:
-        fx_arena a
-        const float *q
-        const int32_t *bt
-        int64_t bt_stride
-        const int32_t *seq_lens
-        const int32_t *indptr
-        const int32_t *blocks
-        const uint16_t *masks
-        int64_t B, hq, hkv, rows, nnz
-        float *o
-        float *m
-        float *l
-        int isa, prefetch
-    float FX_LOG2E
-    void *fx_alloc(size_t bytes)
-    void fx_job_scratch(int64_t rows, int64_t parts, int64_t q_floats, int g, int d, int members,
-                        int64_t *n_i64, int64_t *n_f32)
-    int64_t fx_csr_bad_row(const int32_t *indptr, int64_t rows, int64_t nnz)
-    void fx_job_plan(fx_attn_job *j, int64_t parts, int members, float scale2, int64_t *i64, float *f32)
-    void fx_job_work(fx_attn_job *j, int member)
-    int64_t fx_job_first_bad(const fx_attn_job *j)
+from fluxion_dist.cpu._attention_job cimport (
+    fx_arena, fx_attn_job, FX_LOG2E, fx_alloc, fx_job_scratch, fx_csr_bad_row, fx_job_plan, fx_job_work, fx_job_first_bad)
 
 
 cdef extern from "worker_team.h" nogil:
