@@ -59,7 +59,7 @@ def _section(prefix: str, cls, out: list[str]) -> None:
         text = f.metadata.get("doc", "").replace("|", "\\|")
         rows.append(f"| `{f.name}` | {_type_name(tp)} | {_default(f)} | {limits} | {text} |")
     if rows:
-        out += [f"### `{prefix}`", "", "| field | type | default | range | meaning |",
+        out += [f"#### `{prefix}`", "", "| field | type | default | range | meaning |",
                 "| --- | --- | --- | --- | --- |", *rows, ""]
     for name, tp, _ in nested:
         _section(name, tp, out)
