@@ -1,4 +1,4 @@
-"""Decode-attention benchmark of issue 6: the hybrid operator's policies against SDPA in HBM.
+"""Decode-attention benchmark: the hybrid operator's policies against SDPA in HBM.
 
 8B-shaped attention (32 layers, 32 query heads, 8 KV heads, d=128, bf16), KV in host
 memory (pinned, read in place by the Cython path and through UVA by the GPU), contexts

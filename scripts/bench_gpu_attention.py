@@ -1,4 +1,4 @@
-"""Benchmark of the GPU decode-attention kernels for one 8B-shaped layer (issue 5).
+"""Benchmark of the GPU decode-attention kernels for one 8B-shaped layer.
 
 Prints, per context length: torch SDPA full attention with all KV in HBM (the baseline);
 our sparse partial attention at a fixed budget (5%) with every selected block in the GPU

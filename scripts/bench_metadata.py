@@ -1,4 +1,4 @@
-"""Quest scoring + selection per layer from the bf16 metadata and from its int8 mirror (issue 21 item 3).
+"""Quest scoring + selection per layer from the bf16 metadata and from its int8 mirror.
 
 For an 8B-shaped layer (32 query heads, 8 KV heads, d=128) at each context and batch:
 the metadata bytes in HBM of each format, the median GPU time of scoring alone and of
