@@ -38,12 +38,17 @@ import time
 
 import numpy as np
 
-from fluxion_dist.attention.layout import BLOCK_TOKENS
-from fluxion_dist.cpu import _attention, _stream
-from fluxion_dist.cpu.attention import sparse_partial_attention
-from fluxion_dist.cpu.synthetic_arena import paged_batch, random_selection
-from fluxion_dist.cpu.team import AttentionTeam
-from fluxion_dist.cpu.torch_baseline import torch_sparse_partial_attention
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+
+from fluxion_dist.attention.layout import BLOCK_TOKENS  # noqa: E402
+from fluxion_dist.cpu import _attention, _stream  # noqa: E402
+from fluxion_dist.cpu.attention import sparse_partial_attention  # noqa: E402
+from fluxion_dist.cpu.synthetic_arena import paged_batch, random_selection  # noqa: E402
+from fluxion_dist.cpu.team import AttentionTeam  # noqa: E402
+from fluxion_dist.cpu.torch_baseline import torch_sparse_partial_attention  # noqa: E402
 
 
 def ints(text: str) -> list[int]:

@@ -37,13 +37,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks, pack_kv_blocks, to_bf16_bits
-from fluxion_dist.attention.synthetic import drifted_queries, make_synthetic_kv
-from fluxion_dist.config.schema import SparseConfig
-from fluxion_dist.hybrid import HybridAttention, HybridOptions, calibrate
-from fluxion_dist.hybrid.operator import HostArena
-from fluxion_dist.hybrid.paged_builder import BuiltSequence, block_boxes
-from fluxion_dist.kernels.device import gpu_unavailable_reason
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+
+from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks, pack_kv_blocks, to_bf16_bits  # noqa: E402
+from fluxion_dist.attention.synthetic import drifted_queries, make_synthetic_kv  # noqa: E402
+from fluxion_dist.config.schema import SparseConfig  # noqa: E402
+from fluxion_dist.hybrid import HybridAttention, HybridOptions, calibrate  # noqa: E402
+from fluxion_dist.hybrid.operator import HostArena  # noqa: E402
+from fluxion_dist.hybrid.paged_builder import BuiltSequence, block_boxes  # noqa: E402
+from fluxion_dist.kernels.device import gpu_unavailable_reason  # noqa: E402
 
 POLICIES = ("full", "quest_gpu", "cpu_only", "fixed_hybrid", "fluxion")
 HEAD_MIX = ("sink_local", "sink_local", "sink_local", "needle", "needle", "needle", "uniform", "uniform")

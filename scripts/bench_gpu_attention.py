@@ -35,12 +35,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fluxion_dist.attention.layout import BLOCK_TOKENS
-from fluxion_dist.kernels.attention import sparse_partial_attention
-from fluxion_dist.kernels.block_table import force_blocks
-from fluxion_dist.kernels.scoring import quest_scores
-from fluxion_dist.kernels.selection import select_topk
-from fluxion_dist.kernels.uva import pinned_empty
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+
+from fluxion_dist.attention.layout import BLOCK_TOKENS  # noqa: E402
+from fluxion_dist.kernels.attention import sparse_partial_attention  # noqa: E402
+from fluxion_dist.kernels.block_table import force_blocks  # noqa: E402
+from fluxion_dist.kernels.scoring import quest_scores  # noqa: E402
+from fluxion_dist.kernels.selection import select_topk  # noqa: E402
+from fluxion_dist.kernels.uva import pinned_empty  # noqa: E402
 
 SETS = 16  # input sets rotated through one graph: >= 100 MB touched per replay
 

@@ -20,9 +20,14 @@ import math
 import cupy as cp
 import numpy as np
 
-from fluxion_dist.kernels.compact_metadata import quantize
-from fluxion_dist.kernels.scoring import quest_scores, quest_scores_compact
-from fluxion_dist.kernels.selection import select_topk
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+
+from fluxion_dist.kernels.compact_metadata import quantize  # noqa: E402
+from fluxion_dist.kernels.scoring import quest_scores, quest_scores_compact  # noqa: E402
+from fluxion_dist.kernels.selection import select_topk  # noqa: E402
 from scripts.bench_gpu_attention import SETS, quest_metadata, random_arena, time_graph
 
 

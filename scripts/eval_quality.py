@@ -25,13 +25,15 @@ from pathlib import Path
 
 import torch
 
-from fluxion_dist.hybrid import calibrate
-from fluxion_dist.quality import report
-from fluxion_dist.quality.harness import OperatorPolicy, deployment_sparse, make_runners, parse_overrides, run_cells
-from fluxion_dist.quality.model import SHIPPED_DIR, load_quality_model
-from fluxion_dist.quality.operator_decode import attention_dtype_note
-from fluxion_dist.quality.policies import DEFAULT_POLICIES, check_policy_names, label
-from fluxion_dist.quality.tasks import ALL_TASKS, TaskSuite
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+
+from fluxion_dist.hybrid import calibrate  # noqa: E402
+from fluxion_dist.quality import report  # noqa: E402
+from fluxion_dist.quality.harness import OperatorPolicy, deployment_sparse, make_runners, parse_overrides, run_cells  # noqa: E402
+from fluxion_dist.quality.model import SHIPPED_DIR, load_quality_model  # noqa: E402
+from fluxion_dist.quality.operator_decode import attention_dtype_note  # noqa: E402
+from fluxion_dist.quality.policies import DEFAULT_POLICIES, check_policy_names, label  # noqa: E402
+from fluxion_dist.quality.tasks import ALL_TASKS, TaskSuite  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

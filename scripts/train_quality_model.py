@@ -34,14 +34,16 @@ from pathlib import Path
 
 import torch
 
-from fluxion_dist.quality.corpus import CORPUS_DIR
-from fluxion_dist.quality.model import TEXT_ARCH, TINY_TEXT_ARCH, export_model, init_model, write_text_tokenizer
-from fluxion_dist.quality.ruler_tasks import RULER_TASKS
-from fluxion_dist.quality.text_vocab import load_text_vocab
-from fluxion_dist.quality.train_batches import BatchMaker
-from fluxion_dist.quality.train_checkpoint import (TrainerState, has_checkpoint, load_checkpoint,
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+
+from fluxion_dist.quality.corpus import CORPUS_DIR  # noqa: E402
+from fluxion_dist.quality.model import TEXT_ARCH, TINY_TEXT_ARCH, export_model, init_model, write_text_tokenizer  # noqa: E402
+from fluxion_dist.quality.ruler_tasks import RULER_TASKS  # noqa: E402
+from fluxion_dist.quality.text_vocab import load_text_vocab  # noqa: E402
+from fluxion_dist.quality.train_batches import BatchMaker  # noqa: E402
+from fluxion_dist.quality.train_checkpoint import (TrainerState, has_checkpoint, load_checkpoint,  # noqa: E402
                                                    save_checkpoint)
-from fluxion_dist.quality.train_forward import lm_loss
+from fluxion_dist.quality.train_forward import lm_loss  # noqa: E402
 
 DEFAULT_STAGES = ("0:1024x128;0.08:2048x64;0.18:4096x32;0.32:8192x16,4096x32;"
                   "0.5:16384x8,8192x16;0.72:32768x4,16384x8")
