@@ -79,6 +79,10 @@ class RayBackend:
                                     timeout_s=server.health_timeout_s,
                                     restart_hung_after_s=server.restart_hung_after_s)
         self._prefill_inflight: Counter[str] = Counter()
+        # requests this router has placed on each decode worker and not yet released, its
+        # admissions in flight included: concurrent arrivals see each other's choice at once,
+        # where the workers' own loads lag by a round trip and would send a burst to one worker
+        self._decode_placed: Counter[str] = Counter()
         self._finished: set[str] = set()
         self._refreshes: set[asyncio.Future] = set()  # held so the loop does not drop them
         self.metrics = RouterMetrics()
@@ -139,13 +143,17 @@ class RayBackend:
         for name, load in loads.items():
             self.metrics.kv_occupancy.labels(name).set(load["used_pages"] / max(load["total_pages"], 1))
             self.metrics.budget.labels(name, load["policy"]).set(load["budget_used"])
-        # The store's own admission decides capacity; loads only order the candidates.
-        order = sorted(loads, key=lambda n: (-loads[n]["free_pages"], loads[n]["active"]))
+        # The store's own admission decides capacity; the order is the least loaded first: the
+        # fewest requests running there (as this router placed them), then the most free KV pages.
+        order = sorted(loads, key=lambda n: (self._decode_placed[n], -loads[n]["free_pages"]))
         last: Exception | None = None
         for name in order:
+            self._decode_placed[name] += 1
+            placed = False
             try:
                 address = await self._call(self.decode[name].admit.remote(request_id, prompt_len, max_tokens),
                                            f"decode worker {name}")
+                placed = True
                 return name, address
             except WorkerFailed as e:  # it may still reserve pages late: free them when it answers
                 self._background(self._abort(name, request_id))
@@ -156,6 +164,9 @@ class RayBackend:
                 last = e.cause
             except RayActorError as e:
                 last = WorkerFailed(f"decode worker {name} is unavailable: {_reason(e)}")
+            finally:
+                if not placed:
+                    self._decode_placed[name] -= 1
         if isinstance(last, StoreFull):
             raise AdmissionRefused(f"KV stores are full: {last}")
         raise last or WorkerFailed("no decode worker admitted the request")
@@ -251,6 +262,7 @@ class RayBackend:
             m.requests.labels(outcome).inc()
             # Frees the pages whatever happened (a dead worker's restart frees them too), beside the
             # request: the client's answer (an error from a hung worker above all) waits for none of it.
+            self._decode_placed[decode_name] -= 1
             self._background(self._release(decode_name, request_id))
 
     async def _release(self, name: str, request_id: str) -> None:
