@@ -13,6 +13,7 @@ from kv_store import (KVGeometry, KVSender, KVServer, KVStore, PeerLost, Refusal
                       TransferFailed, TransferRefused, TransferState, TransportConfig, new_secret,
                       pack_layer)
 from kv_store.fake_transport import FakeHub
+from polling import eventually
 
 G = KVGeometry(num_layers=3, num_kv_heads=2, head_dim=16)
 TC = TransportConfig(heartbeat_s=0.1, timeout_s=1.0, connect_timeout_s=1.0, offer_deadline_s=0.5)
@@ -32,13 +33,6 @@ def write_request(store: KVStore, rid: str, num_tokens: int, seed: int) -> list:
     for layer, kv in enumerate(kvs):
         store.write_layer(rid, layer, kv)
     return kvs
-
-
-def eventually(cond, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from kv_store import (FrameKey, KVGeometry, KVSender, KVServer, KVStore, PeerLos
                       RemoteStoreFull, StoreConfig, TransferAborted, TransferRefused,
                       TransferState, TransportConfig, new_secret, pack_layer, wire)
 from kv_store.fake_transport import FakeHub
+from polling import eventually
 from kv_store.transport_base import HELLO_TAG, ctrl_tag, reply_tag
 
 G = KVGeometry(num_layers=3, num_kv_heads=2, head_dim=16)
@@ -59,13 +60,6 @@ def assert_same(store: KVStore, rid: str, kvs) -> None:
     for layer, kv in enumerate(kvs):
         for got, want in zip(store.get(rid, layer), kv):
             np.testing.assert_array_equal(got, want)
-
-
-def eventually(cond, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 @pytest.fixture
