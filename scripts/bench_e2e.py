@@ -26,12 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from decode_worker.attention_setup import build_attention  # noqa: E402
 from decode_worker.engine import DecodeEngine  # noqa: E402
 from decode_worker.model_runner import ModelRunner  # noqa: E402
 from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks  # noqa: E402
-from fluxion_dist.config.schema import ModelConfig, SparseConfig  # noqa: E402
+from fluxion_dist.config.schema import DecodeConfig, DeployConfig, ModelConfig, SparseConfig  # noqa: E402
 from fluxion_dist.cpu.synthetic_arena import page_aligned  # noqa: E402
-from fluxion_dist.hybrid import CostModel, HostArena, HybridAttention, HybridOptions, calibrate  # noqa: E402
+from fluxion_dist.hybrid import CostModel, HostArena, calibrate  # noqa: E402
 from fluxion_dist.model.arch import ModelArch  # noqa: E402
 from fluxion_dist.model.hbm_kv import DenseHBMKV  # noqa: E402
 from fluxion_dist.model.loader import checkpoint_dir, dummy_model, read_hf_config  # noqa: E402
@@ -149,12 +150,18 @@ def tpot_dense(model, arch: ModelArch, batch: int, ctx: int, warmup: int, steps:
     return out
 
 
+def bench_threads() -> int:
+    """The CPU path's threads: every core but one, which the host's own step planning keeps."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def tpot_hybrid(model, arch: ModelArch, pages: BenchPages, batch: int, policy: str, budget: float,
                 cost: CostModel, gpu: bool, warmup: int, steps: int, cache_blocks: int, eager: bool):
-    cfg = SparseConfig(policy=policy, budget=budget, gpu_cache_blocks=cache_blocks)
-    op = HybridAttention(HostArena(pages.pages, pages.kmin, pages.kmax), cfg, cost,
-                         HybridOptions(num_layers=arch.num_hidden_layers, cpu_threads=max(1, (os.cpu_count() or 2) - 1),
-                                       device="gpu" if gpu else "cpu"))
+    # the operator a deployment of this policy builds (decode_worker.attention_setup), on this node
+    cfg = DeployConfig(decode=DecodeConfig(num_gpus=1 if gpu else 0, max_batch_size=batch, enforce_eager=eager,
+                                           sparse=SparseConfig(policy=policy, budget=budget, gpu_cache_blocks=cache_blocks,
+                                                               cpu_threads=bench_threads())))
+    op = build_attention(cfg, arch, HostArena(pages.pages, pages.kmin, pages.kmax), cost)
     engine = DecodeEngine(model, pages, batch, op, enforce_eager=eager)
     for b in range(batch):
         engine.add(f"r{b}", pages.prompt_len, 7, SamplingParams(max_tokens=warmup + steps + 2, ignore_eos=True), None)
@@ -276,8 +283,7 @@ def main(argv=None) -> int:
         log(f"TTFT prompt={n}: compute {alone * 1e3:.1f} ms | + D2H + host store {stored * 1e3:.1f} ms "
             f"(x{stored / alone:.2f}) | + UCX push: {ucx}")
 
-    cost = calibrate(arch.head_dim, arch.num_key_value_heads, arch.gqa_group,
-                     num_threads=max(1, (os.cpu_count() or 2) - 1), gpu=gpu)
+    cost = calibrate(arch.head_dim, arch.num_key_value_heads, arch.gqa_group, num_threads=bench_threads(), gpu=gpu)
     host_cap = (args.host_ram_gib * GIB) if args.host_ram_gib else 0.75 * mach["host_ram"]
     extra = args.warmup + args.steps + 2
     log("TPOT table: row | median ms | p99 ms | floor ms | median/floor")
