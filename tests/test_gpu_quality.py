@@ -22,7 +22,7 @@ from fluxion_dist.attention.layout import unpack_kv_blocks  # noqa: E402
 from fluxion_dist.hybrid import calibrate  # noqa: E402
 from fluxion_dist.quality.fidelity import FidelityStats  # noqa: E402
 from fluxion_dist.quality.harness import Prefilled, deployment_sparse, dense_prefill  # noqa: E402
-from fluxion_dist.quality.model import SHIPPED_DIR, load_quality_model  # noqa: E402
+from fluxion_dist.quality.model import load_quality_model  # noqa: E402
 from fluxion_dist.quality.operator_decode import OperatorRunner  # noqa: E402
 from fluxion_dist.quality.tasks import make_sample  # noqa: E402
 
@@ -32,8 +32,6 @@ CUDA = torch.device("cuda")
 
 @pytest.fixture(scope="module")
 def model():
-    if not (SHIPPED_DIR / "model.safetensors").is_file():
-        pytest.skip(f"no shipped quality model in {SHIPPED_DIR}")
     torch.backends.cuda.matmul.allow_tf32 = False
     return load_quality_model().to(CUDA)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 
@@ -94,7 +95,6 @@ def test_greedy_output_equals_single_process_model(service, prompt_len):
 
 
 def test_logprobs_match_the_single_process_models_log_softmax(service):
-    torch = pytest.importorskip("torch")
     cfg, _, client = service
     model, tok = load_from_config(cfg.model)
     prompt = [32 + (i * 53 + 11) % 95 for i in range(37)]
