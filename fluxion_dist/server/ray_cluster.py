@@ -59,16 +59,26 @@ def token_auth_active() -> bool:
     return get_authentication_mode() == AuthenticationMode.TOKEN
 
 
-def connect(cluster: ClusterConfig, *, temp_dir: str | None = None, state_dir: Path | None = None) -> bool:
-    """Join ``cluster.address`` or start a local cluster; returns True if this process started it."""
+def _joined(cluster: ClusterConfig) -> bool:
+    """Ray set up for ``cluster`` (its auth mode first): True if this process is connected already
+    or has now joined the cluster ``cluster.address`` names; False for a local one still to reach."""
     prepare(cluster)
     import ray
 
     if ray.is_initialized():
-        return False
+        return True
     if cluster.address != "local":
         ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=False)
+        return True
+    return False
+
+
+def connect(cluster: ClusterConfig, *, temp_dir: str | None = None, state_dir: Path | None = None) -> bool:
+    """Join ``cluster.address`` or start a local cluster; returns True if this process started it."""
+    if _joined(cluster):
         return False
+    import ray
+
     token_path = None
     if token_auth_active():
         token_path = _new_token(cluster.namespace, state_dir)
@@ -87,14 +97,10 @@ def connect_running(cluster: ClusterConfig, *, state_dir: Path | None = None) ->
     """Join the cluster a deployment runs on: ``cluster.address``, or for ``local`` the cluster
     that ``fluxion-dist serve`` started on this machine (never a new, empty one). Returns the
     PID of the process that owns that local cluster (None for any other cluster)."""
-    prepare(cluster)
+    if _joined(cluster):
+        return None
     import ray
 
-    if ray.is_initialized():
-        return None
-    if cluster.address != "local":
-        ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=False)
-        return None
     path = state_file(cluster.namespace, state_dir)
     hint = ("start one with `fluxion-dist serve`, or pass --address auto (a cluster started with "
             "`ray start` on this machine) or --address host:port")
