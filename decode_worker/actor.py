@@ -80,11 +80,11 @@ class DecodeWorker:
                 return
             self._wake.set()
             while True:
-                ev, kv_fraction = await queue.get()
+                ev = await queue.get()
                 if ev.error is not None:
                     raise RuntimeError(f"request {request_id}: {ev.error}")
                 if ev.token is not None:
-                    yield ev.token, kv_fraction, ev.logprobs
+                    yield ev.token, ev.kv_fraction, ev.logprobs
                 if ev.finish_reason is not None:
                     return
         finally:
@@ -99,7 +99,7 @@ class DecodeWorker:
             freed = self.kv.release(request_id)
         queue = self.streams.get(request_id)
         if queue is not None:
-            queue.put_nowait((TokenEvent(request_id, None, "abort"), None))
+            queue.put_nowait(TokenEvent(request_id, None, "abort"))
         return freed
 
     async def _run(self) -> None:
@@ -114,15 +114,10 @@ class DecodeWorker:
                     log.exception("%s: decode step failed; exiting so Ray restarts this worker", self.name)
                     os._exit(1)
             self.steps += 1
-            # The step's token events follow its batch order, as the report's per-request fractions do.
-            report = self.engine.last_report
-            fractions = report.budget_per_request if report is not None else ()
-            stepped = [ev.request_id for ev in events if ev.token is not None]
-            read = dict(zip(stepped, fractions)) if len(fractions) == len(stepped) else {}
             for ev in events:
                 queue = self.streams.get(ev.request_id)
                 if queue is not None:
-                    queue.put_nowait((ev, read.get(ev.request_id)))
+                    queue.put_nowait(ev)
             await asyncio.sleep(0)  # let admissions and aborts in between steps
 
     async def load(self) -> dict:

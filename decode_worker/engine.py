@@ -52,6 +52,7 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop" | "length" | "error" | "abort" (the actor's, on cancel)
     error: str | None = None
     logprobs: TokenLogprobs | None = None  # when the request's SamplingParams.logprobs asks for them
+    kv_fraction: float | None = None  # of the request's KV this step's attention read (the operator's report)
 
 
 @dataclass(slots=True)
@@ -132,6 +133,7 @@ class DecodeEngine:
         tokens = self._sample(batch, logits)
         self.last_report = hook.report()
         self.budget_used = self.last_report.budget_used
+        fractions = self.last_report.budget_per_request
         for i, (r, tok) in enumerate(zip(batch, tokens)):
             n = r.sampler.params.logprobs
             lp = token_logprobs(logits[i], tok, n) if n is not None else None
@@ -146,7 +148,8 @@ class DecodeEngine:
             if finish:
                 self._running.remove(r)
                 self._forget(r)
-            events.append(TokenEvent(r.request_id, tok, finish, logprobs=lp))
+            events.append(TokenEvent(r.request_id, tok, finish, logprobs=lp,
+                                     kv_fraction=fractions[i] if i < len(fractions) else None))
         return events
 
     @staticmethod
