@@ -26,6 +26,8 @@ import logging
 import os
 import time
 
+import torch
+
 from decode_worker.attention_setup import build_attention
 from decode_worker.engine import DecodeEngine, TokenEvent
 from decode_worker.kv_receiver import KVReceiver
@@ -121,8 +123,12 @@ class DecodeWorker:
             await asyncio.sleep(0)  # let admissions and aborts in between steps
 
     async def load(self) -> dict:
+        runner = self.engine.runner
+        on_gpu = runner.device.type == "cuda"
         return {"active": self.engine.num_active, "policy": self.cfg.decode.sparse.policy,
-                "budget_used": self.engine.budget_used, **self.kv.occupancy()}
+                "budget_used": self.engine.budget_used, "device": str(runner.device),
+                "cuda_memory_bytes": torch.cuda.memory_allocated(runner.device) if on_gpu else 0,
+                "graph_replays": runner.graph_replays, **self.kv.occupancy()}
 
     async def health(self) -> dict:
         self._start()

@@ -20,8 +20,6 @@ from cupy_backends.cuda.api import runtime
 
 _HOST_REGISTER_PORTABLE = 1
 _HOST_REGISTER_MAPPED = 2
-_ERROR_INVALID_VALUE = 1  # what cudaHostRegister says of cudaHostAlloc'd memory
-_ERROR_ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
 _MEMORY_TYPE_HOST = 1  # cudaMemoryTypeHost: page-locked, by cudaHostAlloc or cudaHostRegister
 
 
@@ -69,13 +67,9 @@ def map_host_array(array: np.ndarray) -> cp.ndarray:
     if array.nbytes == 0:
         raise ValueError("map_host_array needs a non-empty array")
     ptr = array.ctypes.data
-    try:
+    # Asked first, not tried and caught: a failed runtime call stays the thread's pending
+    # error, and torch's next launch check raises it from an unrelated kernel.
+    owns = runtime.pointerGetAttributes(ptr).type != _MEMORY_TYPE_HOST
+    if owns:
         runtime.hostRegister(ptr, array.nbytes, _HOST_REGISTER_PORTABLE | _HOST_REGISTER_MAPPED)
-        owns = True
-    except runtime.CUDARuntimeError as err:
-        already_pinned = (err.status in (_ERROR_ALREADY_REGISTERED, _ERROR_INVALID_VALUE)
-                          and runtime.pointerGetAttributes(ptr).type == _MEMORY_TYPE_HOST)
-        if not already_pinned:
-            raise
-        owns = False
     return _device_view(ptr, array.shape, array.dtype, _Registration(array, owns))
