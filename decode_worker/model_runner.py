@@ -10,9 +10,12 @@ captured as ONE graph per padded batch size (1, 2, 4, ..., max_batch_size), on t
 use of that size: the eager run is that step (so capturing rewrites nothing), later steps copy
 their inputs and replay. The hybrid operator's hook does host work per layer call (its plan,
 the CPU share's wait for the routing) and replays its own per-layer graphs
-(``hybrid.device_pipeline``), so it is not captured: its steps run *piecewise*, each layer's
-model pieces (norm + q/k/v + RoPE; o_proj + MLP) replayed as CUDA graphs per batch size, the
-hook called eagerly between them, over the real rows only. On the CPU every step is eager.
+(``hybrid.device_pipeline``), so it is not captured: its steps run eagerly around it. A
+*piecewise* mode (``piecewise=True``: each layer's model pieces, norm + q/k/v + RoPE and
+o_proj + MLP, replayed as CUDA graphs per batch size, the hook called eagerly between them)
+exists but is off: on the H200 its replays diverged from the eager step from the first replay
+on (tests/test_gpu_model_runner.py, marked xfail until the cause is found). On the CPU every
+step is eager.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ def padded_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, max_batch_size: int, *, enforce_eager: bool = False,
-                 device: torch.device | str | None = None) -> None:
-        """``device``: where the model runs (moved there, in bf16 on a GPU); None: where it is."""
+                 device: torch.device | str | None = None, piecewise: bool = False) -> None:
+        """``device``: where the model runs (moved there, in bf16 on a GPU); None: where it is.
+        ``piecewise``: replay a non-capturable hook's steps piecewise (see the module doc)."""
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -55,6 +59,7 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         self.batch_sizes = padded_batch_sizes(max_batch_size)
         self.use_graphs = self.device.type == "cuda" and not enforce_eager
+        self.piecewise = piecewise
         on_gpu = self.device.type == "cuda"
         self.tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
@@ -86,7 +91,7 @@ class ModelRunner:
         if bind is not None:
             bind(pos)
         if not graph:
-            if self.use_graphs:
+            if self.use_graphs and self.piecewise:
                 return self._run_pieces(ids, pos, attend)
             return self.model.decode_step(ids, pos, attend)[:n]
         key = (bs, id(attend))

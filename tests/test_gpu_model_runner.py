@@ -113,6 +113,8 @@ def _decode_one(model, engine, pages, store, prompt, steps):
     return got
 
 
+@pytest.mark.xfail(strict=True, reason="on the H200 (2026-12-03) piecewise replays diverge from the eager step "
+                   "from the first replay on; the runner keeps hybrid steps eager until the cause is found")
 def test_piecewise_graphs_over_the_hybrid_operator_equal_eager():
     """The hybrid hook runs between per-layer model graphs: the same tokens as the eager step."""
     model = _quality()
@@ -120,6 +122,7 @@ def test_piecewise_graphs_over_the_hybrid_operator_equal_eager():
     runs = []
     for eager in (True, False):
         engine, pages, store = _hybrid_engine(model, "full", enforce_eager=eager)
+        engine.runner.piecewise = True
         runs.append(_decode_one(model, engine, pages, store, prompt, 10))
         assert (engine.runner.graph_replays > 0) is (not eager)
         engine.attention.close()
@@ -147,7 +150,7 @@ def test_runner_over_the_hybrid_operator_on_the_gpu(policy, budget):
         if policy == "fluxion":
             assert report.budget_used < 0.5
     pages.release("r")
-    assert engine.runner.graph_replays > 0  # piecewise: the model's layers replayed as graphs
+    assert engine.runner.graph_replays == 0  # hybrid steps run eagerly (piecewise is off)
     if policy == "full":
         runner = ModelRunner(model, 1)
         kv = DenseHBMKV(model.arch, 1, len(prompt) + 8, CUDA, 1)

@@ -5,8 +5,8 @@ local Ray cluster, 16k-token retrieval questions over HTTP.
 - Under ``sparse: {policy: full}`` every greedy token is the single-process GPU model's argmax
   after the same tokens (a dense prefill of prompt + answer, teacher-forced).
 - Under the deployment's fluxion the answers equal full's on nearly every question.
-- The decode worker ran the model on its GPU (its runner's device, CUDA memory, steps replayed
-  as graphs), and the KV stores are empty afterwards.
+- The decode worker ran the model on its GPU (its runner's device and CUDA memory), and the
+  KV stores are empty afterwards.
 
 Needs a GPU, Ray and UCXX; skipped with the reason otherwise.
 """
@@ -113,5 +113,4 @@ def test_full_equals_the_gpu_model_and_fluxion_equals_full(service, model):
     assert same >= total - 1, f"fluxion equals full on only {same}/{total}"
     load = _decode_load(cfg)
     assert load["device"].startswith("cuda") and load["cuda_memory_bytes"] > 0, load
-    assert load["graph_replays"] > 0, load  # decode steps ran as CUDA graphs on the worker's GPU
     _assert_kv_empty(cfg)
