@@ -8,7 +8,9 @@ scores move). One table: torch SDPA full attention with all KV in HBM, each base
 policy (full over host KV, quest_gpu, cpu_only, fixed_hybrid at budget 0.05) and Fluxion;
 per-step time (the host's planning included), ratios, budget used, blocks per device, GPU
 idle (1 - attention kernel time measured with CUDA events / step wall time; and the cost
-model's prediction).
+model's prediction). ``--rescore-factors 0 2`` runs fluxion once per factor (rows
+``fluxion``, ``fluxion+rs2``: the rescoring stage's cost in the same table); ``--sparse
+KEY=VALUE`` sets any other SparseConfig field for every policy.
 
 Every layer's KV lives in pages of its own (the block cache is partitioned by layer), so
 the arena is layers x batch x context x 64 KiB / 16 tokens: 16 GiB per request at 128k and
@@ -48,6 +50,7 @@ from fluxion_dist.hybrid import HybridAttention, HybridOptions, calibrate  # noq
 from fluxion_dist.hybrid.operator import HostArena  # noqa: E402
 from fluxion_dist.hybrid.paged_builder import BuiltSequence, block_boxes  # noqa: E402
 from fluxion_dist.kernels.device import gpu_unavailable_reason  # noqa: E402
+from fluxion_dist.quality.harness import parse_overrides  # noqa: E402
 
 POLICIES = ("full", "quest_gpu", "cpu_only", "fixed_hybrid", "fluxion")
 HEAD_MIX = ("sink_local", "sink_local", "sink_local", "needle", "needle", "needle", "uniform", "uniform")
@@ -151,14 +154,19 @@ def sdpa_ms(shape: Shape, context: int, batch: int, steps: int, device: str) -> 
     return statistics.median(per_layer) * shape.model_layers
 
 
+def method_name(policy: str, rescore_factor: float) -> str:
+    return f"{policy}+rs{rescore_factor:g}" if rescore_factor else policy
+
+
 def run_policy(policy: str, shape: Shape, arena: HostArena, seqs, synth, cost, args, device: str,
-               context: int) -> Row:
+               context: int, rescore_factor: float = 0.0) -> Row:
     batch = len(seqs)
     # the cache is sized for the model: each layer run gets a 32-layer model's per-layer share
-    cfg = SparseConfig(policy=policy, budget=args.budget, mass_target=args.mass_target,
-                       floor_fraction=args.floor_fraction, head_predictor=args.head_predictor == "on",
-                       sink_tokens=args.sink_tokens, recent_tokens=args.recent_tokens, cpu_threads=args.cpu_threads,
-                       gpu_cache_blocks=args.cache_slots * shape.layers // shape.model_layers)
+    fields = dict(budget=args.budget, mass_target=args.mass_target, floor_fraction=args.floor_fraction,
+                  head_predictor=args.head_predictor == "on", sink_tokens=args.sink_tokens,
+                  recent_tokens=args.recent_tokens, cpu_threads=args.cpu_threads,
+                  gpu_cache_blocks=args.cache_slots * shape.layers // shape.model_layers)
+    cfg = SparseConfig(policy=policy, **{**fields, **args.sparse_overrides, "rescore_factor": rescore_factor})
     op = HybridAttention(arena, cfg, cost, HybridOptions(shape.layers, cpu_threads=args.cpu_threads, device=device))
     total = args.warmup + args.steps
     queries = [[drifted_queries(kv, total, drift=args.drift, seed=1000 * layer + b) for layer in range(shape.layers)]
@@ -212,7 +220,7 @@ def run_policy(policy: str, shape: Shape, arena: HostArena, seqs, synth, cost, a
     busy = [r.gpu_busy_s for r, _ in reports]
     gpu_work = any(r.gpu_blocks for r, _ in reports) and all(b is not None for b in busy)
     steps = [r for r, _ in reports]
-    return Row(policy, context, batch, statistics.median(times) * 1e3 * scale,
+    return Row(method_name(policy, rescore_factor), context, batch, statistics.median(times) * 1e3 * scale,
                float(np.mean([r.budget_used for r in steps])),
                int(np.mean([r.cpu_blocks for r in steps]) * scale),
                int(np.mean([r.gpu_blocks for r in steps]) * scale),
@@ -283,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="fluxion: each head's floor, as a fraction of the budget")
     p.add_argument("--head-predictor", choices=("on", "off"), default="on" if SparseConfig().head_predictor else "off",
                    help="fluxion: local heads read only their sinks and window")
+    p.add_argument("--rescore-factors", type=float, nargs="+", default=[SparseConfig().rescore_factor],
+                   help="fluxion: sparse.rescore_factor values, one fluxion row each (0: off)")
+    p.add_argument("--sparse", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any other SparseConfig field for every policy (repeatable)")
     p.add_argument("--sink-tokens", type=int, default=16)
     p.add_argument("--recent-tokens", type=int, default=128)
     p.add_argument("--drift", type=float, default=0.1, help="per-step logit drift of the queries")
@@ -292,6 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel-profile", action="store_true",
                    help="GPU: also profile fluxion's kernels per context and batch (one more, untimed run)")
     args = p.parse_args(argv)
+    try:
+        args.sparse_overrides = parse_overrides(args.sparse)
+        if "rescore_factor" in args.sparse_overrides:
+            raise ValueError("set the rescoring factor with --rescore-factors")
+        for f in args.rescore_factors:
+            SparseConfig(**args.sparse_overrides, rescore_factor=f)  # validated before anything runs
+    except Exception as e:
+        p.error(str(e))
 
     if args.smoke:
         shape = Shape(layers=2, model_layers=2, q_heads=8, kv_heads=2, head_dim=64)
@@ -321,13 +341,14 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batches:
             sdpa[(context, batch)] = sdpa_ms(shape, context, batch, max(args.steps // 4, 3), sdpa_device)
             arena, seqs, synth = build_arena(shape, context, batch, args.steps + args.warmup, device == "gpu")
-            for policy in args.policies:
+            runs = [(pol, f) for pol in args.policies for f in (args.rescore_factors if pol == "fluxion" else [0.0])]
+            for policy, factor in runs:
                 gc.collect()  # the previous policy's garbage is not collected inside this one's timing
-                row = run_policy(policy, shape, arena, seqs, synth, cost, args, device, context)
+                row = run_policy(policy, shape, arena, seqs, synth, cost, args, device, context, factor)
                 rows.append(row)
-                print(f"  {context} x{batch} {policy}: {row.ms_per_step:.3f} ms/step", flush=True)
+                print(f"  {context} x{batch} {row.method}: {row.ms_per_step:.3f} ms/step", flush=True)
                 if policy == "fluxion" and args.kernel_profile and device == "gpu":
-                    kernel_profile(run_policy, (policy, shape, arena, seqs, synth, cost, args, device, context),
+                    kernel_profile(run_policy, (policy, shape, arena, seqs, synth, cost, args, device, context, factor),
                                    calls=(args.warmup + args.steps) * shape.layers)
                 if device == "gpu":
                     import cupy as cp

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from fluxion_dist.attention import reference as ref
 from fluxion_dist.attention.layout import BLOCK_TOKENS, from_bf16_bits, num_blocks
 from fluxion_dist.cpu.attention import sparse_partial_attention
-from fluxion_dist.cpu.selection import (block_counts, kv_head_max, quest_scores, quest_scores_paged,
+from fluxion_dist.cpu.selection import (block_counts, candidate_lse, kv_head_max, quest_scores, quest_scores_paged,
                                         select_tokens_topk, select_topk, select_topp, token_scores)
 from tests.cpu_util import ISAS
 from fluxion_dist.cpu.synthetic_arena import paged_batch, random_bf16_bits, random_selection
@@ -209,3 +209,73 @@ def test_hierarchical_block_then_token_selection():
             np.testing.assert_allclose(out.m[b, rows], want.m, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(out.o[b, rows] / out.l[b, rows, None], want.o / want.l[:, None],
                                        rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_operator_rescoring_selects_what_the_twin_does(group):
+    """The CPU StepHook with ``rescore_factor``: each layer's CSR equals the twin's two-stage
+    selection (``policy.select.select_layer``) on the arena after the append, and differs from
+    the one-stage selection somewhere (the stage does something); quest_gpu ignores the switch."""
+    import torch
+
+    from fluxion_dist.policy import select as twin
+    from tests.test_hybrid_operator import Decode, bf16
+
+    dec = Decode([17, 1000, 1777], 2, group, d=64, layers=2, steps=3, seed=7 + group)
+    ops = {p: dec.operator(p, "cpu", budget=0.05, mass=0.9, sparse=dict(rescore_factor=2.0), record_selection=True)
+           for p in ("fluxion", "quest_gpu")}
+    arena = dec.arena
+    moved = 0
+    for _ in range(3):
+        hooks = {p: op.step(dec.seqs, dec.ids) for p, op in ops.items()}
+        seq_lens = np.array([s.seq_len + 1 for s in dec.seqs], np.int32)
+        nb = twin.block_counts(seq_lens)
+        for layer in range(dec.layers):
+            q, kn, vn = dec.layer_inputs(len(dec.seqs))
+            tables = np.zeros((len(dec.seqs), int(nb.max())), np.int32)
+            for b, s in enumerate(dec.seqs):
+                tables[b, :nb[b]] = s.block_tables[layer][:nb[b]]
+            for p, hook in hooks.items():  # the same token appended twice: the arena ends the same
+                hook(layer, torch.from_numpy(q), torch.from_numpy(kn), torch.from_numpy(vn))
+            kept = ops["fluxion"].kept
+            args = (q, arena.kmin, arena.kmax, tables, seq_lens, dec.d ** -0.5)
+            for p, hook in hooks.items():
+                k_rows = np.minimum(hook.k_rows[layer], nb[:, None])
+                factor = 2.0 if p == "fluxion" else 0.0
+                want_ip, want_bl, _ = twin.select_layer(*args, k_rows, sink_blocks=kept.sink_blocks,
+                                                        recent_blocks=kept.recent_blocks, rescore_factor=factor,
+                                                        kv_pages=arena.kv_pages)
+                got_ip, got_bl = hook.selections[layer]
+                np.testing.assert_array_equal(got_ip, want_ip, err_msg=f"{p} layer {layer}")
+                np.testing.assert_array_equal(got_bl, want_bl, err_msg=f"{p} layer {layer}")
+            plain_ip, plain_bl, _ = twin.select_layer(*args, np.minimum(hooks["fluxion"].k_rows[layer], nb[:, None]),
+                                                      sink_blocks=kept.sink_blocks, recent_blocks=kept.recent_blocks)
+            moved += not np.array_equal(plain_bl, hooks["fluxion"].selections[layer][1])
+        for s in dec.seqs:
+            s.seq_len += 1
+    assert moved > 0
+    for op in ops.values():
+        op.close()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("hkv,group,d", [(2, 1, 64), (2, 4, 128), (1, 8, 128), (3, 4, 64)])
+def test_candidate_lse_matches_the_reference_and_the_twin(isa, hkv, group, d):
+    """The rescoring stage's exact scores in Cython: per block and query head the log-sum-exp
+    over its tokens (1, 15, 17, 1000, 1333 tokens: partial last blocks; padding holds 3e38)."""
+    from fluxion_dist.policy import select as twin
+    from tests.test_policy_select import LENS, _paged_kv, _random_csr
+
+    rng = np.random.default_rng(hkv * 100 + group * 7 + d)
+    kv, _, _, tables, lens, dense = _paged_kv(rng, LENS, hkv, d)
+    q = (rng.standard_normal((len(LENS), hkv * group, d)) * 2).astype(np.float32)
+    ip, bl = _random_csr(rng, LENS, hkv)
+    scale = d ** -0.5
+    got = candidate_lse(q, kv, np.where(tables < 0, 0, tables), lens, ip, bl, scale, num_threads=2, isa=isa)
+    assert got.shape == (int(ip[-1]), group) and got.dtype == np.float32
+    np.testing.assert_allclose(got, twin.candidate_lse(q, kv, tables, lens, scale, ip, bl), rtol=1e-5, atol=1e-4)
+    for b in range(len(LENS)):
+        rows = [bl[ip[r]:ip[r + 1]] for r in range(b * hkv, (b + 1) * hkv)]
+        for h, want in enumerate(ref.block_lse(q[b], dense[b], rows, scale=scale)):
+            r = b * hkv + h
+            np.testing.assert_allclose(got[ip[r]:ip[r + 1]], want, rtol=1e-5, atol=1e-4)

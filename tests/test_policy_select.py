@@ -155,3 +155,101 @@ def test_select_layer_reads_kept_plus_top_blocks():
             if rest.size:  # then the best others, by the reference's scores
                 others = np.where(keep, -np.inf, want[h])
                 assert np.min(others[rest]) >= np.sort(others)[::-1][rest.size - 1] - 1e-4
+
+
+def _paged_kv(rng, lens, hkv, d, extra_pages=3):
+    """Random bf16 K/V in shuffled pages, their Quest boxes, tables, seq lens and the dense K per
+    request; the padding past each sequence holds 3e38, which a read of it would show."""
+    nbs = [-(-t // 16) for t in lens]
+    pages = sum(nbs) + extra_pages
+    kv = to_bf16_bits(rng.standard_normal((pages, hkv, 2, 16, d)).astype(np.float32) * 2).reshape(pages, hkv, 2, 16, d)
+    order = rng.permutation(pages)
+    tables = np.full((len(lens), max(nbs) + 5), -7, np.int32)
+    kmin = np.zeros((pages, hkv, d), np.uint16)
+    kmax = np.zeros((pages, hkv, d), np.uint16)
+    dense = []
+    at = 0
+    for b, (t, n) in enumerate(zip(lens, nbs)):
+        tables[b, :n] = order[at:at + n]
+        at += n
+        last = tables[b, n - 1]
+        kv[last, :, :, t - (n - 1) * 16:] = to_bf16_bits(np.float32(3e38))
+        k = from_bf16_bits(kv[tables[b, :n], :, 0]).reshape(n, hkv, 16, d).transpose(0, 2, 1, 3).reshape(-1, hkv, d)[:t]
+        dense.append(k)
+        lo, hi = reference.block_metadata(k)
+        kmin[tables[b, :n]] = to_bf16_bits(lo).reshape(lo.shape)
+        kmax[tables[b, :n]] = to_bf16_bits(hi).reshape(hi.shape)
+    return kv, kmin, kmax, tables, np.array(lens, np.int32), dense
+
+
+def _random_csr(rng, lens, hkv):
+    rows = []
+    for t in lens:
+        nb = -(-int(t) // 16)
+        for _ in range(hkv):
+            rows.append(np.sort(rng.choice(nb, int(rng.integers(0, nb + 1)), replace=False)))
+    indptr = np.concatenate([[0], np.cumsum([r.size for r in rows])]).astype(np.int32)
+    return indptr, np.concatenate(rows).astype(np.int32)
+
+
+@pytest.mark.parametrize("hkv,group,d", [(2, 1, 64), (2, 4, 128), (1, 8, 128), (3, 4, 64)])
+def test_candidate_lse_and_shares_match_the_reference(hkv, group, d):
+    rng = np.random.default_rng(hkv * 1000 + group * 10 + d)
+    kv, _, _, tables, lens, dense = _paged_kv(rng, LENS, hkv, d)
+    q = rng.standard_normal((len(LENS), hkv * group, d)).astype(np.float32)
+    scale = d ** -0.5
+    ip, bl = _random_csr(rng, LENS, hkv)
+    lse = twin.candidate_lse(q, kv, tables, lens, scale, ip, bl)
+    assert lse.dtype == np.float32 and lse.shape == (int(ip[-1]), group) and np.all(np.isfinite(lse))
+    exact = twin.candidate_scores(lse, ip, bl, lens, hkv, tables.shape[1], sink_blocks=1, recent_blocks=2)
+    assert exact.shape == (len(LENS), hkv, tables.shape[1])
+    rows = _row_lists(ip, bl)
+    for b, t in enumerate(LENS):
+        want = reference.block_lse(q[b], dense[b], rows[b * hkv:(b + 1) * hkv], scale=scale)
+        shares = reference.candidate_shares(want)
+        nb = -(-t // 16)
+        for h in range(hkv):
+            r = b * hkv + h
+            np.testing.assert_allclose(lse[ip[r]:ip[r + 1]], want[h], rtol=1e-5, atol=1e-4)
+            row, got = rows[r], exact[b, h]
+            forced = (row < 1) | (row >= nb - 2)
+            assert np.all(got[row[forced]] == twin.FORCED_SCORE)
+            np.testing.assert_allclose(got[row[~forced]], shares[h][~forced], rtol=1e-5, atol=2e-4)
+            rest = np.setdiff1d(np.arange(tables.shape[1]), row)
+            assert np.all(got[rest] == -np.inf)
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.5, 2.0, 4.0])
+@pytest.mark.parametrize("group", [1, 4])
+def test_rescored_selection_keeps_the_most_exact_mass_among_candidates(factor, group):
+    """End to end against the float64 reference: the candidates are the top ceil(factor k) by
+    Quest bound (kept blocks first), and of those the k with the largest group share."""
+    rng = np.random.default_rng(int(factor * 10) + group)
+    lens = [17, 200, 1000, 1333]
+    hkv, d = 2, 64
+    kv, kmin, kmax, tables, seq, dense = _paged_kv(rng, lens, hkv, d)
+    q = (rng.standard_normal((len(lens), hkv * group, d)) * 2).astype(np.float32)
+    k_rows = np.array([[2, 2], [13, 11], [20, 64], [30, 84]])
+    ip, bl, _ = twin.select_layer(q, kmin, kmax, tables, seq, d ** -0.5, k_rows, sink_blocks=1, recent_blocks=3,
+                                  rescore_factor=factor, kv_pages=kv)
+    rows = _row_lists(ip, bl)
+    for b, want in enumerate(_ref_kv_scores(q, kmin, kmax, tables, seq, d ** -0.5)):
+        n = want.shape[1]
+        keep = np.zeros(n, bool)
+        keep[:1] = True
+        keep[max(n - 3, 0):] = True
+        for h in range(hkv):
+            k = min(k_rows[b, h], n)
+            cand = reference.select_topk(np.where(keep, np.inf, want[h])[None], min(int(np.ceil(factor * k)), n))[0]
+            share = reference.candidate_shares(reference.block_lse(q[b, h * group:(h + 1) * group], dense[b][:, h:h + 1],
+                                                                   [cand], scale=d ** -0.5))[0]
+            best = cand[reference.select_topk(np.where(keep[cand], np.inf, share)[None], k)[0]]
+            np.testing.assert_array_equal(rows[b * hkv + h], np.sort(best), err_msg=f"request {b} head {h}")
+
+
+def test_candidate_rows():
+    k = np.array([[0, 1, 5], [7, 3, 100]])
+    got = twin.candidate_rows(k, np.array([16 * 10, 16 * 200]), 1.5)
+    np.testing.assert_array_equal(got, [[0, 2, 8], [11, 5, 150]])
+    with pytest.raises(ValueError, match="factor"):
+        twin.candidate_rows(k, np.array([16, 16]), 0.5)

@@ -212,3 +212,48 @@ def merge_partials(partials: Sequence[Partial]) -> np.ndarray:
 def lse(p: Partial) -> np.ndarray:
     """Log-sum-exp of a partial's scores, the form FlashInfer returns."""
     return p.m + np.log(p.l)
+
+
+def block_lse(q, k, blocks: Sequence[np.ndarray], block_tokens: int = BLOCK_TOKENS,
+              scale: float | None = None) -> list[np.ndarray]:
+    """Exact per-query-head log-sum-exp of ``q . k * scale`` over each listed block's tokens.
+
+    ``blocks[h]`` lists block ids for KV head ``h``; returns per KV head ``[len(blocks[h]), g]``
+    (column j: query head ``h * g + j``). The softmax mass a block holds for a query head is
+    ``exp(lse - lse_of_all_blocks)``: ranking blocks by it ranks them by true mass.
+    """
+    q, k = _f64(q), _f64(k)
+    hq, d = q.shape
+    t, hkv, _ = k.shape
+    g = _group(hq, hkv)
+    scale = default_scale(d) if scale is None else scale
+    out = []
+    for kh in range(hkv):
+        ids = np.asarray(blocks[kh], dtype=np.int64)
+        res = np.empty((ids.size, g))
+        for i, blk in enumerate(ids):
+            tok = np.arange(blk * block_tokens, min((blk + 1) * block_tokens, t))
+            s = k[tok, kh] @ q[kh * g:(kh + 1) * g].T * scale  # [tokens, g]
+            mx = s.max(axis=0)
+            res[i] = mx + np.log(np.exp(s - mx).sum(axis=0))
+        out.append(res)
+    return out
+
+
+def candidate_shares(lse_rows: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The rescoring stage's exact score of each candidate block of each KV head: the log of
+    the sum over the group's query heads of the block's share of that head's candidate mass,
+    ``log sum_j exp(lse[i, j] - logsumexp_i lse[i, j])`` (``block_lse`` rows in, ``[n]`` out).
+
+    Per-head shares, summed: top-k by it keeps the most true mass of the group (the oracle's
+    criterion, the mean over the group of each head's normalised mass), with the candidates'
+    total standing in for the head's normaliser (a positive factor per head)."""
+    out = []
+    for x in lse_rows:
+        x = _f64(x)
+        if x.shape[0] == 0:
+            out.append(np.zeros(0))
+            continue
+        z = x.max(axis=0) + np.log(np.exp(x - x.max(axis=0)).sum(axis=0))
+        out.append(np.log(np.exp(x - z).sum(axis=1)))
+    return out

@@ -23,7 +23,7 @@ cnp.import_array()
 
 
 from fluxion_dist.cpu._attention_job cimport (
-    fx_arena, fx_attn_job, FX_LOG2E, fx_cpu_isa, fx_alloc, fx_prepare_q, fx_token_scores, fx_job_scratch, fx_job_plan, fx_job_work, fx_job_first_bad)
+    fx_arena, fx_attn_job, FX_LOG2E, fx_cpu_isa, fx_alloc, fx_prepare_q, fx_token_scores, fx_block_lse, fx_job_scratch, fx_job_plan, fx_job_work, fx_job_first_bad)
 
 
 ISAS = ("scalar", "avx2", "avx512")
@@ -176,4 +176,64 @@ def token_scores(cnp.ndarray q, cnp.ndarray kv_pages, cnp.ndarray block_tables,
         free(qs)
     if oom:
         raise MemoryError("token_scores: no memory for the kernel's scratch")
+    return first_bad
+
+
+def candidate_lse(cnp.ndarray q, cnp.ndarray kv_pages, cnp.ndarray block_tables,
+                  cnp.ndarray seq_lens, cnp.ndarray sel_indptr, cnp.ndarray sel_blocks,
+                  float scale, int num_threads, int isa, cnp.ndarray out):
+    """Fill out[nnz, g] with each selected block's log-sum-exp of q.k*scale per query head of
+    its group (the rescoring stage's exact scores).
+
+    Returns -1, or the index into sel_blocks of an invalid selected block.
+    """
+    cdef Batch x = _batch(q, kv_pages, block_tables, seq_lens, sel_indptr, sel_blocks)
+    cdef int g = x.a.g, d = x.a.d
+    cdef int64_t R = x.rows, W = x.nnz
+    cdef float *res = <float *>cnp.PyArray_DATA(out)
+    cdef int64_t i, r, b, lo, hi, first_bad = -1
+    cdef bint oom
+    cdef int32_t blk, page, nb
+    cdef float *qs
+    cdef float *sp
+    cdef int64_t *err
+
+    with nogil:
+        qs = <float *>fx_alloc((x.B * x.hq * d + num_threads * g * 16) * sizeof(float))
+        err = <int64_t *>malloc((W + 1) * sizeof(int64_t))
+        oom = qs == NULL or err == NULL
+        if not oom:
+            sp = qs + x.B * x.hq * d
+            fx_prepare_q(x.q, qs, x.B * x.hq, d, scale * FX_LOG2E, isa)
+            for i in prange(W, schedule='static', num_threads=num_threads):
+                # the row of item i: the last r with indptr[r] <= i
+                lo = 0
+                hi = R
+                while hi - lo > 1:
+                    r = (lo + hi) // 2
+                    if x.indptr[r] <= i:
+                        lo = r
+                    else:
+                        hi = r
+                r = lo
+                b = r // x.hkv
+                blk = x.blocks[i]
+                nb = (x.seq_lens[b] + 15) // 16
+                err[i] = 1
+                if 0 <= blk < nb:
+                    page = x.bt[b * x.bt_stride + blk]
+                    if 0 <= page < x.a.num_pages:
+                        err[i] = 0
+                        fx_block_lse(qs + r * g * d,
+                                     x.a.kv + page * x.a.page_stride + (r % x.hkv) * x.a.head_stride,
+                                     d, g, blk, x.seq_lens[b], res + i * g,
+                                     sp + threadid() * g * 16, isa)
+            for i in range(W):
+                if err[i]:
+                    first_bad = i
+                    break
+        free(err)
+        free(qs)
+    if oom:
+        raise MemoryError("candidate_lse: no memory for the kernel's scratch")
     return first_bad

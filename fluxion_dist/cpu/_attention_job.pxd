@@ -31,6 +31,8 @@ cdef extern from "attention_job.h" nogil:
     void fx_prepare_q(const float *q, float *dst, int64_t heads, int d, float scale, int isa)
     void fx_token_scores(const float *q, const uint16_t *K, int d, int g, int32_t blk,
                          int32_t seq_len, float *out, float *sp, int isa)
+    void fx_block_lse(const float *q, const uint16_t *K, int d, int g, int32_t blk,
+                      int32_t seq_len, float *out, float *sp, int isa)
     void fx_job_scratch(int64_t rows, int64_t parts, int64_t q_floats, int g, int d, int members,
                         int64_t *n_i64, int64_t *n_f32)
     int64_t fx_csr_bad_row(const int32_t *indptr, int64_t rows, int64_t nnz)

@@ -237,4 +237,27 @@ static inline void fx_token_scores(const float *q, const uint16_t *K, int d, int
             out[tok[i]] = sp[h * FX_BT + i] > out[tok[i]] ? sp[h * FX_BT + i] : out[tok[i]];
 }
 
+/* Exact per-head log-sum-exp of one block, for the rescoring stage of selection
+ * (policy.select step 5): out[h] = ln sum_t exp(q_h.k_t * scale) over the block's
+ * tokens, h < g. `q` comes from fx_prepare_q with scale*log2(e) (scores in log2
+ * units); `sp` is g*16 floats of scratch. The caller checked blk < nb. */
+static inline void fx_block_lse(const float *q, const uint16_t *K, int d, int g, int32_t blk,
+                                int32_t seq_len, float *out, float *sp, int isa) {
+    int8_t tok[FX_BT];
+    int nt = fx_block_tokens(blk, seq_len, 0xFFFFu, tok);
+    if (isa == FX_AVX512)
+        fx_scores_avx512(q, K, d, g, tok, nt, sp, NULL, 0);
+    else if (isa == FX_AVX2)
+        fx_scores_avx2(q, K, d, g, tok, nt, sp, NULL, 0);
+    else
+        fx_scores_scalar(q, K, d, g, tok, nt, sp);
+    for (int h = 0; h < g; h++) {
+        const float *sh = sp + h * FX_BT;
+        float mx = sh[0], sum = 0.0f;
+        for (int i = 1; i < nt; i++) mx = sh[i] > mx ? sh[i] : mx;
+        for (int i = 0; i < nt; i++) sum += exp2f(sh[i] - mx);
+        out[h] = (mx + log2f(sum)) * FX_LN2;
+    }
+}
+
 #endif

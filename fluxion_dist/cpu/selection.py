@@ -147,6 +147,25 @@ def token_scores(q: np.ndarray, kv_pages: np.ndarray, block_tables: np.ndarray,
     return out
 
 
+def candidate_lse(q: np.ndarray, kv_pages: np.ndarray, block_tables: np.ndarray,
+                  seq_lens: np.ndarray, sel_indptr: np.ndarray, sel_blocks: np.ndarray,
+                  scale: float, *, num_threads: int, isa: Isa = "auto") -> np.ndarray:
+    """The rescoring stage's exact scores (``policy.select.candidate_lse``): ``f32 [nnz, g]``,
+    entry ``[i, j]`` the log-sum-exp of ``q.k * scale`` over the tokens of selected block i for
+    query head j of its KV head's group. Reads K only, once per block."""
+    dims = _checks.arena(q, kv_pages, block_tables, seq_lens)
+    _checks.selection(sel_indptr, sel_blocks, dims.batch * dims.num_kv_heads)
+    g = q.shape[1] // dims.num_kv_heads
+    out = np.empty((sel_blocks.shape[0], g), dtype=np.float32)
+    bad = _attention.candidate_lse(q, kv_pages, block_tables, seq_lens, sel_indptr, sel_blocks,
+                                   _checks.finite_scale(scale),
+                                   _checks.positive_int("num_threads", num_threads),
+                                   _checks.resolve_isa(isa, dims.head_dim), out)
+    if bad >= 0:
+        raise _checks.bad_block(sel_indptr, sel_blocks, bad, dims, block_tables, seq_lens)
+    return out
+
+
 def select_tokens_topk(tok_scores: np.ndarray, sel_indptr: np.ndarray, k, *,
                        num_threads: int) -> np.ndarray:
     """Per row the ``k`` (scalar or ``[R]``) best tokens among its candidate blocks' finite

@@ -12,6 +12,7 @@ and decides
 
 - whether the layer measures demand this step (``step_plan.measures``: every
   ``refresh_steps`` steps, staggered over the layers, and on a request's first step);
+- the rescoring stage's candidates per row, if on (``step_plan.rescore_factor``);
 - the CPU share of the misses: balanced from the cost model, the layer's last hit/miss
   counts and the host's own time per layer (fluxion, full: a split makes the host wait
   mid-layer), fixed (fixed_hybrid), 0 (quest_gpu) or 1 (cpu_only).
@@ -36,9 +37,11 @@ from fluxion_dist.attention.layout import num_blocks
 from fluxion_dist.hybrid.cost_model import CostModel
 from fluxion_dist.hybrid.device_pipeline import DevicePipeline, LayerOutcome, LayerPlan, copy_bytes
 from fluxion_dist.hybrid.operator import HybridAttentionError  # operator imports this module lazily
-from fluxion_dist.hybrid.step_plan import blocks_after_append, demand_of, measures, plan_step, request_budgets
+from fluxion_dist.hybrid.step_plan import (blocks_after_append, demand_of, measures, plan_step, request_budgets,
+                                           rescore_factor)
 from fluxion_dist.hybrid.step_report import LayerReport, StepReport
 from fluxion_dist.kernels.staging import io_words
+from fluxion_dist.policy.select import candidate_rows
 from fluxion_dist.policy.routing import balanced_cpu_fraction
 
 _STAGED = {torch.float32: "float32", torch.bfloat16: "bfloat16"}  # dtypes the graph reads and writes itself
@@ -162,8 +165,14 @@ class DeviceStepHook:
         k_rows = np.minimum(self.k_rows[layer], self.nb[:, None].astype(np.int32))
         measure = measures(op.config, self.budgets, self.demand, self.step, layer, op.options.refresh_steps)
         used = float((k_rows / self.nb[:, None]).mean())
-        bound = _bucket(int(k_rows.max()), self.tables_host.shape[2])
-        return LayerPlan(k_rows, bound, self._cpu_fraction(layer), op.use_cache, measure), used
+        width = self.tables_host.shape[2]
+        bound = _bucket(int(k_rows.max()), width)
+        cand, cand_bound = None, 0
+        factor = rescore_factor(op.config, k_rows, self.nb)
+        if factor:  # the rescoring stage's candidates (policy.select step 5)
+            cand = candidate_rows(k_rows, self.pos_host + 1, factor).astype(np.int32)
+            cand_bound = _bucket(int(cand.max()), width)
+        return LayerPlan(k_rows, bound, self._cpu_fraction(layer), op.use_cache, measure, cand, cand_bound), used
 
     def _cpu_fraction(self, layer: int) -> float:
         op = self.op

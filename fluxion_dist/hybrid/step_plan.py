@@ -13,6 +13,10 @@ heads), and measure a layer's demand when :func:`measures` says so:
   layers so a step refreshes only some of them, and on every step where a request of the
   batch has no demand for it yet; never where demand cannot move a block (floors at the
   full share without the head predictor: then fluxion reads Quest's share per row).
+
+:func:`rescore_factor` says whether a layer's top-k is the rescoring stage's (fluxion with
+``SparseConfig.rescore_factor``; ``policy.select`` step 5): candidates by Quest bound, kept
+by exact mass. The fixed policies stay pure Quest: they are the baselines.
 """
 
 from __future__ import annotations
@@ -89,3 +93,11 @@ def measures(config: SparseConfig, budgets: np.ndarray, demand: np.ndarray | Non
 def blocks_after_append(seq_lens_before: np.ndarray) -> np.ndarray:
     """Blocks per request once this step's token is in."""
     return (np.asarray(seq_lens_before, dtype=np.int64) + BLOCK_TOKENS) // BLOCK_TOKENS
+
+
+def rescore_factor(config: SparseConfig, k_rows: np.ndarray, nb: np.ndarray) -> float:
+    """The layer's rescoring factor, 0.0 for none: fluxion's ``rescore_factor`` where some row
+    (``k_rows [B, Hkv]``, ``nb [B]``) has blocks left to choose from."""
+    if traits(config.policy).selection != "fluxion" or config.rescore_factor <= 0:
+        return 0.0
+    return config.rescore_factor if bool(np.any(np.asarray(k_rows) < np.asarray(nb)[:, None])) else 0.0

@@ -66,6 +66,8 @@ SOURCES: dict[str, KernelSource] = {
     "append": KernelSource("append.cu", ("append_kv",), ("HEAD_DIM",), _DIM_CHECKS),
     "block_table": KernelSource("block_table.cu", ("force_blocks", "classify_entries", "admit_blocks", "advance_ring"), (), ((),)),
     "staging": KernelSource("staging.cu", ("stage_inputs", "stage_output"), (), ((),)),
+    "rescore": KernelSource("rescore.cu", ("candidate_lse", "candidate_scores"), ("HEAD_DIM", "GROUP"),
+                            _DIM_GROUP_CHECKS),
     "compact_metadata": KernelSource("compact_metadata.cu", ("quantize_metadata",), ("HEAD_DIM",), _DIM_CHECKS),
 }
 

@@ -15,7 +15,16 @@ Stages, in the pipeline's order (``hybrid.device_pipeline``), each the twin of o
    become 3.0e38, finite, so top-k takes them first and ties still go to the lower id;
 4. :func:`topk_csr` (``selection.cu`` top-k): per row the k highest scores, ranked by the
    kernels' order-preserving 32-bit keys (so -0.0 ranks below +0.0), ties to the lower id;
-   CSR of logical block ids, ascending.
+   CSR of logical block ids, ascending;
+5. with ``SparseConfig.rescore_factor`` c > 0 (fluxion only), a second stage
+   (``kernels/rescore.cu``): 4 picks :func:`candidate_rows` (``ceil(c * k)``) candidates per
+   row, :func:`candidate_lse` scores each exactly (per query head of the group, the
+   log-sum-exp of ``q.k * scale`` over the block's tokens, read from the KV itself),
+   :func:`candidate_scores` turns those into each block's share of the group's candidate mass
+   (``reference.candidate_shares``; kept blocks stay forced, the rest -inf), and top-k at the
+   planned k picks from that. Float32 in the kernels' formulas (log2 units inside a block,
+   natural ones across blocks), but not their summation order: ranks match the kernel's
+   except where two candidates' exact scores lie within float32 rounding of each other.
 
 The CPU path runs the Cython versions of 1, 2 and 4 (``cpu.selection``: same rankings, its
 own float32 arithmetic) and this module's 3 and far-demand count. Only ``exp`` may differ from
@@ -31,6 +40,8 @@ from fluxion_dist.attention.layout import BLOCK_TOKENS, from_bf16_bits
 
 FORCED_SCORE = np.float32(3.0e38)
 MASS_ONE = np.float32(2.0 ** 40)
+LOG2E = np.float32(1.4426950408889634)
+LN2 = np.float32(0.6931471805599453)
 
 
 def _f32(x) -> np.ndarray:
@@ -174,11 +185,99 @@ def force_kept(scores: np.ndarray, seq_lens, *, sink_blocks: int, recent_blocks:
     return scores
 
 
+def candidate_rows(k_rows, seq_lens, factor: float) -> np.ndarray:
+    """``int64 [B, H]``: the rescoring stage's candidates per row, ``ceil(factor * k)`` (never
+    below k, never above the request's blocks); ``k_rows`` int [B, H]."""
+    if not factor >= 1.0:
+        raise ValueError(f"rescore factor must be >= 1; got {factor}")
+    k = np.asarray(k_rows, dtype=np.int64)
+    nb = block_counts(seq_lens)[:, None]
+    cand = np.ceil(np.float64(factor) * k - 1e-9).astype(np.int64)
+    return np.minimum(np.maximum(cand, k), nb)
+
+
+def _entry_rows(indptr: np.ndarray) -> np.ndarray:
+    return np.repeat(np.arange(indptr.size - 1), np.diff(indptr))
+
+
+def candidate_lse(q: np.ndarray, kv_pages: np.ndarray, block_tables: np.ndarray, seq_lens, scale: float,
+                  indptr: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """``float32 [nnz, G]``: per CSR entry (row ``b * Hkv + h``, logical block) and query head
+    of the group, the block's exact log-sum-exp of ``q.k * scale`` over its tokens (those
+    before ``seq_lens[b]``), from ``kv_pages`` (bf16 bits ``[P, Hkv, 2, 16, d]``, K only)."""
+    q = _f32(q)
+    bsz, hq, d = q.shape
+    hkv = kv_pages.shape[1]
+    g = hq // hkv
+    qs = (q * (np.float32(scale) * LOG2E)).reshape(bsz, hkv, g, d)
+    lens = np.asarray(seq_lens, np.int64)
+    out = np.empty((int(indptr[-1]), g), np.float32)
+    tok = np.arange(BLOCK_TOKENS)
+    for r in range(indptr.size - 1):  # one GEMM per row: a row's entries share q and KV head
+        lo, hi = int(indptr[r]), int(indptr[r + 1])
+        if lo == hi:
+            continue
+        b, h = divmod(r, hkv)
+        blk = blocks[lo:hi].astype(np.int64)
+        k = from_bf16_bits(kv_pages[block_tables[b, blk], h, 0]).reshape(-1, d)
+        with np.errstate(over="ignore", invalid="ignore"):  # the padding past the sequence may hold anything
+            s = (k @ qs[b, h].T).reshape(hi - lo, BLOCK_TOKENS, g)  # log2 units
+        s = np.where((tok[None, :] < (lens[b] - blk * BLOCK_TOKENS)[:, None])[..., None], s, np.float32(-np.inf))
+        m = s.max(axis=1)
+        out[lo:hi] = (m + np.log2(np.exp2(s - m[:, None]).sum(axis=1, dtype=np.float32))) * LN2
+    return out
+
+
+def candidate_scores(lse: np.ndarray, indptr: np.ndarray, blocks: np.ndarray, seq_lens, heads: int,
+                     width: int, *, sink_blocks: int, recent_blocks: int) -> np.ndarray:
+    """``float32 [B, heads, width]`` from :func:`candidate_lse`: each candidate's share of its
+    group's candidate mass (``reference.candidate_shares``), the kept blocks ``FORCED_SCORE``,
+    every other block -inf: top-k over it picks among the candidates only."""
+    lse = _f32(lse)
+    rows = indptr.size - 1
+    nnz = int(indptr[-1])
+    row = _entry_rows(indptr)
+    # a row's entries are contiguous: segment reductions over the rows that have any
+    counts = np.diff(indptr)
+    starts = indptr[:-1][counts > 0].astype(np.int64)
+    zmax = np.full((rows, lse.shape[1]), -np.inf, np.float32)
+    zsum = np.zeros_like(zmax)
+    if starts.size:
+        zmax[counts > 0] = np.maximum.reduceat(lse[:nnz], starts, axis=0)
+        zsum[counts > 0] = np.add.reduceat(np.exp(lse[:nnz] - zmax[row]), starts, axis=0, dtype=np.float32)
+    with np.errstate(divide="ignore"):  # a row without candidates: log 0, never read
+        x = lse[:nnz] - (zmax + np.log(zsum))[row]  # [nnz, G]: log of each head's share
+    xm = x.max(axis=1)
+    share = xm + np.log(np.exp(x - xm[:, None]).sum(axis=1, dtype=np.float32))
+    blk = blocks[:nnz].astype(np.int64)
+    nb = np.repeat(block_counts(seq_lens), heads)[row]
+    share = np.where((blk < sink_blocks) | (blk >= nb - recent_blocks), FORCED_SCORE, share)
+    out = np.full((rows, width), -np.inf, np.float32)
+    out[row, blk] = share
+    return out.reshape(-1, heads, width)
+
+
+def rescore_csr(q: np.ndarray, kv_pages: np.ndarray, block_tables: np.ndarray, seq_lens, scale: float,
+                forced_scores: np.ndarray, k_rows, factor: float, *, sink_blocks: int,
+                recent_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rescoring stage end to end: ``forced_scores`` (Quest's, after :func:`force_kept`)
+    -> the top :func:`candidate_rows` -> their exact scores -> top-k at ``k_rows`` (CSR)."""
+    heads, width = forced_scores.shape[1:]
+    k_rows = np.broadcast_to(np.asarray(k_rows, dtype=np.int64), forced_scores.shape[:2])
+    ip, bl = topk_csr(forced_scores, seq_lens, candidate_rows(k_rows, seq_lens, factor))
+    lse = candidate_lse(q, kv_pages, block_tables, seq_lens, scale, ip, bl)
+    exact = candidate_scores(lse, ip, bl, seq_lens, heads, width, sink_blocks=sink_blocks,
+                             recent_blocks=recent_blocks)
+    return topk_csr(exact, seq_lens, k_rows)
+
+
 def select_layer(q: np.ndarray, kmin: np.ndarray, kmax: np.ndarray, block_tables: np.ndarray, seq_lens,
                  scale: float, k_rows: np.ndarray, *, sink_blocks: int, recent_blocks: int,
-                 mass_target: float | None = None):
+                 mass_target: float | None = None, rescore_factor: float = 0.0,
+                 kv_pages: np.ndarray | None = None):
     """The GPU layer's selection, end to end: ``(indptr, blocks, demand)``; ``demand`` [B, Hkv]
-    (the far demand of the top-p pass) only with a ``mass_target``, else None."""
+    (the far demand of the top-p pass) only with a ``mass_target``, else None. With a
+    ``rescore_factor`` (>= 1) the top-k is the rescoring stage's over ``kv_pages``."""
     hkv = kmin.shape[1]
     scores = quest_kv_scores(q, kmin, kmax, block_tables, seq_lens, scale)
     demand = None
@@ -186,5 +285,11 @@ def select_layer(q: np.ndarray, kmin: np.ndarray, kmax: np.ndarray, block_tables
         ip, bl = topp_sets(scores, seq_lens, mass_target)
         demand = far_demand(ip, bl, seq_lens, hkv, sink_blocks=sink_blocks, recent_blocks=recent_blocks)
     force_kept(scores, seq_lens, sink_blocks=sink_blocks, recent_blocks=recent_blocks)
-    indptr, blocks = topk_csr(scores, seq_lens, k_rows)
+    if rescore_factor > 0:
+        if kv_pages is None:
+            raise ValueError("rescoring reads the KV: pass kv_pages")
+        indptr, blocks = rescore_csr(q, kv_pages, block_tables, seq_lens, scale, scores, k_rows, rescore_factor,
+                                     sink_blocks=sink_blocks, recent_blocks=recent_blocks)
+    else:
+        indptr, blocks = topk_csr(scores, seq_lens, k_rows)
     return indptr, blocks, demand
