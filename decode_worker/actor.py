@@ -16,7 +16,8 @@ A request's life cycle on this side:
    pages and attends with the hybrid operator the config's ``decode.sparse.policy`` names;
 5. the request ends on its stop condition, an ``abort`` (client gone, router cleanup) or an
    error; every path frees its pages, so the store's occupancy returns to zero.
-If the engine itself breaks (an exception out of a step), the process exits so Ray restarts it.
+If the engine itself breaks (an exception out of a step), the process exits so Ray restarts it
+(after ``server.restart_backoff_s``, growing while it keeps dying: ``restart_backoff``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fluxion_dist.hybrid import HostArena
 from fluxion_dist.model.loader import load_from_config
 from fluxion_dist.policy.request import RequestSparse
 from fluxion_dist.sampling import SamplingParams
+from fluxion_dist.server.restart_backoff import wait_before_start
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +46,14 @@ class DecodeWorker:
     def __init__(self, config: dict, name: str, kv_secret: bytes) -> None:
         self.cfg = config_from_dict(config)
         self.name = name
+        self.start_record = wait_before_start(self.cfg.server)  # a restart in a row waits first
         self.model, self.tokenizer = load_from_config(self.cfg.model)
         self.kv = KVReceiver(self.cfg, self.model.arch, kv_secret)
         attention = build_attention(self.cfg, self.model.arch, HostArena(self.kv.pages, self.kv.kmin, self.kv.kmax))
         self.engine = DecodeEngine(self.model, self.kv, self.cfg.decode.max_batch_size, attention,
                                    enforce_eager=self.cfg.decode.enforce_eager)
         self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
+        self.placed: set[str] = set()  # admitted here and not yet aborted
         self._lock: asyncio.Lock | None = None  # engine and store change only between steps
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.Task | None = None
@@ -64,6 +68,7 @@ class DecodeWorker:
         self._start()
         async with self._lock:
             self.kv.admit(request_id, prompt_len, max_tokens)
+            self.placed.add(request_id)
         return await self.kv.address()
 
     async def generate(self, request_id: str, first_token: int, params: dict, sparse: dict | None = None):
@@ -99,10 +104,19 @@ class DecodeWorker:
         async with self._lock:
             self.engine.abort(request_id)
             freed = self.kv.release(request_id)
+            self.placed.discard(request_id)
         queue = self.streams.get(request_id)
         if queue is not None:
             queue.put_nowait(TokenEvent(request_id, None, "abort"))
         return freed
+
+    async def abort_all(self) -> int:
+        """Drop every request placed here; returns how many. A restarted router calls it before
+        it serves: the requests its dead predecessor placed have no client left to free them."""
+        ids = self.placed | set(self.streams)
+        for request_id in ids:
+            await self.abort(request_id)
+        return len(ids)
 
     async def _run(self) -> None:
         while True:
@@ -132,4 +146,5 @@ class DecodeWorker:
 
     async def health(self) -> dict:
         self._start()
-        return {"healthy": not self._loop.done(), "steps": self.steps, "at": time.time(), **await self.load()}
+        return {"healthy": not self._loop.done(), "steps": self.steps, "at": time.time(),
+                "restarts": self.start_record["restarts"], **await self.load()}

@@ -4,6 +4,8 @@ Every fabric of one ``FakeHub`` shares the hub's loop thread, so matching needs 
 ``FakeFabric.kill`` plays a process dying: its endpoints and posted operations vanish
 without a word to anyone (as with UCX error handling off), and messages to it are
 never taken, so its peers must notice through their heartbeat timeout.
+``FakeFabric.flip_bulk_byte`` plays a payload corrupted (or replaced) in transit: one bulk
+message this fabric sends arrives with one byte changed, the sender's memory untouched.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 
 from kv_store.errors import MessageTruncated, OperationCanceled, TransportError
 from kv_store.loop_thread import EventLoopThread
-from kv_store.transport_base import Buffer, Endpoint, Fabric
+from kv_store.transport_base import Buffer, Endpoint, Fabric, is_data_tag
 
 
 def _bytes_view(buf: Buffer) -> memoryview:
@@ -90,6 +92,8 @@ class FakeFabric(Fabric):
         self._address = address
         self._tags: dict[int, _Queues] = {}
         self.dead = False
+        self._bulk_sent = 0
+        self._flips: dict[int, int] = {}  # bulk message index -> byte offset to flip
 
     def address(self) -> bytes:
         return self._address
@@ -101,6 +105,22 @@ class FakeFabric(Fabric):
 
     async def recv_any(self, buf: Buffer, tag: int) -> None:
         await self._post_recv(buf, tag, None)
+
+    def flip_bulk_byte(self, message: int, offset: int) -> None:
+        """The ``message``-th bulk message (counted from 0 over this fabric's life) arrives with
+        byte ``offset`` (modulo its size) inverted."""
+        self._flips[message] = offset
+
+    def _in_transit(self, buf: Buffer, tag: int) -> memoryview:
+        data = _bytes_view(buf)
+        if is_data_tag(tag):
+            offset = self._flips.pop(self._bulk_sent, None)
+            self._bulk_sent += 1
+            if offset is not None:
+                copy = bytearray(data)
+                copy[offset % len(copy)] ^= 0xFF
+                data = memoryview(copy)
+        return data
 
     def kill(self) -> None:
         """Die silently: drop everything, answer nothing from now on."""
@@ -146,7 +166,7 @@ class FakeEndpoint(Endpoint):
     async def send(self, buf: Buffer, tag: int) -> None:
         if self._closed or self._local.dead:
             raise OperationCanceled("endpoint closed")
-        send = _Send(_bytes_view(buf), asyncio.get_running_loop().create_future(), self)
+        send = _Send(self._local._in_transit(buf, tag), asyncio.get_running_loop().create_future(), self)
         self._remote._deliver(send, tag)
         await send.done
 

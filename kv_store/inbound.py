@@ -7,6 +7,7 @@ here runs on the transport's loop thread.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class InboundTransfer:
     status: TransferStatus
     announced: set[int] = field(default_factory=set)
     layer_tasks: list[asyncio.Task] = field(default_factory=list)
+    tags: dict[int, bytes] = field(default_factory=dict)  # bulk tag of each layer as it landed
 
 
 class InboundConnection:
@@ -147,7 +149,10 @@ class InboundConnection:
         elif isinstance(frame, wire.Done):
             inb = self._transfer(frame.xfer, finished_ok=True)
             if inb is not None:
-                self._spawn(self._finish(inb), f"commit of {inb.handle.request_id!r}")
+                if len(frame.tags) not in (0, inb.handle.num_layers):
+                    raise ProtocolError(f"DONE of {inb.handle.request_id!r} carries {len(frame.tags)} bulk "
+                                        f"tags for {inb.handle.num_layers} layers")
+                self._spawn(self._finish(inb, tags=frame.tags), f"commit of {inb.handle.request_id!r}")
         elif isinstance(frame, wire.Abort):
             inb = self._transfer(frame.xfer, finished_ok=True)
             if inb is not None:
@@ -281,15 +286,37 @@ class InboundConnection:
         elif errors:
             self.fail(PeerLost(f"bulk receive of layer {layer} failed: {errors[0]!r}"))
         else:
+            if self.config.bulk_tags:  # hashed on a thread while later layers land; checked at DONE
+                inb.tags[layer] = await asyncio.to_thread(self.key.bulk_tag, self.conn_id, inb.xfer, layer,
+                                                          [buf for _, buf in targets])
             self.store.mark_written(inb.handle.request_id, layer)
 
-    async def _finish(self, inb: InboundTransfer, *, aborted: str | None = None) -> None:
+    async def _finish(self, inb: InboundTransfer, *, aborted: str | None = None,
+                      tags: list[bytes] | None = None) -> None:
         if inb.layer_tasks:
             await asyncio.wait(inb.layer_tasks)  # wait, never cancel: UCX may be writing
         if inb.status.done or self.error is not None:
             return  # a failed receive failed the connection; its teardown frees
         request_id = inb.handle.request_id
         missing = sorted(set(range(inb.handle.num_layers)) - inb.announced)
+        if aborted is None and not missing and self.config.bulk_tags:
+            if tags:
+                forged = [layer for layer in range(inb.handle.num_layers)
+                          if not hmac.compare_digest(inb.tags.get(layer, b""), tags[layer])]
+                why = "do not match the sender's tags (corrupted or injected in transit)"
+            else:
+                forged = list(range(inb.handle.num_layers))
+                why = "came without tags (the sender runs with transport.bulk_tags: false)"
+            if forged:
+                self.rejections.count(Rejected.BULK_TAG)
+                self.store.abort(request_id)
+                self._end(inb)
+                detail = (f"integrity check failed: the bulk bytes of layers {forged} {why}; the request's "
+                          f"pages are freed")
+                log.warning("KV of %r refused: %s", request_id, detail)
+                inb.status.fail(TransferFailed(f"{request_id!r}: {detail}"))
+                self.send(wire.Failed(inb.xfer, detail))
+                return
         if aborted is None and not missing:
             self.store.commit(request_id)
             inb.status.advance(TransferState.SUCCESS)

@@ -266,7 +266,9 @@ class PeerConnection:
         if transfer.layer_tasks:
             await asyncio.wait(transfer.layer_tasks)
         if not transfer.done and self.error is None:
-            self._ctrl(wire.Done(transfer.xfer))
+            tags = [transfer.layer_tags[layer] for layer in range(self.store.geometry.num_layers)] \
+                if self.config.bulk_tags else []
+            self._ctrl(wire.Done(transfer.xfer, tags))
 
     # ------------------------------------------------------------ loop side: bulk
 
@@ -297,11 +299,21 @@ class PeerConnection:
             header = self._encode(wire.Layer(transfer.xfer, layer, segments, first))
             sends = [self.ep.send(header, ctrl_tag(self.conn_id))]
             sends += [self.ep.send(m, data_tag(self.conn_id, first + k)) for k, m in enumerate(messages)]
+            # The layer's bulk tag is hashed on a thread while its bytes are on the wire.
+            tagging = None
+            if self.config.bulk_tags:
+                tagging = asyncio.ensure_future(asyncio.to_thread(
+                    self.key.bulk_tag, self.conn_id, transfer.xfer, layer, messages))
             try:
                 await asyncio.gather(*sends)
             except (OperationCanceled, TransportError) as e:
                 self._fail(PeerLost(f"bulk send of layer {layer} failed: {e}"))
                 return
+            finally:
+                if tagging is not None:
+                    await asyncio.wait([tagging])  # the thread reads the pages: done before they may go
+            if tagging is not None:
+                transfer.layer_tags[layer] = tagging.result()
             nbytes = sum(m.nbytes for m in messages)
             transfer.bytes_sent += nbytes
             self.store.record_out(nbytes)

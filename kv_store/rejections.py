@@ -29,6 +29,8 @@ class Rejected(enum.Enum):
     """An OFFER for a request id with no admission: refused, nothing reserved."""
     ADMISSION_EXPIRED = "admission_expired"
     """An admission whose OFFER did not come by its deadline: what it held is freed."""
+    BULK_TAG = "bulk_tag"
+    """A transfer whose bulk bytes do not match the sender's tags: failed, its pages freed."""
 
 
 class Rejections:

@@ -32,6 +32,7 @@ class SendTransfer(TransferStatus):
         self.finish_requested = False
         self.abort_detail: str | None = None
         self.layer_tasks: list[asyncio.Task] = []
+        self.layer_tags: dict[int, bytes] = {}  # bulk tag of each layer sent, for DONE
 
     def push_layer(self, layer: int) -> None:
         """Queue layer ``layer`` (already written in the local store) for sending."""

@@ -18,8 +18,12 @@ A request's life here:
 3. Each LAYER frame lists the segments (page counts) of the three raw messages per
    segment that follow (KV pages, kmin, kmax). Receives are posted straight into the
    arena views: no staging buffer.
-4. DONE: once every layer has landed the request is committed (READY, ready lease
-   started), COMMITTED goes back, poll() says SUCCESS. The decoder then ``claim``s it.
+4. DONE carries the sender's bulk tag of each layer (``FrameKey.bulk_tag``); the server
+   hashed each layer as it landed. Once every layer has landed and every tag matches, the
+   request is committed (READY, ready lease started), COMMITTED goes back, poll() says
+   SUCCESS; the decoder then ``claim``s it. A layer whose bytes do not match (corrupted or
+   injected in transit) fails the transfer instead: its pages are freed, FAILED goes back
+   with the layers named, poll() says FAILED, and the connection carries on.
 5. Anything else ends the connection: a frame that fails its checks (its tag
    included: BYE names the authentication failure), a protocol breach, a peer silent
    past ``timeout_s``, BYE. Its endpoint is aborted first,

@@ -54,6 +54,11 @@ def data_tag(conn_id: int, seq: int) -> int:
     return (conn_id << 32) | _DATA | (seq & 0x7FFF_FFFF)
 
 
+def is_data_tag(tag: int) -> bool:
+    """Whether ``tag`` is a bulk message's (not a frame's)."""
+    return bool(tag & _DATA) and (tag >> 32) != RESERVED_CONN
+
+
 class Endpoint(ABC):
     """A connection to one peer's worker. Call only from the fabric's loop thread."""
 

@@ -11,7 +11,8 @@ body: a frame from outside the deployment, moved to another connection or direct
 replayed on its own channel, does not verify.
 
 Bulk KV never goes in a frame: a LAYER frame announces the raw messages that follow on
-their own tags. A frame is trusted only after, in order: the buffer holds a whole prefix;
+their own tags, and DONE carries each layer's bulk tag (``FrameKey.bulk_tag``), which the
+receiver checks before it commits the request. A frame is trusted only after, in order: the buffer holds a whole prefix;
 magic and version match; the declared body fits ``MAX_FRAME_BYTES`` and the bytes
 received; the checksum matches (a truncated or corrupted frame fails here); the tag
 verifies (``AuthenticationFailed``: a frame of another deployment fails here, before
@@ -34,7 +35,7 @@ import msgpack
 from kv_store.auth import TAG_BYTES, FrameKey
 from kv_store.errors import AuthenticationFailed, FrameTooLarge, MalformedFrame, VersionMismatch
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 MAGIC = b"FXKV"
 PREFIX = struct.Struct(f"<4sHHII{TAG_BYTES}s")
 _CRC_AT = 12  # offset of the crc field: everything before it is covered
@@ -58,7 +59,7 @@ class FrameKind(enum.IntEnum):
     ACCEPT = 4      # receiver: pages reserved; their run lengths per layer
     REFUSE = 5      # receiver: typed refusal; nothing was allocated
     LAYER = 6       # sender: one layer's bulk follows as 3 messages per segment
-    DONE = 7        # sender: every layer was announced
+    DONE = 7        # sender: every layer was announced; each layer's bulk tag
     COMMITTED = 8   # receiver: the request is READY in its store
     FAILED = 9      # receiver: an accepted transfer failed; its pages are freed
     ABORT = 10      # sender: give the transfer up; the receiver frees its pages
@@ -117,6 +118,7 @@ class Layer:
 @dataclass(frozen=True, slots=True)
 class Done:
     xfer: int
+    tags: list[bytes]  # per layer, in layer order: FrameKey.bulk_tag of its messages; [] untagged
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +174,11 @@ def _uints(n: int, lo: int, hi: int) -> Check:
                       and all(type(i) is int and lo <= i <= hi for i in x))
 
 
+def _tags(x: object) -> bool:  # empty: the sender does not tag (transport.bulk_tags: false)
+    return type(x) is list and len(x) <= MAX_LAYERS and all(
+        type(t) is bytes and len(t) == TAG_BYTES for t in x)
+
+
 def _runs(x: object) -> bool:
     return type(x) is list and 0 < len(x) <= MAX_LAYERS and all(
         _uints(MAX_SEGMENTS, 1, U32)(r) for r in x)
@@ -190,7 +197,7 @@ _SCHEMA: dict[FrameKind, tuple[type, dict[str, Check]]] = {
     FrameKind.REFUSE: (Refuse, {"xfer": _XFER, "reason": _text(64), "detail": _text(MAX_TEXT)}),
     FrameKind.LAYER: (Layer, {"xfer": _XFER, "layer": _uint(MAX_LAYERS),
                               "segments": _uints(MAX_SEGMENTS, 1, U32), "first_seq": _uint(U63)}),
-    FrameKind.DONE: (Done, {"xfer": _XFER}),
+    FrameKind.DONE: (Done, {"xfer": _XFER, "tags": _tags}),
     FrameKind.COMMITTED: (Committed, {"xfer": _XFER}),
     FrameKind.FAILED: (Failed, {"xfer": _XFER, "detail": _text(MAX_TEXT)}),
     FrameKind.ABORT: (Abort, {"xfer": _XFER, "detail": _text(MAX_TEXT)}),

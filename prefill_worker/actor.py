@@ -29,6 +29,7 @@ import torch
 from fluxion_dist.config import config_from_dict
 from fluxion_dist.model.loader import load_from_config, resolve_device, to_device
 from fluxion_dist.sampling import Sampler, SamplingParams, token_logprobs
+from fluxion_dist.server.restart_backoff import wait_before_start
 from kv_store.packing import LayerKV
 from prefill_worker import prompt_scoring
 from prefill_worker.kv_pusher import KVPusher
@@ -41,6 +42,7 @@ class PrefillWorker:
     def __init__(self, config: dict, name: str, kv_secret: bytes) -> None:
         self.cfg = config_from_dict(config)
         self.name = name
+        self.start_record = wait_before_start(self.cfg.server)  # a restart in a row waits first
         self.device = resolve_device(self.cfg.model, has_gpu=self.cfg.prefill.num_gpus > 0)
         self.model, _ = load_from_config(self.cfg.model, self.device)
         if self.device.type == "cuda":
@@ -97,4 +99,5 @@ class PrefillWorker:
         return await asyncio.to_thread(prompt_scoring.prompt_logprobs, self.model, prompt, n, device, chunk)
 
     async def health(self) -> dict:
-        return {"healthy": True, "served": self.served, **self.pusher.stats()}
+        return {"healthy": True, "served": self.served, "restarts": self.start_record["restarts"],
+                **self.pusher.stats()}

@@ -169,7 +169,9 @@ class RayUpSandbox:
 
     def client_env(self) -> dict[str, str]:
         """Environment of the `ray up/exec/down` client processes."""
-        env = {k: v for k, v in os.environ.items() if k not in (NODE_MARK, "RAY_ADDRESS")}
+        # A token path another test's local cluster set would override the one the YAML mounts.
+        env = {k: v for k, v in os.environ.items()
+               if k not in (NODE_MARK, "RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
         tmp = str(self.client_home / "tmp")
         env.update(RAY_ENV, HOME=str(self.client_home), RAY_TMPDIR=tmp, TMPDIR=tmp,
                    **{CLIENT_MARK: self.token})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kv_store import (FrameKey, KVGeometry, KVSender, KVServer, KVStore, PeerLost, RefusalReason,
-                      RemoteStoreFull, StoreConfig, TransferAborted, TransferRefused,
+                      RemoteStoreFull, StoreConfig, TransferAborted, TransferFailed, TransferRefused,
                       TransferState, TransportConfig, new_secret, pack_layer, wire)
 from kv_store.fake_transport import FakeHub
 from polling import eventually
@@ -218,6 +219,74 @@ def test_sender_abort_frees_receiver_pages(pair):
     eventually(lambda: server.poll("r") is TransferState.FAILED)
     assert isinstance(server.status("r").error, TransferAborted)
     assert dst.stats().used_pages == 0 and server.num_connections == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_bulk_bytes_changed_in_transit_fail_the_transfer_and_free_its_pages(hub, seed):
+    """One byte of one bulk message (KV pages or metadata, any layer) changed on the wire: the
+    receiver's tag of that layer differs from the sender's, so the request never becomes READY,
+    both ends fail it naming the layer, its pages are freed and the connection carries on."""
+    rng = np.random.default_rng(seed)
+    dst = make_store(100)
+    server = server_on(dst, hub.fabric())
+    src = make_store(200)
+    fabric = hub.fabric()
+    sender = sender_on(src, fabric)
+    peer = sender.connect(server.address())
+    num_tokens = int(rng.integers(1, 100))
+    write_request(src, "r", num_tokens, seed=seed, server=server)
+    fabric.flip_bulk_byte(int(rng.integers(0, 3 * G.num_layers)), int(rng.integers(0, 1 << 20)))
+    t = sender.push(peer, "r")
+    with pytest.raises(TransferFailed, match=r"integrity check failed: the bulk bytes of layers \[\d\]") as e:
+        t.wait(5)
+    assert "pages are freed" in str(e.value)
+    eventually(lambda: server.poll("r") is TransferState.FAILED)
+    assert "integrity check failed" in str(server.status("r").error)
+    assert "r" not in dst and dst.stats().used_pages == 0
+    assert server.rejections.snapshot()["bulk_tag"] == 1
+    # The same connection carries the next request, byte-exact.
+    kvs = write_request(src, "r2", num_tokens + 17, seed=seed + 10, server=server)
+    sender.push(peer, "r2").wait(5)
+    assert peer.alive and server.poll("r2") is TransferState.SUCCESS
+    assert_same(dst, "r2", kvs)
+    sender.close()
+    server.close()
+
+
+def test_untagged_bulk_is_refused_unless_both_ends_trust_the_network(hub):
+    untagged = dataclasses.replace(TC, bulk_tags=False)
+    for server_config, ok in ((TC, False), (untagged, True)):
+        dst = make_store(100)
+        server = server_on(dst, hub.fabric(), server_config)
+        src = make_store(100)
+        sender = sender_on(src, hub.fabric(), untagged)
+        kvs = write_request(src, "r", 40, seed=7, server=server)
+        t = sender.push(sender.connect(server.address()), "r")
+        if ok:
+            t.wait(5)
+            assert_same(dst, "r", kvs)
+        else:
+            with pytest.raises(TransferFailed, match="came without tags .*transport.bulk_tags: false"):
+                t.wait(5)
+            eventually(lambda: server.poll("r") is TransferState.FAILED)
+            assert dst.stats().used_pages == 0
+        sender.close()
+        server.close()
+
+
+def test_bulk_tag_covers_every_byte_and_its_place():
+    rng = np.random.default_rng(5)
+    messages = [rng.integers(0, 1 << 16, size=(7, 2, 32), dtype=np.uint16),
+                rng.integers(0, 1 << 16, size=(7, 2, 16), dtype=np.uint16)]
+    tag = KEY.bulk_tag(9, 3, 1, messages)
+    assert len(tag) == 32 and tag == KEY.bulk_tag(9, 3, 1, [m.copy() for m in messages])
+    for conn, xfer, layer in ((8, 3, 1), (9, 4, 1), (9, 3, 2)):
+        assert KEY.bulk_tag(conn, xfer, layer, messages) != tag
+    assert FrameKey(new_secret()).bulk_tag(9, 3, 1, messages) != tag
+    flipped = [m.copy() for m in messages]
+    flipped[1].reshape(-1).view(np.uint8)[int(rng.integers(0, flipped[1].nbytes))] ^= 1
+    assert KEY.bulk_tag(9, 3, 1, flipped) != tag
+    assert KEY.bulk_tag(9, 3, 1, messages[::-1]) != tag
 
 
 def test_unclaimed_request_is_reclaimed_when_its_lease_ends(hub):

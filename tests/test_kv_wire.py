@@ -35,7 +35,7 @@ FRAMES = [
     wire.Accept(1, [[2048]] * 32 + [[1000, 1048]]),
     wire.Refuse(1, "store_full", "need 65536 pages, 12 free"),
     wire.Layer(1, 31, [1000, 1048], 2**40),
-    wire.Done(1), wire.Committed(1), wire.Failed(1, "x"), wire.Abort(1, "y"),
+    wire.Done(1, [bytes(range(32))] * 32), wire.Committed(1), wire.Failed(1, "x"), wire.Abort(1, "y"),
     wire.Ping(), wire.Bye("bye"),
 ]
 

@@ -229,6 +229,7 @@ def test_metrics_and_health(service):
         assert name in text, name
     assert "fluxion_kv_transferred_bytes_total 0.0" not in text
     assert "fluxion_requests_running 0.0" in text and 'outcome="rejected_429"' in text
+    assert "fluxion_requests_swapped 0.0" in text  # documented as always 0: nothing is ever preempted
     deadline = time.monotonic() + 10  # the gauge is refreshed right after the free, beside the request
     while not all(line.endswith(" 0.0") for line in text.splitlines()
                   if line.startswith("fluxion_kv_occupancy_ratio{")) and time.monotonic() < deadline:

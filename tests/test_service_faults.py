@@ -1,6 +1,7 @@
-"""Faults a deployment must outlive: a hung (SIGSTOPped) worker, and more deaths than Ray's old
-restart limit; and a request's own sparse budget reaching the decode attention. One local
-cluster and one deployment (sparse, short deadlines) for the module."""
+"""Faults a deployment must outlive: a hung (SIGSTOPped) worker, more deaths than Ray's old
+restart limit, the router itself killed; and a request's own sparse budget reaching the decode
+attention. One local cluster and one deployment (sparse, short deadlines, short restart
+backoffs) for the module."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def service(tmp_path_factory):
     cfg = dataclasses.replace(
         cfg,
         server=dataclasses.replace(cfg.server, port=0, worker_timeout_s=WORKER_TIMEOUT_S, health_interval_s=0.3,
-                                   health_timeout_s=1.5, restart_hung_after_s=RESTART_HUNG_AFTER_S),
+                                   health_timeout_s=1.5, restart_hung_after_s=RESTART_HUNG_AFTER_S,
+                                   restart_backoff_s=0.25, restart_backoff_max_s=2.0),
         kv_store=dataclasses.replace(cfg.kv_store, capacity=1 << 20),
         decode=dataclasses.replace(cfg.decode, sparse=dataclasses.replace(
             cfg.decode.sparse, policy="cpu_only", budget=0.05, sink_tokens=16, recent_tokens=16)),
@@ -195,4 +197,45 @@ def test_workers_are_restarted_beyond_rays_old_limit(service):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda i: _complete(client, cfg, f"after {i}", max_tokens=6), range(4)))
     assert [r.status_code for r in results] == [200] * 4, [r.text for r in results]
+    _assert_kv_empty(cfg, client)
+
+
+def _serving_again(client, timeout) -> httpx.Response:
+    """/health 200 again at the same address; nothing listens there meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = client.get("/health", timeout=5)
+            if r.status_code == 200:
+                return r
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"the router did not serve again within {timeout}s")
+
+
+def test_a_killed_router_comes_back_on_its_port_and_frees_what_the_dead_one_held(service):
+    cfg, client = service
+    _, _, router_name = deploy.actor_names(cfg)
+    router = ray.get_actor(router_name, namespace=cfg.cluster.namespace)
+    _, decode = _decode(cfg)
+    pid = _pid(router)
+    body = {"model": cfg.server.served_model_name, "prompt": "a stream the router takes down with it",
+            "max_tokens": cfg.server.max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+    with pytest.raises(httpx.HTTPError):  # the stream dies with the process that served it
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and pid is not None:
+                    assert ray.get(decode.load.remote(), timeout=30)["used_pages"] > 0
+                    os.kill(pid, signal.SIGKILL)
+                    pid = None
+    assert pid is None
+    health = _serving_again(client, 90).json()
+    assert health["router_restarts"] == 1 and health["status"] == "ok", health
+    # The dead router's request had no client left: the new one had its decode worker drop it.
+    _assert_kv_empty(cfg, client)
+    r = _complete(client, cfg, "after the router came back", max_tokens=5)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5, r.text
+    state = deploy.status(cfg)[router_name]
+    assert state["healthy"] and state["router_restarts"] == 1, state
     _assert_kv_empty(cfg, client)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import secrets
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
 from fluxion_dist.config import load_config  # noqa: E402
-from fluxion_dist.server import deploy  # noqa: E402
+from fluxion_dist.server import deploy, ray_cluster  # noqa: E402
 from fluxion_dist.server.ray_cluster import connect  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,13 @@ REQUESTS = 8
 
 
 @pytest.fixture(scope="module")
-def xpyd():
+def xpyd(tmp_path_factory):
+    # Both nodes run with Ray's token authentication (conftest.py turns it on), as the product's
+    # local clusters do: a token of this cluster's own, before the first node starts.
+    token = tmp_path_factory.mktemp("token") / "ray_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    ray_cluster._use_token(token)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"prefill": 2}})
     cluster.add_node(num_cpus=2, resources={"decode": 2})
     cfg = load_config(ROOT / "cluster_configs/deploy_cpu_demo.yaml")

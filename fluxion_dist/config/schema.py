@@ -80,6 +80,11 @@ class TransportConfig:
     offer_deadline_s: float = field(default=30.0, metadata=doc(
         "an admitted request whose KV offer has not reached the decode worker by then is forgotten "
         "and its reserved pages freed", gt=0))
+    bulk_tags: bool = field(default=True, metadata=doc(
+        "tag each layer's bulk KV bytes (HMAC-SHA256 under the deployment's secret) and commit a request "
+        "only if they match, so a payload corrupted or injected in transit fails its request; costs one "
+        "hash pass over the KV on each side, on threads beside the wire. false: trust the network "
+        "between the workers with the bulk bytes (every worker of a deployment must agree)"))
 
     def __post_init__(self) -> None:
         from fluxion_dist.errors import ConfigError
@@ -193,6 +198,21 @@ class ServerConfig:
         "and gets no new requests", gt=0))
     restart_hung_after_s: float = field(default=30.0, metadata=doc(
         "a worker hung this long is killed so Ray restarts it (0: never)", ge=0))
+    restart_backoff_s: float = field(default=1.0, metadata=doc(
+        "seconds an actor (worker or router) that Ray restarts waits before starting again, doubled for "
+        "each further restart within restart_backoff_reset_s of its last start, up to "
+        "restart_backoff_max_s: one that dies while starting does not restart in a hot loop (0: at once)",
+        ge=0))
+    restart_backoff_max_s: float = field(default=30.0, metadata=doc(
+        "longest wait before a restart (>= restart_backoff_s)", ge=0))
+    restart_backoff_reset_s: float = field(default=60.0, metadata=doc(
+        "an actor that ran this long since its last start restarts after restart_backoff_s again", gt=0))
+
+    def __post_init__(self) -> None:
+        from fluxion_dist.errors import ConfigError
+        if self.restart_backoff_max_s < self.restart_backoff_s:
+            raise ConfigError(f"server.restart_backoff_max_s: {self.restart_backoff_max_s!r} is below "
+                              f"server.restart_backoff_s ({self.restart_backoff_s!r}); it must be >= it")
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ import ray
 
 from fluxion_dist.config import DeployConfig, config_to_dict
 from fluxion_dist.errors import FluxionError
+from fluxion_dist.server import restart_backoff
 from fluxion_dist.server.ray_cluster import worker_env
 from kv_store import new_secret
 
@@ -72,8 +73,10 @@ def deploy(cfg: DeployConfig, *, detached: bool, timeout_s: float = 120.0) -> De
                 max_restarts=cfg.decode.max_restarts, max_task_retries=0, max_concurrency=1000,
                 **placement(cfg.decode.node_resource), **common).remote(as_dict, name, kv_secret)
         _wait_healthy(actors, timeout_s)
-        router = ray.remote(Router).options(name=router_name, num_cpus=0, max_restarts=0, max_concurrency=1000,
-                                            **common).remote(as_dict, prefill_names, decode_names)
+        # The front door is restarted like the workers (router_actor.py: how it comes back).
+        router = ray.remote(Router).options(name=router_name, num_cpus=0, max_restarts=-1, max_task_retries=0,
+                                            max_concurrency=1000, **common).remote(as_dict, prefill_names,
+                                                                                   decode_names)
         actors[router_name] = router
         try:
             endpoint = ray.get(router.start.remote(), timeout=timeout_s)
@@ -130,5 +133,6 @@ def shutdown(cfg: DeployConfig) -> list[str]:
         actor = _get(name, cfg)
         if actor is not None:
             ray.kill(actor, no_restart=True)
+            restart_backoff.forget(actor._actor_id.hex())
             killed.append(name)
     return killed

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections import Counter
 from typing import AsyncIterator
@@ -33,6 +34,8 @@ from fluxion_dist.server.errors import AdmissionRefused, WorkerFailed
 from fluxion_dist.server.stream import GeneratedToken
 from fluxion_dist.server.worker_health import WorkerHealth
 from kv_store.errors import RemoteStoreFull, StoreFull
+
+log = logging.getLogger(__name__)
 
 
 class RouterMetrics:
@@ -58,6 +61,11 @@ class RouterMetrics:
                              registry=self.registry)
         self.waiting = Gauge("fluxion_requests_waiting", "requests waiting for admission or prefill",
                              registry=self.registry)
+        # Exported for dashboards that plot running/waiting/swapped; it cannot move: admission
+        # reserves the pages of a request's whole max_tokens, so no running sequence is preempted.
+        self.swapped = Gauge("fluxion_requests_swapped", "always 0: the engine never preempts or swaps out "
+                             "a running sequence (its pages are reserved at admission; a full store "
+                             "answers 429)", registry=self.registry)
         self.kv_occupancy = Gauge("fluxion_kv_occupancy_ratio", "decode KV store pages in use",
                                   ["worker"], registry=self.registry)
         self.kv_bytes = PCounter("fluxion_kv_transferred_bytes", "KV bytes pushed prefill -> decode",
@@ -86,6 +94,7 @@ class RayBackend:
         self._finished: set[str] = set()
         self._refreshes: set[asyncio.Future] = set()  # held so the loop does not drop them
         self.metrics = RouterMetrics()
+        self.router_restarts = 0  # set by the router actor: how often Ray restarted it
 
     async def start(self) -> None:
         await self.workers.start()
@@ -294,9 +303,23 @@ class RayBackend:
         finally:
             self._prefill_inflight[name] -= 1
 
+    async def reclaim(self) -> int:
+        """Have every decode worker drop every request placed on it (a restarted router's first
+        act: those requests' clients went with the router that died); returns how many."""
+        async def one(name: str) -> int:
+            try:
+                return await asyncio.wait_for(self.decode[name].abort_all.remote(), self.timeout_s)
+            except Exception as e:  # a dead worker's restart frees its pages anyway
+                log.warning("could not reclaim the requests on %s: %s", name, _reason(e))
+                return 0
+        counts = await asyncio.gather(*(one(n) for n in self.decode))
+        for name in self.decode:
+            await self._refresh_occupancy(name)
+        return sum(counts)
+
     async def health(self) -> dict:
         """The background monitor's latest verdict: answers at once, whatever the workers do."""
-        return self.workers.snapshot()
+        return {**self.workers.snapshot(), "router_restarts": self.router_restarts}
 
     def metrics_text(self) -> bytes:
         for name, state in self.workers.snapshot()["workers"].items():
