@@ -1,9 +1,14 @@
 """Train the v2 quality model (``quality.model.TEXT_ARCH``) on natural text with the RULER tasks.
 
-The loss is next-token cross-entropy over every position of the samples (Austen
-haystacks with facts spliced in), with the answer tokens (each ending in ``<eoa>``)
-weighted ``--answer-weight`` times. Two phases, measured in *training time*, so a run
-ends on schedule whatever the device's speed and one split over calls resumes exactly:
+The loss is next-token cross-entropy over the samples (Austen haystacks with facts
+spliced in): the mean over the answer tokens (each ending in ``<eoa>``) makes
+``--answer-share`` of it, rising to ``--answer-share-end`` by the end of the budget, and
+the mean over the text the rest. The haystacks are recombined passages with words
+replaced (``quality.train_haystack``), so the text cannot be learnt by heart; the text
+loss on held-out paragraphs is logged beside the loss on trained ones (``text seen /
+held-out``). Tasks start easy (variable tracking at one hop) and reach their full sizes
+over ``--ramp`` of the budget. Two phases, measured in *training time*, so a run ends on
+schedule whatever the device's speed and one split over calls resumes exactly:
 
 1. short contexts (``--short``) until retrieval has formed: teacher-forced accuracy
    on ``GATED`` at or above ``--gate`` on a log window, or ``--gate-cap`` of the budget.
@@ -43,7 +48,8 @@ from fluxion_dist.quality.text_vocab import load_text_vocab  # noqa: E402
 from fluxion_dist.quality.train_batches import BatchMaker  # noqa: E402
 from fluxion_dist.quality.train_checkpoint import (TrainerState, has_checkpoint, load_checkpoint,  # noqa: E402
                                                    save_checkpoint)
-from fluxion_dist.quality.train_forward import lm_loss  # noqa: E402
+from fluxion_dist.quality.train_forward import lm_loss, text_loss  # noqa: E402
+from fluxion_dist.quality.train_haystack import HaystackMix, text_windows  # noqa: E402
 
 DEFAULT_STAGES = ("0:1024x128;0.08:2048x64;0.18:4096x32;0.32:8192x16,4096x32;"
                   "0.5:16384x8,8192x16;0.72:32768x4,16384x8")
@@ -65,6 +71,16 @@ def parse_stages(spec: str) -> list[tuple[float, list[tuple[int, int]]]]:
     if stages[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(stages, stages[1:])):
         raise SystemExit(f"--stages must start at 0 and increase: {spec!r}")
     return stages
+
+
+def level_at(trained: float, budget: float, ramp: float) -> float:
+    """The tasks' curriculum level, 0 to 1 over the first ``ramp`` of the budget (in twentieths,
+    so batches made ahead at a slightly earlier time are the same)."""
+    return 1.0 if ramp <= 0 else min(1.0, round(20 * trained / (ramp * budget)) / 20)
+
+
+def share_at(progress: float, start: float, end: float) -> float:
+    return start + (end - start) * min(max(progress, 0.0), 1.0)
 
 
 def shape_at(short: tuple[int, int], stages, gate_seconds: float | None, trained: float, budget: float,
@@ -102,7 +118,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--gate", type=float, default=0.9, help=f"phase 1 ends at this accuracy on {GATED}")
     ap.add_argument("--gate-cap", type=float, default=0.2, help="... or at this fraction of the budget")
     ap.add_argument("--stages", default=DEFAULT_STAGES, help="phase 2: START:LxB[,LxB];... (START: fraction)")
-    ap.add_argument("--answer-weight", type=float, default=5.0, help="loss weight of answer tokens (others: 1)")
+    ap.add_argument("--answer-share", type=float, default=0.5, help="share of the loss on answer tokens at the start")
+    ap.add_argument("--answer-share-end", type=float, default=0.75, help="... at the end of the budget (linear)")
+    ap.add_argument("--ramp", type=float, default=0.3, help="fraction of the budget over which tasks reach full size")
+    ap.add_argument("--haystack", choices=("mixed", "span"), default="mixed",
+                    help="training haystacks: recombined passages with words replaced, or plain corpus spans")
+    ap.add_argument("--eval-minutes", type=float, default=2.0, help="text loss on seen/held-out paragraphs this often")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
@@ -113,6 +134,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--export", type=Path, help="also write the shippable model here once the budget is spent")
     args = ap.parse_args(argv)
+    for name in ("answer_share", "answer_share_end"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            ap.error(f"--{name.replace('_', '-')} must be in [0, 1]; got {getattr(args, name)}")
     if args.smoke:
         given = {a.dest for a in ap._actions if f"--{a.dest.replace('_', '-')}" in (argv or sys.argv[1:])}
         for k, v in SMOKE.items():
@@ -147,25 +171,35 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     step, trained, gate_at = state.step, state.train_seconds, state.gate_seconds
     budget = args.budget_minutes * 60  # may differ from the stored one: a run can be extended
-    load_text_vocab(tokenizer_dir)  # tokenize (and cache) the corpus once, before the workers read it
-    maker = BatchMaker(tokenizer_dir, state.seed, args.workers)
+    tv = load_text_vocab(tokenizer_dir)
+    maker = BatchMaker(tokenizer_dir, state.seed, args.workers,
+                       mix=HaystackMix() if args.haystack == "mixed" else None)
+    win = min(args.short[0], 1024)
+    windows = {k: torch.from_numpy(text_windows(tv, heldout=k == "held-out", length=win, count=8)).to(device)
+               for k in ("seen", "held-out")}
     n_tasks = len(RULER_TASKS)
     tally = torch.zeros(n_tasks, 3, device=device)  # correct, answers, answer-loss sum
     loss_sum, lm_sum, loss_n, tokens = torch.zeros((), device=device), torch.zeros((), device=device), 0, 0
-    t_log = t_save = time.perf_counter()
+    t_log = t_save = t_eval = time.perf_counter()
+
+    def text_eval() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            got = {k: text_loss(model, w) for k, w in windows.items()}
+        print(f"text loss at step {step}: seen {got['seen']:.3f} held-out {got['held-out']:.3f} "
+              f"(gap {got['held-out'] - got['seen']:+.3f}; {win}-token windows of plain paragraphs)", flush=True)
 
     def checkpoint() -> None:
         save_checkpoint(ckpt, model, opt, TrainerState(step, trained, state.seed, budget, gate_at))
         write_text_tokenizer(ckpt, tokenizer_dir)
 
-    def shape_of(s: int) -> tuple[int, int]:
-        return shape_at(args.short, stages, gate_at, trained, budget, s)
+    def spec_of(s: int) -> tuple[int, int, float]:
+        return (*shape_at(args.short, stages, gate_at, trained, budget, s), level_at(trained, budget, args.ramp))
 
     calls_steps = 0
     try:
         while (trained < budget and time.perf_counter() - t_call < args.call_minutes * 60
                and (args.call_steps == 0 or calls_steps < args.call_steps)):
-            (length, batch), samples = maker.get(step, shape_of)
+            (length, batch, level), samples = maker.get(step, spec_of)
             t0 = time.perf_counter()
             if gate_at is None and trained >= args.gate_cap * budget:
                 gate_at = trained
@@ -173,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, trained / budget, args.lr, args.warmup)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                res = lm_loss(model, samples, device, args.answer_weight)
+                share = share_at(trained / budget, args.answer_share, args.answer_share_end)
+                res = lm_loss(model, samples, device, share)
             opt.zero_grad(set_to_none=True)
             res.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -199,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"step {step:5d} | {100 * trained / budget:5.1f}% | len {length:5d}x{batch:<3d} | "
                       f"loss {float(loss_sum) / loss_n:.3f} lm {float(lm_sum) / loss_n:.3f} | "
                       + " ".join(f"{_SHORT[t]} {acc[t]:.2f}/{aloss[t]:.2f}" for t in RULER_TASKS)
-                      + f" | {tokens / dt / 1e3:5.0f}k tok/s | lr {opt.param_groups[0]['lr']:.1e} | "
+                      + f" | {tokens / dt / 1e3:5.0f}k tok/s | lr {opt.param_groups[0]['lr']:.1e} | lv {level:.2f} | "
                       f"{time.perf_counter() - t_call:4.0f}s", flush=True)
                 if gate_at is None and all(acc[t] >= args.gate for t in GATED):
                     gate_at = trained
@@ -208,11 +243,15 @@ def main(argv: list[str] | None = None) -> int:
                 loss_sum, lm_sum, loss_n, tokens = (torch.zeros((), device=device), torch.zeros((), device=device),
                                                     0, 0)
                 t_log = time.perf_counter()
+            if time.perf_counter() - t_eval > args.eval_minutes * 60:
+                text_eval()
+                t_eval = time.perf_counter()
             if time.perf_counter() - t_save > args.save_minutes * 60:
                 checkpoint()
                 t_save = time.perf_counter()
     finally:
         maker.close()
+    text_eval()
     checkpoint()
     done = trained >= budget
     print(f"{'finished' if done else 'paused'} at step {step}: {trained:.0f}s of {budget:.0f}s trained, "

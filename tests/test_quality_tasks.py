@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from fluxion_dist.quality.model import SHIPPED_DIR, write_text_tokenizer
-from fluxion_dist.quality.ruler_tasks import CODED_WORDS, LIST_WORDS, RULER_TASKS, make_ruler_sample
+from fluxion_dist.quality.ruler_tasks import (CODED_WORDS, LIST_WORDS, RULER_TASKS, make_ruler_sample,
+                                              ruler_training_queries)
 from fluxion_dist.quality.tasks import ALL_TASKS, TASKS, WORD_TASKS, TaskSuite, make_sample
 from fluxion_dist.quality.text_vocab import load_text_vocab
+from fluxion_dist.quality.train_haystack import HaystackMix
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,8 @@ def _prompt_text(tv, s, q=0):
 @pytest.mark.parametrize("length", [512, 1000, 4097])
 def test_exact_length_bos_and_eoa_answers(tv, task, length):
     rng = np.random.default_rng(5)
-    for vary in (False, True):
-        s = make_ruler_sample(task, tv, rng, length, queries=4, vary=vary)
+    for vary, mix in ((False, None), (True, None), (True, HaystackMix())):
+        s = make_ruler_sample(task, tv, rng, length, queries=4, vary=vary, mix=mix)
         assert s.tokens.shape == (length,) and s.tokens[0] == tv.bos
         assert s.tokens.max() < tv.vocab_size
         assert len(s.spans) == len(s.texts) >= 1
@@ -145,8 +147,10 @@ def test_longest_context_and_training_sizes_fit(tv):
     rng = np.random.default_rng(1)
     for length in (512, 1024, 2048):
         for task in RULER_TASKS:
-            for _ in range(8):
-                make_ruler_sample(task, tv, rng, length, queries=4, vary=True)
+            for i in range(16):  # the trainer's dense sizes, at both ends of the curriculum
+                s = make_ruler_sample(task, tv, rng, length, queries=ruler_training_queries(task), vary=True,
+                                      level=i % 2, mix=HaystackMix() if i % 4 < 2 else None)
+                assert s.tokens.size == length
 
 
 def test_suites_follow_the_models_tokenizer(tmp_path):

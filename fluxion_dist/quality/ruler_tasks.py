@@ -24,7 +24,9 @@ learns to stop). As in RULER (Hsieh et al. 2024), the families are:
 
 Evaluation sizes (``vary=False``) are fixed, so two context lengths differ only in the
 haystack; the aggregation tasks scale their counts with the length (their evidence is
-the whole context). ``vary=True`` (training) draws sizes and several questions.
+the whole context). ``vary=True`` (training) draws sizes and asks about most facts, with
+a curriculum ``level``; the trainer also passes ``mix``, which makes the haystack a
+training one (``train_haystack``) rather than a span of the corpus.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 
 from fluxion_dist.quality.sample import ContextTooShort, Sample
 from fluxion_dist.quality.text_vocab import TextVocab
+from fluxion_dist.quality.train_haystack import HaystackMix, boundaries, haystack
 
 RulerTask = Literal["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt_chains",
                     "cwe", "fwe", "qa_facts"]
@@ -101,10 +104,11 @@ def _list_and(items: list[str]) -> str:
 
 def _assemble(task: RulerTask, tv: TextVocab, rng: np.random.Generator, length: int, facts: list[str],
               qa: list[tuple[str, str]], *, where: Literal["sentence", "word"] = "sentence",
-              ordered: bool = True) -> Sample:
+              ordered: bool = True, mix: HaystackMix | None = None) -> Sample:
     """Splice ``facts`` (texts, each starting with a space) into a corpus span at random
     boundaries, in the given order unless ``ordered=False``; append the (question, answer)
-    pairs so the sample is exactly ``length`` tokens."""
+    pairs so the sample is exactly ``length`` tokens. ``mix``: the haystack is a training
+    one (``train_haystack``: recombined passages, words replaced) instead of a corpus span."""
     memo: dict[str, np.ndarray] = {}
     fact_ids = [memo[f] if f in memo else memo.setdefault(f, tv.encode(f)) for f in facts]
     tail = []
@@ -116,11 +120,15 @@ def _assemble(task: RulerTask, tv: TextVocab, rng: np.random.Generator, length: 
                               f"questions ({length - hay_len} tokens)")
     if not ordered:
         fact_ids = [fact_ids[i] for i in rng.permutation(len(fact_ids))]
-    start = _span_start(tv, rng, hay_len)
-    hay = tv.corpus[start:start + hay_len]
-    pool = tv.sentence_starts if where == "sentence" else tv.word_starts
-    lo, hi = np.searchsorted(pool, [start + 1, start + hay_len])
-    slots = pool[lo:hi] - start
+    if mix is None:
+        start = _span_start(tv, rng, hay_len)
+        hay = tv.corpus[start:start + hay_len]
+        pool = tv.sentence_starts if where == "sentence" else tv.word_starts
+        lo, hi = np.searchsorted(pool, [start + 1, start + hay_len])
+        slots = pool[lo:hi] - start
+    else:
+        hay = haystack(tv, rng, hay_len, mix)
+        slots = boundaries(tv, hay, where)
     if slots.size == 0:  # a haystack of a few tokens: its ends are boundaries too
         slots = np.array([0, hay_len])
     cuts = np.sort(slots[rng.integers(0, slots.size, len(fact_ids))])
@@ -154,25 +162,26 @@ def _span_start(tv: TextVocab, rng: np.random.Generator, hay_len: int) -> int:
     return int(cand[rng.integers(cand.size)])
 
 
-def niah_single(tv: TextVocab, rng: np.random.Generator, length: int) -> Sample:
+def niah_single(tv: TextVocab, rng: np.random.Generator, length: int, *, mix: HaystackMix | None = None
+                ) -> Sample:
     key, code = _keys(rng, 1)[0], _codes(rng, 1)[0]
     return _assemble("niah_single", tv, rng, length, [_needle(key, code)],
-                     [(f"What is the special code of the {key[0]} {key[1]}?", code)])
+                     [(f"What is the special code of the {key[0]} {key[1]}?", code)], mix=mix)
 
 
 def niah_multikey(tv: TextVocab, rng: np.random.Generator, length: int, needles: int = 8,
-                  queries: int = 1) -> Sample:
+                  queries: int = 1, *, mix: HaystackMix | None = None) -> Sample:
     if queries > needles:
         raise ValueError(f"niah_multikey: {queries} queries need as many needles; got {needles}")
     keys, codes = _keys(rng, needles), _codes(rng, needles)
     facts = [_needle(k, c) for k, c in zip(keys, codes)]
     asked = [0] + [int(i) for i in 1 + rng.choice(needles - 1, queries - 1, replace=False)]
     qa = [(f"What is the special code of the {keys[i][0]} {keys[i][1]}?", codes[i]) for i in asked]
-    return _assemble("niah_multikey", tv, rng, length, facts, qa, ordered=False)
+    return _assemble("niah_multikey", tv, rng, length, facts, qa, ordered=False, mix=mix)
 
 
 def niah_multivalue(tv: TextVocab, rng: np.random.Generator, length: int, values: int = 4,
-                    distractors: int = 3) -> Sample:
+                    distractors: int = 3, *, mix: HaystackMix | None = None) -> Sample:
     keys = _keys(rng, 1 + distractors)
     codes = _codes(rng, values + distractors)
     # the target's needles keep their order (the answer lists them as they appear); the
@@ -185,11 +194,11 @@ def niah_multivalue(tv: TextVocab, rng: np.random.Generator, length: int, values
                      else _needle(keys[1 + i - values], codes[i]))
     return _assemble("niah_multivalue", tv, rng, length, facts,
                      [(f"What are all the special codes of the {keys[0][0]} {keys[0][1]}?",
-                       ", ".join(codes[:values]))])
+                       ", ".join(codes[:values]))], mix=mix)
 
 
 def niah_multiquery(tv: TextVocab, rng: np.random.Generator, length: int, needles: int = 8,
-                    asked: int = 4) -> Sample:
+                    asked: int = 4, *, mix: HaystackMix | None = None) -> Sample:
     if asked > needles:
         raise ValueError(f"niah_multiquery: {asked} asked keys need as many needles; got {needles}")
     keys, codes = _keys(rng, needles), _codes(rng, needles)
@@ -198,7 +207,7 @@ def niah_multiquery(tv: TextVocab, rng: np.random.Generator, length: int, needle
     names = _list_and([f"the {keys[i][0]} {keys[i][1]}" for i in which])
     return _assemble("niah_multiquery", tv, rng, length, facts,
                      [(f"What are the special codes of {names}?", ", ".join(codes[i] for i in which))],
-                     ordered=False)
+                     ordered=False, mix=mix)
 
 
 def _var_names(rng: np.random.Generator, n: int) -> list[str]:
@@ -209,7 +218,7 @@ def _var_names(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def vt_chains(tv: TextVocab, rng: np.random.Generator, length: int, chains: int = 3,
-              hops: int | np.ndarray = 4, queries: int = 1) -> Sample:
+              hops: int | np.ndarray = 4, queries: int = 1, *, mix: HaystackMix | None = None) -> Sample:
     """``chains`` chains of ``hops + 1`` variables, interleaved with each chain in order."""
     if queries > chains:
         raise ValueError(f"vt_chains: {queries} queries need as many chains; got {chains}")
@@ -232,7 +241,7 @@ def vt_chains(tv: TextVocab, rng: np.random.Generator, length: int, chains: int 
     for c in rng.choice(chains, queries, replace=False):
         chain = [s.split()[1] for s in stmts[c]]
         qa.append((f"Which variables are assigned the value {codes[c]}?", " ".join(chain)))
-    return _assemble("vt_chains", tv, rng, length, facts, qa)
+    return _assemble("vt_chains", tv, rng, length, facts, qa, mix=mix)
 
 
 def _ranked_counts(rng: np.random.Generator, total: int, kinds: int, top: int = 3) -> np.ndarray:
@@ -249,7 +258,7 @@ def _ranked_counts(rng: np.random.Generator, total: int, kinds: int, top: int = 
 
 
 def cwe(tv: TextVocab, rng: np.random.Generator, length: int, density: float = 1 / 12,
-        kinds: int | None = None) -> Sample:
+        kinds: int | None = None, *, mix: HaystackMix | None = None) -> Sample:
     """List words, about ``density`` of the tokens, in "Words: a, b, c." sentences."""
     total = int(np.clip(length * density / 2.5, 14, 6000))
     kinds = int(np.clip(total // 5, 5, len(LIST_WORDS))) if kinds is None else kinds
@@ -262,11 +271,12 @@ def cwe(tv: TextVocab, rng: np.random.Generator, length: int, density: float = 1
         facts.append(" Words: " + ", ".join(words[i] for i in bag[at:at + k]) + ".")
         at += k
     return _assemble("cwe", tv, rng, length, facts,
-                     [("What are the three most common words in the word lists?", ", ".join(words[:3]))])
+                     [("What are the three most common words in the word lists?", ", ".join(words[:3]))],
+                     mix=mix)
 
 
 def fwe(tv: TextVocab, rng: np.random.Generator, length: int, density: float = 1 / 24,
-        kinds: int = 8) -> Sample:
+        kinds: int = 8, *, mix: HaystackMix | None = None) -> Sample:
     """Coded words, about ``density`` of the tokens, one at a time between the novel's words."""
     total = int(np.clip(length * density / 2.5, 10, 4000))
     words = [CODED_WORDS[i] for i in rng.choice(len(CODED_WORDS), kinds, replace=False)]
@@ -274,10 +284,11 @@ def fwe(tv: TextVocab, rng: np.random.Generator, length: int, density: float = 1
     facts = [" " + words[i] for i in np.repeat(np.arange(kinds), counts)]
     return _assemble("fwe", tv, rng, length, facts,
                      [("What are the three most frequent coded words in the text?", ", ".join(words[:3]))],
-                     where="word", ordered=False)
+                     where="word", ordered=False, mix=mix)
 
 
-def qa_facts(tv: TextVocab, rng: np.random.Generator, length: int, facts: int = 6, queries: int = 1) -> Sample:
+def qa_facts(tv: TextVocab, rng: np.random.Generator, length: int, facts: int = 6, queries: int = 1, *,
+             mix: HaystackMix | None = None) -> Sample:
     """``facts`` (name, object, place) facts; about half share the name or object of fact 0."""
     if queries > facts:
         raise ValueError(f"qa_facts: {queries} queries need as many facts; got {facts}")
@@ -294,44 +305,55 @@ def qa_facts(tv: TextVocab, rng: np.random.Generator, length: int, facts: int = 
     texts = [f" {n} {v[0]} the {o} {p}." for (n, o), v, p in zip(pairs_l, verbs, places)]
     asked = [0] + [int(i) for i in 1 + rng.choice(facts - 1, queries - 1, replace=False)]
     qa = [(f"Where did {pairs_l[i][0]} {verbs[i][1]} the {pairs_l[i][1]}?", places[i]) for i in asked]
-    return _assemble("qa_facts", tv, rng, length, texts, qa, ordered=False)
+    return _assemble("qa_facts", tv, rng, length, texts, qa, ordered=False, mix=mix)
 
 
 def make_ruler_sample(task: RulerTask, tv: TextVocab, rng: np.random.Generator, length: int, *,
-                      queries: int = 1, vary: bool = False) -> Sample:
-    """One sample; ``vary=True`` (training) also draws the sizes, and up to ``queries`` questions."""
+                      queries: int = 1, vary: bool = False, level: float = 1.0,
+                      mix: HaystackMix | None = None) -> Sample:
+    """One sample; ``vary=True`` (training) also draws the sizes, and up to ``queries`` questions.
+
+    Training sizes are dense: short contexts hold many needles, chains and facts and ask
+    about most of them, so every sequence carries tens of answer tokens to learn lookup
+    from. ``level`` (0-1, training only) is the curriculum: variable tracking's chains
+    grow from one hop at 0 to their full length at 1. ``mix``: a training haystack
+    (``train_haystack``) instead of a span of the corpus.
+    """
     if task == "niah_single":
-        return niah_single(tv, rng, length)
+        return niah_single(tv, rng, length, mix=mix)
     if task == "niah_multikey":
-        n = int(rng.integers(2, int(np.clip(length // 512, 4, 24)) + 1)) if vary else 8
-        return niah_multikey(tv, rng, length, n, min(queries, n))
+        n = int(rng.integers(2, int(np.clip(length // 96, 4, 24)) + 1)) if vary else 8
+        return niah_multikey(tv, rng, length, n, min(queries, n), mix=mix)
     if task == "niah_multivalue":
         if vary:
-            return niah_multivalue(tv, rng, length, int(rng.integers(2, 6)), int(rng.integers(0, 5)))
-        return niah_multivalue(tv, rng, length)
+            return niah_multivalue(tv, rng, length, int(rng.integers(2, 6)), int(rng.integers(0, 5)), mix=mix)
+        return niah_multivalue(tv, rng, length, mix=mix)
     if task == "niah_multiquery":
         if vary:
-            n = int(rng.integers(2, int(np.clip(length // 512, 4, 16)) + 1))
-            return niah_multiquery(tv, rng, length, n, int(rng.integers(2, min(n, 4) + 1)))
-        return niah_multiquery(tv, rng, length)
+            n = int(rng.integers(2, int(np.clip(length // 128, 4, 16)) + 1))
+            return niah_multiquery(tv, rng, length, n, int(rng.integers(2, min(n, 4) + 1)), mix=mix)
+        return niah_multiquery(tv, rng, length, mix=mix)
     if task == "vt_chains":
         if vary:
-            chains = int(rng.integers(1, int(np.clip(length // 256, 1, 4)) + 1))
-            hops = rng.integers(1, int(np.clip(length // (64 * chains), 1, 5)) + 1, chains)
-            return vt_chains(tv, rng, length, chains, hops, min(queries, chains))
-        return vt_chains(tv, rng, length)
+            chains = int(rng.integers(1, int(np.clip(length // 192, 1, 4)) + 1))
+            longest = int(np.clip(length // (64 * chains), 1, 5))
+            longest = 1 + int(round(float(np.clip(level, 0.0, 1.0)) * (longest - 1)))
+            hops = rng.integers(1, longest + 1, chains)
+            return vt_chains(tv, rng, length, chains, hops, min(queries, chains), mix=mix)
+        return vt_chains(tv, rng, length, mix=mix)
     if task == "cwe":
-        return cwe(tv, rng, length, float(rng.uniform(1 / 20, 1 / 8)) if vary else 1 / 12)
+        return cwe(tv, rng, length, float(rng.uniform(1 / 20, 1 / 8)) if vary else 1 / 12, mix=mix)
     if task == "fwe":
         if vary:
-            return fwe(tv, rng, length, float(rng.uniform(1 / 40, 1 / 16)), int(rng.integers(5, 12)))
-        return fwe(tv, rng, length)
+            return fwe(tv, rng, length, float(rng.uniform(1 / 40, 1 / 16)), int(rng.integers(5, 12)), mix=mix)
+        return fwe(tv, rng, length, mix=mix)
     if task == "qa_facts":
         n = int(rng.integers(2, int(np.clip(length // 64, 2, 10)) + 1)) if vary else 6
-        return qa_facts(tv, rng, length, n, min(queries, n))
+        return qa_facts(tv, rng, length, n, min(queries, n), mix=mix)
     raise ValueError(f"unknown RULER task {task!r}; allowed: {RULER_TASKS}")
 
 
 def ruler_training_queries(task: RulerTask) -> int:
-    """Questions per training sample where the task holds several independent facts."""
-    return {"niah_multikey": 4, "vt_chains": 2, "qa_facts": 3}.get(task, 1)
+    """Questions per training sample where the task holds several independent facts: most
+    of them, so retrieval is supervised densely (``make_ruler_sample`` caps it by the sizes)."""
+    return {"niah_multikey": 8, "vt_chains": 4, "qa_facts": 8}.get(task, 1)

@@ -25,6 +25,9 @@ EOA_TOKEN = "<eoa>"
 _SPACE = "\u0120"  # byte-level BPE spells a leading space as this character
 _NEWLINE = "\u010a"
 _SENTENCE_END = (".", "!", "?", '."', '!"', '?"', ".'", "!'", "?'")
+# every HELDOUT_EVERY-th paragraph (the last of each run) is never drawn into a training
+# haystack, so the text loss on it measures language learnt rather than text memorised
+HELDOUT_EVERY = 64
 
 
 def is_text_tokenizer(model_dir: Path) -> bool:
@@ -45,6 +48,9 @@ class TextVocab:
     positions that begin a paragraph. ``sentence_starts``: positions whose token begins
     with a space and follows a sentence end (where a fact sentence may be spliced in).
     ``word_starts``: positions whose token begins with a space (where a word may be).
+    ``spaced`` / ``ends_sentence``: per vocabulary id, whether the token begins with a
+    space / ends a sentence (the same two tests on any token array, e.g. a training
+    haystack). ``heldout``: per paragraph, whether training haystacks leave it out.
     """
 
     tokenizer: object
@@ -55,6 +61,9 @@ class TextVocab:
     word_starts: np.ndarray
     span_starts: np.ndarray
     span_ends: np.ndarray
+    spaced: np.ndarray
+    ends_sentence: np.ndarray
+    heldout: np.ndarray
     bos: int
     eoa: int
     newline: int
@@ -134,5 +143,6 @@ def _load(tokenizer_dir: Path, corpus_path: Path) -> TextVocab:
     span_starts = np.flatnonzero(span_ends)
     span_ends[np.flatnonzero(corpus == newline)] = True  # before a paragraph break
     span_ends[corpus.size] = True
-    return TextVocab(tok, path, corpus, paragraphs, sentence, word, span_starts, span_ends,
-                     ids["<bos>"], ids[EOA_TOKEN], newline)
+    heldout = np.arange(paragraphs.size) % HELDOUT_EVERY == HELDOUT_EVERY - 1
+    return TextVocab(tok, path, corpus, paragraphs, sentence, word, span_starts, span_ends, spaced, ends,
+                     heldout, ids["<bos>"], ids[EOA_TOKEN], newline)

@@ -8,9 +8,12 @@ is one SDPA call over ``[B, H, T, d]`` (flash attention under bf16 autocast on a
 
 Two losses. ``answer_loss`` (v1, the word tasks): only where a task has an answer,
 since the filler haystack is random and carries no signal. ``lm_loss`` (v2, natural
-text): next-token loss over every position, with answer tokens weighted up, so the
-model learns the language its haystacks are made of (and attention that looks like a
-real LM's) while the answers still dominate what it is tested on.
+text): next-token loss over every position, so the model learns the language its
+haystacks are made of (and attention that looks like a real LM's), mixed with the
+answer loss at a fixed share: ``answer_share`` of the loss is the mean over answer
+tokens, the rest the mean over the text. A per-token weight instead would let the text
+swamp the answers as contexts grow (one question per 32k tokens) and shift the
+balance with every change of how many questions a sample asks.
 """
 
 from __future__ import annotations
@@ -98,14 +101,16 @@ def answer_loss(model: CausalLM, samples: list[Sample], device: torch.device) ->
 
 @dataclass(frozen=True, slots=True)
 class LMResult:
-    loss: torch.Tensor  # scalar: weighted mean cross-entropy (answer tokens x answer_weight)
+    loss: torch.Tensor  # scalar: (1 - share) x text mean + share x answer mean cross-entropy
     lm_loss: torch.Tensor  # scalar, detached: mean cross-entropy over the non-answer tokens
     span_loss: torch.Tensor  # float [spans], detached: mean cross-entropy of each answer's tokens
     span_correct: torch.Tensor  # bool [spans]: every token of the answer is the argmax (teacher forced)
     span_task: list[str]
 
 
-def lm_loss(model: CausalLM, samples: list[Sample], device: torch.device, answer_weight: float) -> LMResult:
+def lm_loss(model: CausalLM, samples: list[Sample], device: torch.device, answer_share: float) -> LMResult:
+    if not 0.0 <= answer_share <= 1.0:
+        raise ValueError(f"answer_share must be in [0, 1]; got {answer_share}")
     tokens = batch_tokens(samples, device)
     b, t = tokens.shape
     idx = AnswerIndex.of(samples, device)
@@ -114,8 +119,9 @@ def lm_loss(model: CausalLM, samples: list[Sample], device: torch.device, answer
     target = tokens[:, 1:].reshape(-1)
     ce = F.cross_entropy(logits, target, reduction="none")
     at = idx.rows * (t - 1) + idx.cols - 1  # flat index of the position that predicts each answer token
-    weight = torch.ones_like(ce).index_fill_(0, at, answer_weight)
-    loss = (weight * ce).sum() / weight.sum()
+    is_answer = torch.zeros_like(ce, dtype=torch.bool).index_fill_(0, at, True)
+    text = ce[~is_answer].mean()
+    loss = (1 - answer_share) * text + answer_share * ce[at].mean()
     n_spans = len(idx.span_task)
     ans = ce[at].detach()
     wrong = (logits[at].argmax(-1) != target[at]).long()
@@ -123,5 +129,12 @@ def lm_loss(model: CausalLM, samples: list[Sample], device: torch.device, answer
     span_len = zeros.index_add(0, idx.span_id, torch.ones_like(ans))
     span_loss = zeros.index_add(0, idx.span_id, ans) / span_len
     span_wrong = torch.zeros(n_spans, dtype=torch.long, device=device).index_add_(0, idx.span_id, wrong)
-    lm = (ce.detach().sum() - ans.sum()) / max(ce.numel() - at.numel(), 1)
-    return LMResult(loss, lm, span_loss, span_wrong == 0, idx.span_task)
+    return LMResult(loss, text.detach(), span_loss, span_wrong == 0, idx.span_task)
+
+
+@torch.no_grad()
+def text_loss(model: CausalLM, tokens: torch.Tensor) -> float:
+    """Mean next-token cross-entropy over ``tokens [B, T]`` of plain text."""
+    h = hidden_states(model, tokens)
+    logits = model._logits(h[:, :-1].reshape(-1, h.shape[-1]))
+    return float(F.cross_entropy(logits.float(), tokens[:, 1:].reshape(-1)))
