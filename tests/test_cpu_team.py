@@ -214,11 +214,14 @@ def test_a_forked_child_refuses_the_parents_team():
     rng = np.random.default_rng(6)
     batch = paged_batch(rng, [100], 2, 2, 16)
     indptr, blocks = random_selection(rng, batch.seq_lens, 2, "all")
+    # in the parent: libgomp's pool does not survive a fork, so the child runs no OpenMP
+    want = sparse_partial_attention(batch.q, batch.kv_pages, batch.block_tables, batch.seq_lens, indptr, blocks,
+                                    0.1, num_threads=3)
     with AttentionTeam(3) as team:
         team.bind(batch.kv_pages, batch.seq_lens, 4, 0.1)
         pid = os.fork()
-        if pid == 0:  # the child: refuse, not hang; then a team of its own works
-            code = 1
+        if pid == 0:  # the child: refuse, not hang; then a team of its own works, and so does
+            code = 1  # the parent's once bound here (it starts the child's own threads)
             try:
                 team.attend(batch.q, batch.block_tables, indptr, blocks)
             except RuntimeError as e:
@@ -227,7 +230,15 @@ def test_a_forked_child_refuses_the_parents_team():
                 with AttentionTeam(2) as own:
                     own.bind(batch.kv_pages, batch.seq_lens, 4, 0.1)
                     own.attend(batch.q, batch.block_tables, indptr, blocks)
+                threads = threads_now()
+                team.bind(batch.kv_pages, batch.seq_lens, 4, 0.1, owner="child")
+                got = team.attend(batch.q, batch.block_tables, indptr, blocks)
+                if not all(np.array_equal(x, y) for x, y in zip(got, want)) or team.owner != "child" \
+                        or threads_now() != threads + 2:
+                    code = 4
                 team.close()
+                if threads_now() != threads:
+                    code = 5
             except Exception:
                 code = 3
             os._exit(code)

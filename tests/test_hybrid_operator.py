@@ -2,9 +2,12 @@
 full attention, on awkward lengths and GQA 1/4/8; sparse outputs equal the reference over
 exactly the recorded selection, which holds the kept blocks and the best others at the
 planned counts; fluxion's plan pools the budget and follows the measured demand on the
-refresh schedule; per-request overrides; reports add up."""
+refresh schedule; per-request overrides; reports add up; the attention runs on the
+operator's persistent CPU team, bound once per step."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -13,7 +16,9 @@ import torch
 from fluxion_dist.attention import reference
 from fluxion_dist.attention.layout import from_bf16_bits, to_bf16_bits
 from fluxion_dist.config.schema import SparseConfig
+from fluxion_dist.cpu.attention import sparse_partial_attention
 from fluxion_dist.hybrid import CostModel, HybridAttention, HybridAttentionError, HybridOptions
+from fluxion_dist.hybrid.merge import merge_batch_partials
 from fluxion_dist.hybrid.paged_builder import allocate_arena, build_paged, pages_needed
 
 POLICIES = ("full", "quest_gpu", "cpu_only", "fixed_hybrid", "fluxion")
@@ -41,12 +46,20 @@ class Decode:
         self.ids = [f"r{b}" for b in range(len(seq_lens))]
         self.slots = slots
 
-    def operator(self, policy, device, budget=1.0, mass=1.0, sparse=None, **kw):
+    def operator(self, policy, device, budget=1.0, mass=1.0, sparse=None, cpu_threads=1, **kw):
         """``sparse``: more SparseConfig fields; ``kw``: HybridOptions fields."""
         cfg = SparseConfig(policy=policy, budget=budget, mass_target=mass, sink_tokens=16, recent_tokens=32,
                            gpu_cache_blocks=self.slots * self.layers, **(sparse or {}))
         cost = CostModel.from_rates(self.d, cpu_gb_per_s=5.0, uva_gb_per_s=5.0, cached_gb_per_s=50.0)
-        return HybridAttention(self.arena, cfg, cost, HybridOptions(self.layers, cpu_threads=1, device=device, **kw))
+        return HybridAttention(self.arena, cfg, cost, HybridOptions(self.layers, cpu_threads=cpu_threads,
+                                                                    device=device, **kw))
+
+    def layer_inputs(self, b):
+        """A layer call's random q (f32) and new K/V (bf16-exact) for ``b`` sequences."""
+        q = self.rng.standard_normal((b, self.hq, self.d)).astype(np.float32)
+        kn = bf16(self.rng.standard_normal((b, self.hkv, self.d)).astype(np.float32))
+        vn = bf16(self.rng.standard_normal((b, self.hkv, self.d)).astype(np.float32))
+        return q, kn, vn
 
     def step(self, op, sparse=None):
         """One decode step over every layer; returns per layer (output, dense reference)."""
@@ -223,6 +236,64 @@ def test_recorded_selection_is_what_was_attended(policy):
         rep = hook.report()
         assert len(rep.budget_per_request) == 3 and rep.budget_per_request[1] == pytest.approx(1.0)
         assert rep.budget_per_request[0] < rep.budget_per_request[2] < 1.0
+    op.close()
+
+
+def threads_now() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_cpu_path_runs_on_the_operators_team_bound_once_per_step():
+    """cpu_threads=3: each layer's output has the bits of the OpenMP path (the same job, the
+    same thread count) over the recorded selection; the team is bound once per step, not per
+    layer; close joins its two workers and a later step's attention refuses."""
+    dec = Decode([1, 17, 1000, 2100], 2, 4, layers=3, steps=3, seed=5)
+    op = dec.operator("fluxion", "cpu", budget=0.2, mass=0.9, record_selection=True, cpu_threads=3)
+    assert op.team.num_threads == 3
+    binds, bind = [], op.team.bind
+    op.team.bind = lambda *a, **k: (binds.append(a[1].copy()), bind(*a, **k))[1]
+    b, scale = len(dec.seqs), 1 / np.sqrt(dec.d)
+    for step in range(2):
+        hook = op.step(dec.seqs, dec.ids)
+        seq_lens = np.array([s.seq_len + 1 for s in dec.seqs], np.int32)
+        nb = -(-seq_lens // 16)
+        for layer in range(dec.layers):
+            q, kn, vn = dec.layer_inputs(b)
+            got = hook(layer, torch.from_numpy(q), torch.from_numpy(kn), torch.from_numpy(vn)).numpy()
+            indptr, blocks = hook.selections[layer]
+            tables = np.zeros((b, nb.max()), np.int32)
+            for i, s in enumerate(dec.seqs):
+                tables[i, :nb[i]] = s.block_tables[layer][:nb[i]]
+            want = merge_batch_partials([sparse_partial_attention(q, dec.arena.kv_pages, tables, seq_lens, indptr,
+                                                                  blocks, scale, num_threads=3)])
+            np.testing.assert_array_equal(got, want)
+        assert len(binds) == step + 1 and np.array_equal(binds[-1], seq_lens)
+        for s in dec.seqs:
+            s.seq_len += 1
+    before = threads_now()
+    op.close()
+    assert threads_now() == before - 2
+    hook = op.step(dec.seqs, dec.ids)
+    with pytest.raises(RuntimeError, match="closed"):
+        hook(0, *(torch.from_numpy(x) for x in dec.layer_inputs(b)))
+
+
+def test_interleaved_steps_rebind_the_team():
+    """Two hooks of one operator over different batches, their layer calls alternating: each
+    call attends over its own step's lengths (the team rebinds when the other step bound)."""
+    dec = Decode([33, 1000, 400], 1, 4, layers=2, steps=2, seed=9)
+    op = dec.operator("full", "cpu", cpu_threads=2)
+    parts = ([0], [1, 2])
+    hooks = [op.step([dec.seqs[i] for i in p], [dec.ids[i] for i in p]) for p in parts]
+    for layer in range(dec.layers):
+        for hook, p in zip(hooks, parts):
+            q, kn, vn = dec.layer_inputs(len(p))
+            got = hook(layer, torch.from_numpy(q), torch.from_numpy(kn), torch.from_numpy(vn)).numpy()
+            for j, i in enumerate(p):
+                dec.k[i][layer] = np.concatenate([dec.k[i][layer], kn[j][None]])
+                dec.v[i][layer] = np.concatenate([dec.v[i][layer], vn[j][None]])
+                want = reference.decode_attention(q[j], dec.k[i][layer], dec.v[i][layer])
+                np.testing.assert_allclose(got[j], want, rtol=2e-4, atol=2e-5)
     op.close()
 
 

@@ -16,10 +16,16 @@ with the same thread and chunk counts (the same job, attention_job.h).
                 part = team.attend(q, block_tables, sel_indptr, sel_blocks)
 
 One caller thread at a time; ``close`` (or leaving the ``with``) joins the
-threads.
+threads. Callers that share a team (the hybrid operator's CPU path and its GPU
+pipeline's CPU share) tag their binding (``bind(..., owner=tag)``) and bind again
+only when ``team.owner`` is no longer their tag. A forked child has none of the
+parent's threads: ``attend`` there refuses the parent's binding, and ``bind``
+there starts the child's own threads.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -54,7 +60,11 @@ class AttentionTeam:
         if isa not in _checks.ISAS:
             raise ValueError(f"isa must be one of {_checks.ISAS}; got {isa!r}")
         self.isa, self.prefetch = isa, prefetch
-        self._native = _team.Team(num_threads, spin_us, pause_us, chunks_per_thread)
+        self._make = (num_threads, spin_us, pause_us, chunks_per_thread)
+        self._native = _team.Team(*self._make)
+        self._pid = os.getpid()
+        self.owner: object = None
+        """The tag of the current binding (``bind``'s ``owner``); None before the first bind."""
 
     @property
     def num_threads(self) -> int:
@@ -64,12 +74,17 @@ class AttentionTeam:
     def closed(self) -> bool:
         return self._native.closed
 
-    def bind(self, kv_pages: np.ndarray, seq_lens: np.ndarray, num_q_heads: int, scale: float) -> None:
+    def bind(self, kv_pages: np.ndarray, seq_lens: np.ndarray, num_q_heads: int, scale: float, *,
+             owner: object = None) -> None:
         """The step's arena ``kv_pages [P, Hkv, 2, 16, d]`` (u16 bf16 bits, referenced: it must
         stay alive and in place until the next bind), lengths ``seq_lens [B]`` (i32, copied) and
-        query heads (a multiple of Hkv)."""
+        query heads (a multiple of Hkv). ``owner`` becomes ``self.owner`` once the bind holds."""
         if self.closed:
             raise RuntimeError("the team is closed")
+        self.owner = None
+        if os.getpid() != self._pid:  # forked since: the parent's threads are not in this process
+            self._native = _team.Team(*self._make)
+            self._pid = os.getpid()
         _checks.array("kv_pages", kv_pages, np.uint16, 5)
         num_q_heads = _checks.positive_int("num_q_heads", num_q_heads)
         d = kv_pages.shape[4]
@@ -83,6 +98,7 @@ class AttentionTeam:
         isa_code = _checks.resolve_isa(self.isa, d)
         self._native._bind(kv_pages, seq_lens, num_q_heads, _checks.finite_scale(scale), isa_code,
                            self.prefetch)
+        self.owner = owner
 
     def attend(self, q: np.ndarray, block_tables: np.ndarray, sel_indptr: np.ndarray,
                sel_blocks: np.ndarray, sel_masks: np.ndarray | None = None) -> BatchPartial:
@@ -92,6 +108,7 @@ class AttentionTeam:
         return self._native.attend(q, block_tables, sel_indptr, sel_blocks, sel_masks)
 
     def close(self) -> None:
+        self.owner = None
         self._native.close()
 
     def __enter__(self) -> AttentionTeam:

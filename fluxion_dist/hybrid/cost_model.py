@@ -4,7 +4,9 @@ The scheduler balances the CPU path against the GPU path with these numbers, so 
 are measured on the machine that runs the step, never assumed:
 
 - ``cpu_bytes_per_s``: the Cython kernel over host KV (all its threads), bytes of
-  (block, head) K+V runs read per second;
+  (block, head) K+V runs read per second, on the persistent team the operator runs it on
+  (``cpu.team.AttentionTeam``: bound once per step, so its per-layer fixed cost is what the
+  split rule must see);
 - ``uva_bytes_per_s``: the GPU attention kernel reading host pages through UVA;
 - ``cached_bytes_per_s``: the same kernel over GPU block-cache slots (HBM);
 - ``copy_bytes_per_s``: the cache's asynchronous copy-in (it shares PCIe with UVA reads);
@@ -119,14 +121,15 @@ def _best_of(fn, repeats: int) -> float:
 
 def measure_cpu(head_dim: int, num_kv_heads: int, group: int, *, num_threads: int,
                 blocks_per_row: int = 512, repeats: int = 3, seed: int = 0) -> tuple[float, float]:
-    """``(bytes_per_s, overhead_s)`` of the Cython kernel: a one-block call for the fixed cost,
-    a ``blocks_per_row`` call for the rate.
+    """``(bytes_per_s, overhead_s)`` of the Cython kernel on an ``AttentionTeam`` of
+    ``num_threads``, as the operator calls it (bound once, one ``attend`` per layer): a
+    one-block call for the fixed cost, a ``blocks_per_row`` call for the rate.
 
     A few MiB of random KV (bigger than the caches of the small machines; the GPU host's
     rate is bandwidth-bound long before this size matters). ``blocks_per_row`` sets it.
     """
-    from fluxion_dist.cpu.attention import sparse_partial_attention
     from fluxion_dist.cpu.synthetic_arena import random_bf16_bits
+    from fluxion_dist.cpu.team import AttentionTeam
 
     rng = np.random.default_rng(seed)
     nb = blocks_per_row
@@ -136,16 +139,16 @@ def measure_cpu(head_dim: int, num_kv_heads: int, group: int, *, num_threads: in
     lens = np.array([nb * BLOCK_TOKENS], dtype=np.int32)
     block_bytes = 2 * BLOCK_TOKENS * head_dim * 2
 
-    def run(n: int) -> float:
+    def run(team: AttentionTeam, n: int) -> float:
         indptr = (np.arange(num_kv_heads + 1) * n).astype(np.int32)
         blocks = np.tile(np.arange(n, dtype=np.int32), num_kv_heads)
-        return _best_of(lambda: sparse_partial_attention(q, pages, table, lens, indptr, blocks,
-                                                         1.0 / math.sqrt(head_dim), num_threads=num_threads),
-                        repeats)
+        return _best_of(lambda: team.attend(q, table, indptr, blocks), repeats)
 
     # the fixed cost from one block per row, the rate from the big run net of it; on a busy
     # machine a two-point slope can come out negative, this cannot
-    t_tiny, t_big = run(1), run(nb)
+    with AttentionTeam(num_threads) as team:
+        team.bind(pages, lens, q.shape[1], 1.0 / math.sqrt(head_dim))
+        t_tiny, t_big = run(team, 1), run(team, nb)
     overhead = min(t_tiny, 0.5 * t_big)
     return nb * num_kv_heads * block_bytes / (t_big - overhead), overhead
 

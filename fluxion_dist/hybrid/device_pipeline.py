@@ -11,9 +11,6 @@ the state's io block, ``run_layer``):
    set's blocks outside the sinks and window, ``far_demand``);
 3. select: sinks and the recent window forced in, top-k per (request, KV head) at the
    per-row count the host planned for the step (``step_plan.plan_step``, the pooled budget);
-   with the rescoring stage (``LayerPlan.cand_rows``, fluxion's ``rescore_factor``) that
-   top-k takes the planned candidates, ``kernels.rescore`` scores them exactly from the KV
-   (cache slots, else the arena through UVA) and top-k at the planned count picks from those;
 4. route (``kernels.block_table.classify_entries``): each selected block is a cache hit,
    a UVA read, or CPU work (an evenly spread share of the misses), with the CPU's CSR and
    the list of misses to admit into the cache;
@@ -30,7 +27,8 @@ Two ways through it, chosen by the host's plan (``LayerPlan.cpu_fraction``):
   land in pinned memory and are read once its GPU work is done (``counts``).
 - *split*: steps 1-5 are queued, the host waits only for the routing's small CSR (the
   attention keeps running), runs the CPU partial (Cython, GIL released) over its share
-  while the GPU attends the rest, then queues the merge.
+  on the operator's persistent CPU team, on the calling thread, while the GPU attends the
+  rest, then queues the merge.
 
 A slot admitted in layer l's call serves from layer l's next call (one stream orders them).
 Each layer owns a ring of ``cache_slots // num_layers`` slots, so layers never evict each other.
@@ -48,14 +46,13 @@ import cupyx
 import numpy as np
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS
-from fluxion_dist.cpu.attention import sparse_partial_attention as cpu_partial
+from fluxion_dist.cpu.team import AttentionTeam
 from fluxion_dist.hybrid.far_demand import far_demand
 from fluxion_dist.kernels.append import append_kv
 from fluxion_dist.kernels.attention import num_split_chunks, split_k_parts
 from fluxion_dist.kernels.attention import sparse_partial_attention as gpu_partial
 from fluxion_dist.kernels.block_table import admit_blocks, classify_entries, force_blocks
 from fluxion_dist.kernels.merge import merge_attention
-from fluxion_dist.kernels.rescore import candidate_lse, candidate_scores
 from fluxion_dist.kernels.scoring import quest_scores
 from fluxion_dist.kernels.device import sm_count
 from fluxion_dist.kernels.selection import select_buffers, select_topk, select_topp
@@ -75,8 +72,6 @@ class LayerPlan:
     cpu_fraction: float  # share of the cache misses the CPU computes
     use_cache: bool
     measure_demand: bool  # run the predictor's top-p pass
-    cand_rows: np.ndarray | None = None  # int32 [B, Hkv] the rescoring stage's candidates; None: off
-    max_cand_blocks: int = 0  # bound on cand_rows (sizes its buffers and grid), 0 when off
 
 
 @dataclass(slots=True)
@@ -109,7 +104,7 @@ class DevicePipeline:
     """Device state of the operator: UVA arena view, metadata mirror, block cache, streams."""
 
     def __init__(self, kv_pages: np.ndarray, kmin: np.ndarray, kmax: np.ndarray, *, num_layers: int,
-                 cache_slots: int, cpu_threads: int, mass_target: float, sink_blocks: int,
+                 cache_slots: int, cpu_team: AttentionTeam, mass_target: float, sink_blocks: int,
                  recent_blocks: int, use_graphs: bool = True) -> None:
         pages, hkv, _, _, d = kv_pages.shape
         if pages * hkv >= 2**31:
@@ -117,7 +112,9 @@ class DevicePipeline:
         self.kv_host = kv_pages
         self.kv_dev = map_host_array(kv_pages)  # page-locks it unless the store already did
         self.kmin, self.kmax = cp.asarray(kmin), cp.asarray(kmax)
-        self.num_layers, self.cpu_threads = num_layers, cpu_threads
+        # the operator's, shared with its CPU path: run_layer is its only caller here, on the
+        # model's thread, so one caller at a time holds
+        self.num_layers, self.cpu_team = num_layers, cpu_team
         self.mass_target, self.sink_blocks, self.recent_blocks = mass_target, sink_blocks, recent_blocks
         self.slots_per_layer = cache_slots // num_layers
         total = max(self.slots_per_layer * num_layers, 1)
@@ -159,7 +156,7 @@ class DevicePipeline:
         and writes them), then calls ``run_layer``."""
         # A layer alternates between a few shapes (budget buckets): each keeps its buffers and
         # graphs (with and without the predictor's pass), so a switch back costs nothing.
-        key = (bsz, hq, width, plan.max_row_blocks, plan.use_cache, plan.max_cand_blocks)
+        key = (bsz, hq, width, plan.max_row_blocks, plan.use_cache)
         states = self._states[layer]
         st = states.get(key)
         if st is None:
@@ -177,8 +174,9 @@ class DevicePipeline:
                   pos_host: np.ndarray, after: int | None = None) -> LayerOutcome:
         """One layer (see the module doc) over the inputs in ``st``. tables int32 [B, W] (device,
         stable for the layer: its address is captured) and its host twin; pos_host int32 [B], the
-        tokens before this one; ``after``: a stream (handle) whose work so far the layer waits
-        for (the caller's, which wrote the inputs), or None."""
+        tokens before this one, one array per step (the CPU team binds the step's lengths at its
+        first split layer, tagged with it); ``after``: a stream (handle) whose work so far the
+        layer waits for (the caller's, which wrote the inputs), or None."""
         use_cache = self._caches(plan)
         measure = plan.measure_demand
         st.set_params(pos_host, plan)
@@ -201,8 +199,10 @@ class DevicePipeline:
             ev[2].synchronize()  # the routing's CSR is on the host; the attention runs on
             n_cpu = int(st.counts_h[2])
             if n_cpu:
-                part = cpu_partial(st.q_h, self.kv_host, tables_host, pos_host + 1, st.cpu_indptr_h,
-                                   st.cpu_blocks_h[:n_cpu], st.scale, num_threads=self.cpu_threads)
+                team = self.cpu_team
+                if team.owner is not pos_host:
+                    team.bind(self.kv_host, pos_host + 1, st.q_h.shape[1], st.scale, owner=pos_host)
+                part = team.attend(st.q_h, tables_host, st.cpu_indptr_h, st.cpu_blocks_h[:n_cpu])
                 st.set_cpu_partial(part.o, part.m, part.l)
             else:
                 st.set_cpu_partial(None, None, None)
@@ -277,16 +277,7 @@ class DevicePipeline:
                        recent_blocks=self.recent_blocks, out=st.far)
             copy_bytes(st.demand_h.ctypes.data, st.far.data.ptr, st.demand_h.nbytes, s.ptr)
         force_blocks(st.kv_scores, st.seq, sink_blocks=self.sink_blocks, recent_blocks=self.recent_blocks)
-        ranked = st.kv_scores
-        if st.cand is not None:  # the rescoring stage: candidates by bound, ranked by exact mass
-            cand = select_topk(st.kv_scores, st.seq, st.cand_rows, max_k=st.cand_bound, buffers=st.cand)
-            candidate_lse(st.q, self.kv_dev, tables, st.seq, cand.indptr, cand.blocks, scale=st.scale,
-                          max_row_blocks=st.cand_bound, slot_of=self.slot_of if use_cache else None,
-                          cache_pool=self.pool if use_cache else None, out=st.cand_lse)
-            ranked = candidate_scores(st.cand_lse, cand.indptr, cand.blocks, st.seq, st.exact,
-                                      sink_blocks=self.sink_blocks, recent_blocks=self.recent_blocks,
-                                      head_dim=st.q.shape[2])
-        sel = select_topk(ranked, st.seq, st.k_rows, max_k=st.bound, buffers=st.sel)
+        sel = select_topk(st.kv_scores, st.seq, st.k_rows, max_k=st.bound, buffers=st.sel)
         classify_entries(sel.indptr, sel.blocks, tables, st.seq, heads=st.hkv, slot_of=self.slot_of if use_cache else None,
                          cpu_fraction=st.frac, out=(st.sel_slot, st.cpu_indptr, st.cpu_blocks, st.admit_keys, st.counts))
         to_host = [(st.counts, st.counts_h)]
@@ -331,9 +322,8 @@ class _LayerState:
     graph captures addresses, so inputs are copied in and parameters written in place."""
 
     def __init__(self, key: tuple, hkv: int, d: int) -> None:
-        bsz, hq, width, bound, _, cand_bound = key
+        bsz, hq, width, bound, _ = key
         rows = bsz * hkv
-        cand_n = rows if cand_bound else 0
         self.key, self.hkv, self.bound = key, hkv, bound
         self.scale = 1.0 / math.sqrt(d)
         self.warm: set[tuple] = set()
@@ -343,23 +333,16 @@ class _LayerState:
         # attended, merge start
         self.events = tuple(cp.cuda.Event() for _ in range(5))
         # one pinned block the graph copies in first: io (the call's tensors, int64 [IO_WORDS])
-        # | params: pos [B] | k_rows [B*Hkv] | cand_rows [B*Hkv] (rescoring only) | cpu fraction
+        # | params: pos [B] | k_rows [B*Hkv] | cpu fraction
         io_bytes = IO_WORDS * 8
-        self.block_h = cupyx.empty_pinned((io_bytes + 4 * (bsz + rows + cand_n + 1),), np.uint8)
+        self.block_h = cupyx.empty_pinned((io_bytes + 4 * (bsz + rows + 1),), np.uint8)
         self.block = cp.empty(self.block_h.shape, cp.uint8)
         self.io_h, self.io = self.block_h[:io_bytes].view(np.int64), self.block[:io_bytes].view(cp.int64)
         self.params_h, self.params = self.block_h[io_bytes:].view(np.int32), self.block[io_bytes:].view(cp.int32)
         self._k_rows: np.ndarray | None = None  # the plan's array last written into params_h
         self.seq = self.params[:bsz]  # pos, then + 1 by the append
         self.k_rows = self.params[bsz:bsz + rows].reshape(bsz, hkv)
-        self.frac = self.params[bsz + rows + cand_n:].view(cp.float32)
-        # the rescoring stage: candidate counts, their CSR, exact log-sum-exps, dense exact scores
-        self.cand_bound, self.cand = cand_bound, None
-        if cand_bound:
-            self.cand_rows = self.params[bsz + rows:bsz + rows + cand_n].reshape(bsz, hkv)
-            self.cand = select_buffers(rows, cand_bound)
-            self.cand_lse = cp.empty((rows * cand_bound, hq // hkv), cp.float32)
-            self.exact = cp.empty((bsz, hkv, width), cp.float32)
+        self.frac = self.params[bsz + rows:].view(cp.float32)
         self.q = cp.empty((bsz, hq, d), cp.float32)
         self.k_new = cp.empty((bsz, hkv, d), cp.uint16)
         self.v_new = cp.empty((bsz, hkv, d), cp.uint16)
@@ -388,10 +371,8 @@ class _LayerState:
         bsz = pos.size
         self.params_h[:bsz] = pos
         if plan.k_rows is not self._k_rows:  # plans are kept while their inputs hold
-            self.params_h[bsz:bsz + plan.k_rows.size] = plan.k_rows.ravel()
+            self.params_h[bsz:-1] = plan.k_rows.ravel()
             self._k_rows = plan.k_rows
-        if self.cand is not None:
-            self.params_h[bsz + plan.k_rows.size:-1] = plan.cand_rows.ravel()
         self.params_h.view(np.float32)[-1] = plan.cpu_fraction
 
     def set_cpu_partial(self, o: np.ndarray | None, m: np.ndarray | None, l: np.ndarray | None) -> None:

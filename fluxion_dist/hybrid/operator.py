@@ -15,13 +15,16 @@ Life of one layer of one decode step (the model's ``attend`` hook):
    each row's far demand (the set's blocks outside the sinks and window) is kept per
    (request, layer) for the next steps' plans;
 4. select: sinks and the recent window forced first, then top-k per row at the planned count
-   (CSR of logical blocks, ascending); fluxion with ``rescore_factor`` c: top-k takes
-   ``ceil(c x k)`` candidates, and of those the k with the most exact mass (``policy.select``);
+   (CSR of logical blocks, ascending);
 5. attend: the partial attention over the selected blocks, merged exactly into ``[B, Hq, d]``.
 
 **On the CPU** (``device="cpu"``, or ``"auto"`` where ``kernels.device.gpu_unavailable_reason()``
 is not None) ``StepHook`` runs it: the Cython functions of ``cpu.selection`` for 2-4 (forcing
-and the demand count from ``policy.select``), the Cython attention over every selected block.
+and the demand count from ``policy.select``), the Cython attention over every selected block
+on the operator's persistent ``cpu.team.AttentionTeam`` (``cpu_threads`` threads for the
+operator's life, bound once per step: a layer call pays a few microseconds before it reads
+KV, not an OpenMP region's start and the per-call checks). On a GPU the pipeline's CPU share
+runs on the same team (one caller thread: the model's, which runs the layers in turn).
 **On a GPU** (``device="gpu"``) ``device_hook.DeviceStepHook`` over
 ``device_pipeline.DevicePipeline`` runs the same stages as kernels, replayed as CUDA graphs,
 with a block cache and the routing of each block to the cache, UVA reads or the CPU; its
@@ -61,12 +64,13 @@ import torch
 from fluxion_dist.attention.layout import BLOCK_TOKENS, from_bf16_bits
 from fluxion_dist.config.schema import SparseConfig
 from fluxion_dist.cpu import selection as cpu_sel
-from fluxion_dist.cpu.attention import sparse_partial_attention
+from fluxion_dist.cpu.attention import BatchPartial
+from fluxion_dist.cpu.team import AttentionTeam
 from fluxion_dist.errors import FluxionError
 from fluxion_dist.hybrid.cost_model import CostModel
 from fluxion_dist.hybrid.merge import merge_batch_partials
 from fluxion_dist.hybrid.step_plan import (KeptBlocks, blocks_after_append, demand_of, measures, plan_step,
-                                           request_budgets, rescore_factor)
+                                           request_budgets)
 from fluxion_dist.hybrid.step_report import LayerReport, StepReport
 from fluxion_dist.policy import select as twin
 from fluxion_dist.policy.names import TRAITS
@@ -179,13 +183,14 @@ class HybridAttention:
         self.demand: dict[tuple[str, int], np.ndarray] = {}
         self.steps = 0
         self.pipeline = None
+        self.team = AttentionTeam(options.cpu_threads)
         if self.device == "gpu":
             from fluxion_dist.hybrid.device_hook import DevicePathState
             from fluxion_dist.hybrid.device_pipeline import DevicePipeline
 
             self.pipeline = DevicePipeline(
                 arena.kv_pages, arena.kmin, arena.kmax, num_layers=options.num_layers,
-                cache_slots=config.gpu_cache_blocks if use_cache else 0, cpu_threads=options.cpu_threads,
+                cache_slots=config.gpu_cache_blocks if use_cache else 0, cpu_team=self.team,
                 mass_target=config.mass_target, sink_blocks=self.kept.sink_blocks,
                 recent_blocks=self.kept.recent_blocks, use_graphs=options.cuda_graphs)
             self.device_state = DevicePathState(self.pipeline, cost)
@@ -197,6 +202,7 @@ class HybridAttention:
 
     def close(self) -> None:
         self.pipeline = None  # the device pool and metadata mirror go back to CuPy's pool
+        self.team.close()  # joins the CPU threads; a later step's attention raises
 
     def release(self, request_id: str, pages: Sequence[int] = ()) -> None:
         """A request left: forget its demand and drop its pages from the cache."""
@@ -278,6 +284,7 @@ class StepHook:
         self._reports: list[LayerReport] = []
         self._used: list[np.ndarray] = []  # per layer: [B] budget used per request
         self.selections: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._binding = object()  # this step's tag on the operator's team (bound at its first layer)
 
     def report(self) -> StepReport:
         per_request = tuple(float(x) for x in np.mean(self._used, axis=0)) if self._used else ()
@@ -307,9 +314,7 @@ class StepHook:
         indptr, blocks = self._select(layer, qf, tables, seq_lens)
         if op.options.record_selection:
             self.selections[layer] = (indptr.copy(), blocks.copy())
-        part = sparse_partial_attention(qf, op.arena.kv_pages, tables, seq_lens, indptr, blocks, scale,
-                                        num_threads=op.options.cpu_threads)
-        out = merge_batch_partials([part])
+        out = merge_batch_partials([self._attend(qf, tables, seq_lens, indptr, blocks, scale)])
         wall = time.perf_counter() - t0
         per_row = np.diff(indptr).reshape(bsz, op.num_kv_heads)
         used = per_row.mean(axis=1) / nbs
@@ -318,6 +323,14 @@ class StepHook:
         self._reports.append(LayerReport(layer, float(used.mean()), nnz, 0, 0, 0, 0, op.cost.cpu_time(nnz), 0.0,
                                          wall, None))
         return torch.from_numpy(out).to(device=q.device, dtype=q.dtype)
+
+    def _attend(self, qf: np.ndarray, tables: np.ndarray, seq_lens: np.ndarray, indptr: np.ndarray,
+                blocks: np.ndarray, scale: float) -> BatchPartial:
+        """The layer's partial attention over its selection, on the operator's team."""
+        team = self.op.team
+        if team.owner is not self._binding:  # the step's first layer, or another step bound since
+            team.bind(self.op.arena.kv_pages, seq_lens, qf.shape[1], scale, owner=self._binding)
+        return team.attend(qf, tables, indptr, blocks)
 
     def _select(self, layer: int, qf: np.ndarray, tables: np.ndarray, seq_lens: np.ndarray):
         """Scores -> demand (on a refresh) -> forced -> top-k: the layer's CSR."""
@@ -341,15 +354,6 @@ class StepHook:
             for b, rid in enumerate(self.request_ids):
                 op.demand[(rid, layer)] = far[b]
         twin.force_kept(kv, seq_lens, sink_blocks=op.kept.sink_blocks, recent_blocks=op.kept.recent_blocks)
-        factor = rescore_factor(op.config, k_rows, self.nb)
-        if factor:  # candidates by bound, kept by exact mass (policy.select, step 5)
-            cand = cpu_sel.select_topk(rows, twin.candidate_rows(k_rows, seq_lens, factor).ravel(),
-                                       num_threads=threads, row_lens=row_lens)
-            lse = cpu_sel.candidate_lse(qf, op.arena.kv_pages, tables, seq_lens, cand.indptr, cand.ids, scale,
-                                        num_threads=threads)
-            kv = twin.candidate_scores(lse, cand.indptr, cand.ids, seq_lens, hkv, kv.shape[2],
-                                       sink_blocks=op.kept.sink_blocks, recent_blocks=op.kept.recent_blocks)
-            rows = kv.reshape(-1, kv.shape[2])
         sel = cpu_sel.select_topk(rows, k_rows.ravel(), num_threads=threads, row_lens=row_lens)
         return sel.indptr, sel.ids
 
