@@ -11,6 +11,9 @@ the state's io block, ``run_layer``):
    set's blocks outside the sinks and window, ``far_demand``);
 3. select: sinks and the recent window forced in, top-k per (request, KV head) at the
    per-row count the host planned for the step (``step_plan.plan_step``, the pooled budget);
+   with the rescoring stage (``LayerPlan.cand_rows``, fluxion's ``rescore_factor``) that
+   top-k takes the planned candidates, ``kernels.rescore`` scores them exactly from the KV
+   (cache slots, else the arena through UVA) and top-k at the planned count picks from those;
 4. route (``kernels.block_table.classify_entries``): each selected block is a cache hit,
    a UVA read, or CPU work (an evenly spread share of the misses), with the CPU's CSR and
    the list of misses to admit into the cache;
@@ -53,6 +56,7 @@ from fluxion_dist.kernels.attention import num_split_chunks, split_k_parts
 from fluxion_dist.kernels.attention import sparse_partial_attention as gpu_partial
 from fluxion_dist.kernels.block_table import admit_blocks, classify_entries, force_blocks
 from fluxion_dist.kernels.merge import merge_attention
+from fluxion_dist.kernels.rescore import candidate_lse, candidate_scores
 from fluxion_dist.kernels.scoring import quest_scores
 from fluxion_dist.kernels.device import sm_count
 from fluxion_dist.kernels.selection import select_buffers, select_topk, select_topp
@@ -72,6 +76,8 @@ class LayerPlan:
     cpu_fraction: float  # share of the cache misses the CPU computes
     use_cache: bool
     measure_demand: bool  # run the predictor's top-p pass
+    cand_rows: np.ndarray | None = None  # int32 [B, Hkv] the rescoring stage's candidates; None: off
+    max_cand_blocks: int = 0  # bound on cand_rows (sizes its buffers and grid), 0 when off
 
 
 @dataclass(slots=True)
@@ -156,7 +162,7 @@ class DevicePipeline:
         and writes them), then calls ``run_layer``."""
         # A layer alternates between a few shapes (budget buckets): each keeps its buffers and
         # graphs (with and without the predictor's pass), so a switch back costs nothing.
-        key = (bsz, hq, width, plan.max_row_blocks, plan.use_cache)
+        key = (bsz, hq, width, plan.max_row_blocks, plan.use_cache, plan.max_cand_blocks)
         states = self._states[layer]
         st = states.get(key)
         if st is None:
@@ -277,7 +283,16 @@ class DevicePipeline:
                        recent_blocks=self.recent_blocks, out=st.far)
             copy_bytes(st.demand_h.ctypes.data, st.far.data.ptr, st.demand_h.nbytes, s.ptr)
         force_blocks(st.kv_scores, st.seq, sink_blocks=self.sink_blocks, recent_blocks=self.recent_blocks)
-        sel = select_topk(st.kv_scores, st.seq, st.k_rows, max_k=st.bound, buffers=st.sel)
+        ranked = st.kv_scores
+        if st.cand is not None:  # the rescoring stage: candidates by bound, ranked by exact mass
+            cand = select_topk(st.kv_scores, st.seq, st.cand_rows, max_k=st.cand_bound, buffers=st.cand)
+            candidate_lse(st.q, self.kv_dev, tables, st.seq, cand.indptr, cand.blocks, scale=st.scale,
+                          max_row_blocks=st.cand_bound, slot_of=self.slot_of if use_cache else None,
+                          cache_pool=self.pool if use_cache else None, out=st.cand_lse)
+            ranked = candidate_scores(st.cand_lse, cand.indptr, cand.blocks, st.seq, st.exact,
+                                      sink_blocks=self.sink_blocks, recent_blocks=self.recent_blocks,
+                                      head_dim=st.q.shape[2])
+        sel = select_topk(ranked, st.seq, st.k_rows, max_k=st.bound, buffers=st.sel)
         classify_entries(sel.indptr, sel.blocks, tables, st.seq, heads=st.hkv, slot_of=self.slot_of if use_cache else None,
                          cpu_fraction=st.frac, out=(st.sel_slot, st.cpu_indptr, st.cpu_blocks, st.admit_keys, st.counts))
         to_host = [(st.counts, st.counts_h)]
@@ -322,8 +337,9 @@ class _LayerState:
     graph captures addresses, so inputs are copied in and parameters written in place."""
 
     def __init__(self, key: tuple, hkv: int, d: int) -> None:
-        bsz, hq, width, bound, _ = key
+        bsz, hq, width, bound, _, cand_bound = key
         rows = bsz * hkv
+        cand_n = rows if cand_bound else 0
         self.key, self.hkv, self.bound = key, hkv, bound
         self.scale = 1.0 / math.sqrt(d)
         self.warm: set[tuple] = set()
@@ -333,16 +349,23 @@ class _LayerState:
         # attended, merge start
         self.events = tuple(cp.cuda.Event() for _ in range(5))
         # one pinned block the graph copies in first: io (the call's tensors, int64 [IO_WORDS])
-        # | params: pos [B] | k_rows [B*Hkv] | cpu fraction
+        # | params: pos [B] | k_rows [B*Hkv] | cand_rows [B*Hkv] (rescoring only) | cpu fraction
         io_bytes = IO_WORDS * 8
-        self.block_h = cupyx.empty_pinned((io_bytes + 4 * (bsz + rows + 1),), np.uint8)
+        self.block_h = cupyx.empty_pinned((io_bytes + 4 * (bsz + rows + cand_n + 1),), np.uint8)
         self.block = cp.empty(self.block_h.shape, cp.uint8)
         self.io_h, self.io = self.block_h[:io_bytes].view(np.int64), self.block[:io_bytes].view(cp.int64)
         self.params_h, self.params = self.block_h[io_bytes:].view(np.int32), self.block[io_bytes:].view(cp.int32)
         self._k_rows: np.ndarray | None = None  # the plan's array last written into params_h
         self.seq = self.params[:bsz]  # pos, then + 1 by the append
         self.k_rows = self.params[bsz:bsz + rows].reshape(bsz, hkv)
-        self.frac = self.params[bsz + rows:].view(cp.float32)
+        self.frac = self.params[bsz + rows + cand_n:].view(cp.float32)
+        # the rescoring stage: candidate counts, their CSR, exact log-sum-exps, dense exact scores
+        self.cand_bound, self.cand = cand_bound, None
+        if cand_bound:
+            self.cand_rows = self.params[bsz + rows:bsz + rows + cand_n].reshape(bsz, hkv)
+            self.cand = select_buffers(rows, cand_bound)
+            self.cand_lse = cp.empty((rows * cand_bound, hq // hkv), cp.float32)
+            self.exact = cp.empty((bsz, hkv, width), cp.float32)
         self.q = cp.empty((bsz, hq, d), cp.float32)
         self.k_new = cp.empty((bsz, hkv, d), cp.uint16)
         self.v_new = cp.empty((bsz, hkv, d), cp.uint16)
@@ -371,8 +394,10 @@ class _LayerState:
         bsz = pos.size
         self.params_h[:bsz] = pos
         if plan.k_rows is not self._k_rows:  # plans are kept while their inputs hold
-            self.params_h[bsz:-1] = plan.k_rows.ravel()
+            self.params_h[bsz:bsz + plan.k_rows.size] = plan.k_rows.ravel()
             self._k_rows = plan.k_rows
+        if self.cand is not None:
+            self.params_h[bsz + plan.k_rows.size:-1] = plan.cand_rows.ravel()
         self.params_h.view(np.float32)[-1] = plan.cpu_fraction
 
     def set_cpu_partial(self, o: np.ndarray | None, m: np.ndarray | None, l: np.ndarray | None) -> None:

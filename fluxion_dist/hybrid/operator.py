@@ -15,7 +15,8 @@ Life of one layer of one decode step (the model's ``attend`` hook):
    each row's far demand (the set's blocks outside the sinks and window) is kept per
    (request, layer) for the next steps' plans;
 4. select: sinks and the recent window forced first, then top-k per row at the planned count
-   (CSR of logical blocks, ascending);
+   (CSR of logical blocks, ascending); fluxion with ``rescore_factor`` c: top-k takes
+   ``ceil(c x k)`` candidates, and of those the k with the most exact mass (``policy.select``);
 5. attend: the partial attention over the selected blocks, merged exactly into ``[B, Hq, d]``.
 
 **On the CPU** (``device="cpu"``, or ``"auto"`` where ``kernels.device.gpu_unavailable_reason()``
@@ -70,7 +71,7 @@ from fluxion_dist.errors import FluxionError
 from fluxion_dist.hybrid.cost_model import CostModel
 from fluxion_dist.hybrid.merge import merge_batch_partials
 from fluxion_dist.hybrid.step_plan import (KeptBlocks, blocks_after_append, demand_of, measures, plan_step,
-                                           request_budgets)
+                                           request_budgets, rescore_factor)
 from fluxion_dist.hybrid.step_report import LayerReport, StepReport
 from fluxion_dist.policy import select as twin
 from fluxion_dist.policy.names import TRAITS
@@ -354,6 +355,15 @@ class StepHook:
             for b, rid in enumerate(self.request_ids):
                 op.demand[(rid, layer)] = far[b]
         twin.force_kept(kv, seq_lens, sink_blocks=op.kept.sink_blocks, recent_blocks=op.kept.recent_blocks)
+        factor = rescore_factor(op.config, k_rows, self.nb)
+        if factor:  # candidates by bound, kept by exact mass (policy.select, step 5)
+            cand = cpu_sel.select_topk(rows, twin.candidate_rows(k_rows, seq_lens, factor).ravel(),
+                                       num_threads=threads, row_lens=row_lens)
+            lse = cpu_sel.candidate_lse(qf, op.arena.kv_pages, tables, seq_lens, cand.indptr, cand.ids, scale,
+                                        num_threads=threads)
+            kv = twin.candidate_scores(lse, cand.indptr, cand.ids, seq_lens, hkv, kv.shape[2],
+                                       sink_blocks=op.kept.sink_blocks, recent_blocks=op.kept.recent_blocks)
+            rows = kv.reshape(-1, kv.shape[2])
         sel = cpu_sel.select_topk(rows, k_rows.ravel(), num_threads=threads, row_lens=row_lens)
         return sel.indptr, sel.ids
 
