@@ -24,7 +24,15 @@ which reads no KV. Ceiling samples are taken
 between the kernel's repeats and each row is judged against the samples taken
 during it, so both sides see the same background load.
 
+Below the table, for each row that ran on both paths, the two per-layer-call times and
+their ratio: what the decode worker's operator (which calls the team) saves per layer.
+
     python scripts/bench_cpu_attention.py --threads 2 --contexts 131072 --budgets 0.05 --no-torch
+    python scripts/bench_cpu_attention.py --threads 2 --contexts 4096 --budgets 0.05 --no-torch --repeats 51 --operator
+
+``--operator`` adds the same comparison one level up: a layer call of the hybrid operator's
+CPU step (append, scores, selection, attention, merge), its attention on the team as served
+and on the OpenMP call.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import statistics
 import time
 
 import numpy as np
+import torch
 
 import sys
 from pathlib import Path
@@ -49,6 +58,9 @@ from fluxion_dist.cpu.attention import sparse_partial_attention  # noqa: E402
 from fluxion_dist.cpu.synthetic_arena import paged_batch, random_selection  # noqa: E402
 from fluxion_dist.cpu.team import AttentionTeam  # noqa: E402
 from fluxion_dist.cpu.torch_baseline import torch_sparse_partial_attention  # noqa: E402
+from fluxion_dist.config.schema import SparseConfig  # noqa: E402
+from fluxion_dist.hybrid import CostModel, HybridAttention, HybridOptions, StepHook  # noqa: E402
+from fluxion_dist.hybrid.paged_builder import allocate_arena, build_paged, pages_needed  # noqa: E402
 
 
 def ints(text: str) -> list[int]:
@@ -149,6 +161,48 @@ def fixed_costs(rng, args, group, team: AttentionTeam) -> dict[str, float]:
     return out
 
 
+class _OpenMPStepHook(StepHook):
+    """The operator's CPU step with its attention on the OpenMP call instead of the team:
+    what each layer would cost without the team (everything else is the operator's)."""
+
+    def _attend(self, qf, tables, seq_lens, indptr, blocks, scale):
+        return sparse_partial_attention(qf, self.op.arena.kv_pages, tables, seq_lens, indptr, blocks, scale,
+                                        num_threads=self.op.options.cpu_threads)
+
+
+def operator_layer_calls(rng, args, group) -> dict[str, float]:
+    """Median seconds of one layer call of ``HybridAttention``'s CPU step (append, Quest scores,
+    selection, attention, merge) at the first context and budget, per attention path. Steps
+    alternate between the paths, so both see the same background load; the KV (each layer its
+    own pages) is read back to back as in a decode step, caches not flushed."""
+    ctx, layers, steps = args.contexts[0], args.operator_layers, args.operator_steps
+    hkv, d = args.kv_heads, args.head_dim
+    kv = [[tuple(rng.standard_normal((ctx, hkv, d), dtype=np.float32) for _ in range(2)) for _ in range(layers)]]
+    arena = allocate_arena(pages_needed([ctx], layers, 2 * steps + 1), hkv, d)
+    seqs = build_paged(arena, kv, reserve_tokens=2 * steps + 1, rng=rng)
+    del kv
+    cfg = SparseConfig(policy="fixed_hybrid", budget=args.budgets[0])
+    cost = CostModel.cpu_only(d, 10.0)
+    op = HybridAttention(arena, cfg, cost, HybridOptions(layers, cpu_threads=args.threads, device="cpu"))
+    hooks = {"openmp": _OpenMPStepHook, "team": StepHook}
+    times: dict[str, list[float]] = {name: [] for name in hooks}
+    try:
+        for step in range(2 * steps + 2):  # the first pair warms up
+            name = list(hooks)[step % 2]
+            hook = hooks[name](op, seqs, ["r0"], [None])
+            for layer in range(layers):
+                q = torch.from_numpy(rng.standard_normal((1, hkv * group, d), dtype=np.float32))
+                k, v = (torch.from_numpy(rng.standard_normal((1, hkv, d), dtype=np.float32)) for _ in range(2))
+                t = time.perf_counter()
+                hook(layer, q, k, v)
+                if step >= 2:
+                    times[name].append(time.perf_counter() - t)
+            seqs[0].seq_len += 1
+    finally:
+        op.close()
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def hot_rate(rng, args, group, isa) -> float:
     """Bytes/s of the kernel over 32 blocks per KV head revisited ~1000 times: the KV stays in
     L2, so this is the compute ceiling of the kernel on this machine (memory not in the way)."""
@@ -187,6 +241,11 @@ def main() -> None:
     p.add_argument("--fixed-calls", type=int, default=2000, help="empty calls per path for the fixed cost")
     p.add_argument("--team-pause-us", type=float, default=0.0,
                    help="how long the team's waiters hold the core before yielding (AttentionTeam pause_us)")
+    p.add_argument("--operator", action="store_true",
+                   help="also time a layer call of the hybrid operator's CPU step at the first context and budget, "
+                        "attention on the team (as served) and on the OpenMP call")
+    p.add_argument("--operator-layers", type=int, default=4)
+    p.add_argument("--operator-steps", type=int, default=25, help="steps per path (alternating)")
     args = p.parse_args()
 
     rng = np.random.default_rng(args.seed)
@@ -229,6 +288,7 @@ def main() -> None:
         team.close()
 
     hot = {isa: hot_rate(rng, args, group, isa) for isa in args.isa} if args.hot else {}
+    operator = operator_layer_calls(rng, args, group) if args.operator else {}
 
     cgb = ceiling.gbps
     print(f"cpu: {cpu_name()}, {os.cpu_count()} logical cpus; threads={args.threads}; "
@@ -262,6 +322,23 @@ def main() -> None:
         else:
             line += f" {torch_s * 1e3:.2f} | {nbytes / torch_s / 1e9:.1f} | {torch_s / ours:.1f}x |"
         print(line)
+    paths = {}
+    for ctx, budget, knob, _, ours, *_ in rows:
+        paths.setdefault((ctx, budget, knob[1:]), {})[knob[0]] = ours
+    pairs = [(key, t) for key, t in paths.items() if {"openmp", "team"} <= t.keys()]
+    if pairs:
+        # the decode worker's operator calls the team (bound once per step); the OpenMP call
+        # is what it would pay per layer without it
+        print()
+        for (ctx, budget, knob), t in pairs:
+            print(f"per layer call, {ctx // 1024}k at {budget:.0%}" + (f" {knob}" if knobs else "") +
+                  f": openmp {t['openmp'] * 1e6:.0f} us, team {t['team'] * 1e6:.0f} us, "
+                  f"openmp/team {t['openmp'] / t['team']:.2f}x")
+    if operator:
+        print(f"operator CPU step, per layer call ({args.contexts[0] // 1024}k, fixed_hybrid at "
+              f"{args.budgets[0]:.0%}, {args.operator_layers} layers, median of {args.operator_steps} steps per path, "
+              f"alternating): openmp {operator['openmp'] * 1e6:.0f} us, team {operator['team'] * 1e6:.0f} us, "
+              f"openmp/team {operator['openmp'] / operator['team']:.2f}x")
 
 
 if __name__ == "__main__":
