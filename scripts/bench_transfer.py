@@ -14,10 +14,10 @@ smaller with e.g. ``--tokens 4096 --layers 8``.
 
     python scripts/bench_transfer.py [--tokens 32768 --layers 32 --kv-heads 8 --head-dim 128]
                                      [--tls sm,self] [--iters 3] [--inflight 4] [--no-verify]
-                                     [--no-bulk-tags]
+                                     [--bulk-tags]
 
-(b) runs with the transport's per-layer bulk tags (HMAC-SHA256 on both ends) unless
-``--no-bulk-tags`` (``transport.bulk_tags: false``).
+(b) runs as deployed by default (``transport.bulk_tags: false``); ``--bulk-tags`` adds the
+per-layer bulk tags (HMAC-SHA256 on both ends) to show their cost.
 """
 
 from __future__ import annotations
@@ -166,15 +166,15 @@ def main() -> None:
     ap.add_argument("--inflight", type=int, default=4, help="layers in flight per connection")
     ap.add_argument("--iters", type=int, default=3, help="timed iterations of each (after one warm-up)")
     ap.add_argument("--no-verify", action="store_true", help="skip the crc32 of the received KV")
-    ap.add_argument("--no-bulk-tags", action="store_true",
-                    help="push without the per-layer bulk tags (transport.bulk_tags: false)")
+    ap.add_argument("--bulk-tags", action="store_true",
+                    help="push with the per-layer bulk tags (transport.bulk_tags: true)")
     ap.add_argument("--pin", choices=("off", "auto"), default="off",
                     help="auto: page-lock both arenas for the GPU when one is present")
     args = ap.parse_args()
 
     geometry = KVGeometry(args.layers, args.kv_heads, args.head_dim)
     transport = TransportConfig(ucx_tls=args.tls, ucx_net_devices=args.net_devices or "all",
-                                layers_in_flight=args.inflight, timeout_s=60.0, bulk_tags=not args.no_bulk_tags)
+                                layers_in_flight=args.inflight, timeout_s=60.0, bulk_tags=args.bulk_tags)
     secret = new_secret()
     kv_bytes, meta_bytes = geometry.kv_bytes(args.tokens), geometry.meta_bytes(args.tokens)
     total = kv_bytes + meta_bytes
@@ -182,7 +182,7 @@ def main() -> None:
     print(f"KV: {args.tokens} tokens x {args.layers} layers x {args.kv_heads} KV heads x d={args.head_dim} "
           f"bf16 = {kv_bytes / 2**30:.3f} GiB + {meta_bytes / 2**30:.3f} GiB metadata; "
           f"UCX_TLS={args.tls}, {args.inflight} layers in flight, pin={args.pin}, "
-          f"bulk tags {'off' if args.no_bulk_tags else 'on'}", flush=True)
+          f"bulk tags {'on' if args.bulk_tags else 'off'}", flush=True)
 
     ctx = mp.get_context("spawn")
     rpipe, rchild = ctx.Pipe()

@@ -23,6 +23,7 @@ from kv_store.transport_base import HELLO_TAG, ctrl_tag, reply_tag
 G = KVGeometry(num_layers=3, num_kv_heads=2, head_dim=16)
 # Timeouts short enough for quick fault tests, long enough for a loaded 2-core CI machine.
 TC = TransportConfig(heartbeat_s=0.1, timeout_s=1.0, connect_timeout_s=5.0)
+TAGGED = dataclasses.replace(TC, bulk_tags=True)  # bulk tags are opt-in
 SECRET = new_secret()
 KEY = FrameKey(SECRET)
 
@@ -228,10 +229,10 @@ def test_bulk_bytes_changed_in_transit_fail_the_transfer_and_free_its_pages(hub,
     both ends fail it naming the layer, its pages are freed and the connection carries on."""
     rng = np.random.default_rng(seed)
     dst = make_store(100)
-    server = server_on(dst, hub.fabric())
+    server = server_on(dst, hub.fabric(), TAGGED)
     src = make_store(200)
     fabric = hub.fabric()
-    sender = sender_on(src, fabric)
+    sender = sender_on(src, fabric, TAGGED)
     peer = sender.connect(server.address())
     num_tokens = int(rng.integers(1, 100))
     write_request(src, "r", num_tokens, seed=seed, server=server)
@@ -254,8 +255,8 @@ def test_bulk_bytes_changed_in_transit_fail_the_transfer_and_free_its_pages(hub,
 
 
 def test_untagged_bulk_is_refused_unless_both_ends_trust_the_network(hub):
-    untagged = dataclasses.replace(TC, bulk_tags=False)
-    for server_config, ok in ((TC, False), (untagged, True)):
+    untagged = TC
+    for server_config, ok in ((TAGGED, False), (untagged, True)):
         dst = make_store(100)
         server = server_on(dst, hub.fabric(), server_config)
         src = make_store(100)
