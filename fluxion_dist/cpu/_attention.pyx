@@ -120,6 +120,61 @@ def sparse_partial_attention(cnp.ndarray q, cnp.ndarray kv_pages, cnp.ndarray bl
     return first_bad
 
 
+cdef int64_t _per_selected_block(Batch x, float q_scale, bint lse, float *res, int num_threads,
+                                 int isa) noexcept nogil:
+    """Each selected block's scores into ``res``: per token, max over the GQA group
+    (``res[nnz, 16]``), or with ``lse`` per query head the block's log-sum-exp
+    (``res[nnz, g]``). Returns -1, the index of the first invalid selected block, or -2 when
+    the scratch could not be allocated."""
+    cdef int g = x.a.g, d = x.a.d
+    cdef int64_t R = x.rows, W = x.nnz
+    cdef int64_t i, r, b, lo, hi, first_bad = -1
+    cdef int32_t blk, page, nb
+    cdef float *sp
+    cdef const uint16_t *k
+    cdef float *qs = <float *>fx_alloc((x.B * x.hq * d + num_threads * g * 16) * sizeof(float))
+    cdef int64_t *err = <int64_t *>malloc((W + 1) * sizeof(int64_t))
+    if qs == NULL or err == NULL:
+        free(err)
+        free(qs)
+        return -2
+    sp = qs + x.B * x.hq * d
+    fx_prepare_q(x.q, qs, x.B * x.hq, d, q_scale, isa)
+    for i in prange(W, schedule='static', num_threads=num_threads):
+        # the row of item i: the last r with indptr[r] <= i
+        lo = 0
+        hi = R
+        while hi - lo > 1:
+            r = (lo + hi) // 2
+            if x.indptr[r] <= i:
+                lo = r
+            else:
+                hi = r
+        r = lo
+        b = r // x.hkv
+        blk = x.blocks[i]
+        nb = (x.seq_lens[b] + 15) // 16
+        err[i] = 1
+        if 0 <= blk < nb:
+            page = x.bt[b * x.bt_stride + blk]
+            if 0 <= page < x.a.num_pages:
+                err[i] = 0
+                k = x.a.kv + page * x.a.page_stride + (r % x.hkv) * x.a.head_stride
+                if lse:
+                    fx_block_lse(qs + r * g * d, k, d, g, blk, x.seq_lens[b], res + i * g,
+                                 sp + threadid() * g * 16, isa)
+                else:
+                    fx_token_scores(qs + r * g * d, k, d, g, blk, x.seq_lens[b], res + i * 16,
+                                    sp + threadid() * g * 16, isa)
+    for i in range(W):
+        if err[i]:
+            first_bad = i
+            break
+    free(err)
+    free(qs)
+    return first_bad
+
+
 def token_scores(cnp.ndarray q, cnp.ndarray kv_pages, cnp.ndarray block_tables,
                  cnp.ndarray seq_lens, cnp.ndarray sel_indptr, cnp.ndarray sel_blocks,
                  float scale, int num_threads, int isa, cnp.ndarray out):
@@ -128,53 +183,11 @@ def token_scores(cnp.ndarray q, cnp.ndarray kv_pages, cnp.ndarray block_tables,
     Returns -1, or the index into sel_blocks of an invalid selected block.
     """
     cdef Batch x = _batch(q, kv_pages, block_tables, seq_lens, sel_indptr, sel_blocks)
-    cdef int g = x.a.g, d = x.a.d
-    cdef int64_t R = x.rows, W = x.nnz
     cdef float *res = <float *>cnp.PyArray_DATA(out)
-    cdef int64_t i, r, b, lo, hi, first_bad = -1
-    cdef bint oom
-    cdef int32_t blk, page, nb
-    cdef float *qs
-    cdef float *sp
-    cdef int64_t *err
-
+    cdef int64_t first_bad
     with nogil:
-        qs = <float *>fx_alloc((x.B * x.hq * d + num_threads * g * 16) * sizeof(float))
-        err = <int64_t *>malloc((W + 1) * sizeof(int64_t))
-        oom = qs == NULL or err == NULL
-        if not oom:
-            sp = qs + x.B * x.hq * d
-            fx_prepare_q(x.q, qs, x.B * x.hq, d, scale, isa)
-            for i in prange(W, schedule='static', num_threads=num_threads):
-                # the row of item i: the last r with indptr[r] <= i
-                lo = 0
-                hi = R
-                while hi - lo > 1:
-                    r = (lo + hi) // 2
-                    if x.indptr[r] <= i:
-                        lo = r
-                    else:
-                        hi = r
-                r = lo
-                b = r // x.hkv
-                blk = x.blocks[i]
-                nb = (x.seq_lens[b] + 15) // 16
-                err[i] = 1
-                if 0 <= blk < nb:
-                    page = x.bt[b * x.bt_stride + blk]
-                    if 0 <= page < x.a.num_pages:
-                        err[i] = 0
-                        fx_token_scores(qs + r * g * d,
-                                        x.a.kv + page * x.a.page_stride + (r % x.hkv) * x.a.head_stride,
-                                        d, g, blk, x.seq_lens[b], res + i * 16,
-                                        sp + threadid() * g * 16, isa)
-            for i in range(W):
-                if err[i]:
-                    first_bad = i
-                    break
-        free(err)
-        free(qs)
-    if oom:
+        first_bad = _per_selected_block(x, scale, False, res, num_threads, isa)
+    if first_bad == -2:
         raise MemoryError("token_scores: no memory for the kernel's scratch")
     return first_bad
 
@@ -188,52 +201,10 @@ def candidate_lse(cnp.ndarray q, cnp.ndarray kv_pages, cnp.ndarray block_tables,
     Returns -1, or the index into sel_blocks of an invalid selected block.
     """
     cdef Batch x = _batch(q, kv_pages, block_tables, seq_lens, sel_indptr, sel_blocks)
-    cdef int g = x.a.g, d = x.a.d
-    cdef int64_t R = x.rows, W = x.nnz
     cdef float *res = <float *>cnp.PyArray_DATA(out)
-    cdef int64_t i, r, b, lo, hi, first_bad = -1
-    cdef bint oom
-    cdef int32_t blk, page, nb
-    cdef float *qs
-    cdef float *sp
-    cdef int64_t *err
-
+    cdef int64_t first_bad
     with nogil:
-        qs = <float *>fx_alloc((x.B * x.hq * d + num_threads * g * 16) * sizeof(float))
-        err = <int64_t *>malloc((W + 1) * sizeof(int64_t))
-        oom = qs == NULL or err == NULL
-        if not oom:
-            sp = qs + x.B * x.hq * d
-            fx_prepare_q(x.q, qs, x.B * x.hq, d, scale * FX_LOG2E, isa)
-            for i in prange(W, schedule='static', num_threads=num_threads):
-                # the row of item i: the last r with indptr[r] <= i
-                lo = 0
-                hi = R
-                while hi - lo > 1:
-                    r = (lo + hi) // 2
-                    if x.indptr[r] <= i:
-                        lo = r
-                    else:
-                        hi = r
-                r = lo
-                b = r // x.hkv
-                blk = x.blocks[i]
-                nb = (x.seq_lens[b] + 15) // 16
-                err[i] = 1
-                if 0 <= blk < nb:
-                    page = x.bt[b * x.bt_stride + blk]
-                    if 0 <= page < x.a.num_pages:
-                        err[i] = 0
-                        fx_block_lse(qs + r * g * d,
-                                     x.a.kv + page * x.a.page_stride + (r % x.hkv) * x.a.head_stride,
-                                     d, g, blk, x.seq_lens[b], res + i * g,
-                                     sp + threadid() * g * 16, isa)
-            for i in range(W):
-                if err[i]:
-                    first_bad = i
-                    break
-        free(err)
-        free(qs)
-    if oom:
+        first_bad = _per_selected_block(x, scale * FX_LOG2E, True, res, num_threads, isa)
+    if first_bad == -2:
         raise MemoryError("candidate_lse: no memory for the kernel's scratch")
     return first_bad

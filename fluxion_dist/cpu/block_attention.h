@@ -217,6 +217,18 @@ static void fx_merge_chunks(const float *po, const float *pm2, const float *pl, 
     }
 }
 
+/* Scores of a block's `nt` tokens `tok` for the g query heads of `q` into `sp` [g][16],
+ * on the chosen ISA. */
+static inline void fx_block_scores(const float *q, const uint16_t *K, int d, int g, const int8_t *tok,
+                                   int nt, float *sp, int isa) {
+    if (isa == FX_AVX512)
+        fx_scores_avx512(q, K, d, g, tok, nt, sp, NULL, 0);
+    else if (isa == FX_AVX2)
+        fx_scores_avx2(q, K, d, g, tok, nt, sp, NULL, 0);
+    else
+        fx_scores_scalar(q, K, d, g, tok, nt, sp);
+}
+
 /* Token-level scores inside one block for hierarchical selection: the max over
  * the group's heads of q.k*scale per token; -inf for padding. `q` comes from
  * fx_prepare_q with `scale`; `sp` is g*16 floats of scratch. */
@@ -226,12 +238,7 @@ static inline void fx_token_scores(const float *q, const uint16_t *K, int d, int
     int nt = fx_block_tokens(blk, seq_len, 0xFFFFu, tok);
     for (int t = 0; t < FX_BT; t++) out[t] = -INFINITY;
     if (!nt) return;
-    if (isa == FX_AVX512)
-        fx_scores_avx512(q, K, d, g, tok, nt, sp, NULL, 0);
-    else if (isa == FX_AVX2)
-        fx_scores_avx2(q, K, d, g, tok, nt, sp, NULL, 0);
-    else
-        fx_scores_scalar(q, K, d, g, tok, nt, sp);
+    fx_block_scores(q, K, d, g, tok, nt, sp, isa);
     for (int h = 0; h < g; h++)
         for (int i = 0; i < nt; i++)
             out[tok[i]] = sp[h * FX_BT + i] > out[tok[i]] ? sp[h * FX_BT + i] : out[tok[i]];
@@ -245,12 +252,7 @@ static inline void fx_block_lse(const float *q, const uint16_t *K, int d, int g,
                                 int32_t seq_len, float *out, float *sp, int isa) {
     int8_t tok[FX_BT];
     int nt = fx_block_tokens(blk, seq_len, 0xFFFFu, tok);
-    if (isa == FX_AVX512)
-        fx_scores_avx512(q, K, d, g, tok, nt, sp, NULL, 0);
-    else if (isa == FX_AVX2)
-        fx_scores_avx2(q, K, d, g, tok, nt, sp, NULL, 0);
-    else
-        fx_scores_scalar(q, K, d, g, tok, nt, sp);
+    fx_block_scores(q, K, d, g, tok, nt, sp, isa);
     for (int h = 0; h < g; h++) {
         const float *sh = sp + h * FX_BT;
         float mx = sh[0], sum = 0.0f;

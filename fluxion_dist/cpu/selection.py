@@ -135,16 +135,8 @@ def token_scores(q: np.ndarray, kv_pages: np.ndarray, block_tables: np.ndarray,
     """Exact token scores inside the candidate blocks: ``f32 [nnz, 16]``, entry ``[i, t]`` the
     max over the KV head's query heads of ``q.k * scale`` for token t of selected block i;
     -inf for padding past the sequence. Reads K only."""
-    dims = _checks.arena(q, kv_pages, block_tables, seq_lens)
-    _checks.selection(sel_indptr, sel_blocks, dims.batch * dims.num_kv_heads)
-    out = np.empty((sel_blocks.shape[0], BLOCK_TOKENS), dtype=np.float32)
-    bad = _attention.token_scores(q, kv_pages, block_tables, seq_lens, sel_indptr, sel_blocks,
-                                  _checks.finite_scale(scale),
-                                  _checks.positive_int("num_threads", num_threads),
-                                  _checks.resolve_isa(isa, dims.head_dim), out)
-    if bad >= 0:
-        raise _checks.bad_block(sel_indptr, sel_blocks, bad, dims, block_tables, seq_lens)
-    return out
+    return _per_selected_block(_attention.token_scores, False, q, kv_pages, block_tables, seq_lens,
+                               sel_indptr, sel_blocks, scale, num_threads, isa)
 
 
 def candidate_lse(q: np.ndarray, kv_pages: np.ndarray, block_tables: np.ndarray,
@@ -153,14 +145,20 @@ def candidate_lse(q: np.ndarray, kv_pages: np.ndarray, block_tables: np.ndarray,
     """The rescoring stage's exact scores (``policy.select.candidate_lse``): ``f32 [nnz, g]``,
     entry ``[i, j]`` the log-sum-exp of ``q.k * scale`` over the tokens of selected block i for
     query head j of its KV head's group. Reads K only, once per block."""
+    return _per_selected_block(_attention.candidate_lse, True, q, kv_pages, block_tables, seq_lens,
+                               sel_indptr, sel_blocks, scale, num_threads, isa)
+
+
+def _per_selected_block(kernel, per_query_head: bool, q, kv_pages, block_tables, seq_lens, sel_indptr,
+                        sel_blocks, scale, num_threads, isa) -> np.ndarray:
+    """``kernel``'s scores of the selected blocks, arguments checked first: ``f32 [nnz, g]``
+    (``per_query_head``) or ``f32 [nnz, 16]``."""
     dims = _checks.arena(q, kv_pages, block_tables, seq_lens)
     _checks.selection(sel_indptr, sel_blocks, dims.batch * dims.num_kv_heads)
-    g = q.shape[1] // dims.num_kv_heads
-    out = np.empty((sel_blocks.shape[0], g), dtype=np.float32)
-    bad = _attention.candidate_lse(q, kv_pages, block_tables, seq_lens, sel_indptr, sel_blocks,
-                                   _checks.finite_scale(scale),
-                                   _checks.positive_int("num_threads", num_threads),
-                                   _checks.resolve_isa(isa, dims.head_dim), out)
+    width = q.shape[1] // dims.num_kv_heads if per_query_head else BLOCK_TOKENS
+    out = np.empty((sel_blocks.shape[0], width), dtype=np.float32)
+    bad = kernel(q, kv_pages, block_tables, seq_lens, sel_indptr, sel_blocks, _checks.finite_scale(scale),
+                 _checks.positive_int("num_threads", num_threads), _checks.resolve_isa(isa, dims.head_dim), out)
     if bad >= 0:
         raise _checks.bad_block(sel_indptr, sel_blocks, bad, dims, block_tables, seq_lens)
     return out
