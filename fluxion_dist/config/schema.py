@@ -175,8 +175,9 @@ class DecodeConfig:
     max_restarts: int = field(default=-1, metadata=doc(
         "Ray restarts of a dead actor; -1: for as long as the deployment lives", ge=-1))
     enforce_eager: bool = field(default=False, metadata=doc(
-        "GPU decode: launch each step's kernels eagerly instead of replaying a CUDA graph per padded "
-        "batch size (debugging; the CPU always runs eagerly)"))
+        "GPU decode: launch every kernel eagerly instead of replaying CUDA graphs (the dense step as "
+        "one graph per padded batch size; the hybrid operator's layers as a graph each) (debugging; "
+        "the CPU always runs eagerly)"))
     sparse: SparseConfig = field(default_factory=SparseConfig, metadata=doc("decode attention policy"))
 
 
