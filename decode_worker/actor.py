@@ -37,7 +37,7 @@ from fluxion_dist.hybrid import HostArena
 from fluxion_dist.model.loader import load_from_config
 from fluxion_dist.policy.request import RequestSparse
 from fluxion_dist.sampling import SamplingParams
-from fluxion_dist.server.restart_backoff import wait_before_start
+from fluxion_dist.restart_backoff import wait_before_start
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import torch
 from fluxion_dist.config import config_from_dict
 from fluxion_dist.model.loader import load_from_config, resolve_device, to_device
 from fluxion_dist.sampling import Sampler, SamplingParams, token_logprobs
-from fluxion_dist.server.restart_backoff import wait_before_start
+from fluxion_dist.restart_backoff import wait_before_start
 from kv_store.packing import LayerKV
 from prefill_worker import prompt_scoring
 from prefill_worker.kv_pusher import KVPusher

@@ -12,7 +12,7 @@ import pytest
 from fluxion_dist.config import config_from_dict
 from fluxion_dist.config.schema import ClusterConfig, ServerConfig
 from fluxion_dist.errors import ConfigError
-from fluxion_dist.server.restart_backoff import backoff_s, next_streak
+from fluxion_dist.restart_backoff import backoff_s, next_streak
 
 SERVER = ServerConfig(restart_backoff_s=0.5, restart_backoff_max_s=3.0, restart_backoff_reset_s=60.0)
 
@@ -60,7 +60,7 @@ def test_an_actor_dying_at_start_up_restarts_with_growing_waits(tmp_path_factory
             def __init__(self) -> None:
                 from ray.experimental import internal_kv
 
-                from fluxion_dist.server.restart_backoff import wait_before_start
+                from fluxion_dist.restart_backoff import wait_before_start
                 self.record = wait_before_start(server)
                 starts = json.loads(internal_kv._internal_kv_get(b"starts", namespace="test") or b"[]")
                 starts.append(self.record)

@@ -13,7 +13,7 @@ import ray
 
 from fluxion_dist.config import DeployConfig, config_to_dict
 from fluxion_dist.errors import FluxionError
-from fluxion_dist.server import restart_backoff
+from fluxion_dist import restart_backoff
 from fluxion_dist.server.ray_cluster import worker_env
 from kv_store import new_secret
 

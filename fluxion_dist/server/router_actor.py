@@ -25,7 +25,7 @@ from fluxion_dist.config import config_from_dict
 from fluxion_dist.model.loader import tokenizer_from_config
 from fluxion_dist.server.app import build_app
 from fluxion_dist.server.ray_backend import RayBackend
-from fluxion_dist.server.restart_backoff import KV_NAMESPACE, wait_before_start
+from fluxion_dist.restart_backoff import KV_NAMESPACE, wait_before_start
 
 log = logging.getLogger(__name__)
 
