@@ -41,26 +41,23 @@ Imports CuPy: import only where ``kernels.device.gpu_unavailable_reason()`` is N
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import cupy as cp
-import cupyx
 import numpy as np
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS
 from fluxion_dist.cpu.team import AttentionTeam
 from fluxion_dist.hybrid.far_demand import far_demand
+from fluxion_dist.hybrid.layer_state import LayerState
 from fluxion_dist.kernels.append import append_kv
-from fluxion_dist.kernels.attention import num_split_chunks, split_k_parts
 from fluxion_dist.kernels.attention import sparse_partial_attention as gpu_partial
 from fluxion_dist.kernels.block_table import admit_blocks, classify_entries, force_blocks
 from fluxion_dist.kernels.merge import merge_attention
 from fluxion_dist.kernels.rescore import candidate_lse, candidate_scores
 from fluxion_dist.kernels.scoring import quest_scores
-from fluxion_dist.kernels.device import sm_count
 from fluxion_dist.kernels.selection import select_buffers, select_topk, select_topp
-from fluxion_dist.kernels.staging import IO_WORDS, stage_inputs, stage_output
+from fluxion_dist.kernels.staging import stage_inputs, stage_output
 from fluxion_dist.kernels.uva import map_host_array
 
 
@@ -87,7 +84,7 @@ class LayerOutcome:
 
     out: cp.ndarray  # float32 [B, Hq, d], the state's buffer: valid until this layer's next call
     spans: tuple[tuple[cp.cuda.Event, cp.cuda.Event], ...]  # GPU work, start and end of each piece
-    state: "_LayerState"
+    state: "LayerState"
     plan: LayerPlan
     counts: "LayerCounts | None" = None  # read once
 
@@ -130,7 +127,7 @@ class DevicePipeline:
         self.ring = cp.zeros((num_layers, 1), cp.int32)  # next slot of each layer's ring (device side)
         self.filled = [0] * num_layers  # slots in use per layer, for the eviction counts (host side)
         self.compute = cp.cuda.Stream(non_blocking=True)
-        self._states: list[dict[tuple, _LayerState]] = [{} for _ in range(num_layers)]
+        self._states: list[dict[tuple, LayerState]] = [{} for _ in range(num_layers)]
         self.use_graphs = use_graphs
         self.states_built = 0  # layer states (buffers, then graphs) built: each costs milliseconds
 
@@ -156,7 +153,7 @@ class DevicePipeline:
             self.owner[-1] = -1
             self.slot_of[keys] = -1
 
-    def prepare(self, layer: int, plan: LayerPlan, bsz: int, hq: int, width: int) -> "_LayerState":
+    def prepare(self, layer: int, plan: LayerPlan, bsz: int, hq: int, width: int) -> "LayerState":
         """The layer's state for this call, free to write: the caller names its q, new K/V
         and output tensors in ``io_h`` (``kernels.staging.io_words``; the layer's graph reads
         and writes them), then calls ``run_layer``."""
@@ -168,7 +165,7 @@ class DevicePipeline:
         if st is None:
             if len(states) >= _MAX_SHAPES:
                 states.pop(next(iter(states)))
-            st = states[key] = _LayerState(key, self.kv_host.shape[1], self.kv_host.shape[4])
+            st = states[key] = LayerState(key, self.kv_host.shape[1], self.kv_host.shape[4])
             self.states_built += 1
         if st.last_end is not None:
             # its previous call may still read the pinned parameters (from the previous step:
@@ -176,7 +173,7 @@ class DevicePipeline:
             st.last_end.synchronize()
         return st
 
-    def run_layer(self, layer: int, plan: LayerPlan, st: "_LayerState", tables: cp.ndarray, tables_host: np.ndarray,
+    def run_layer(self, layer: int, plan: LayerPlan, st: "LayerState", tables: cp.ndarray, tables_host: np.ndarray,
                   pos_host: np.ndarray, after: int | None = None) -> LayerOutcome:
         """One layer (see the module doc) over the inputs in ``st``. tables int32 [B, W] (device,
         stable for the layer: its address is captured) and its host twin; pos_host int32 [B], the
@@ -249,7 +246,7 @@ class DevicePipeline:
         outcome.end.synchronize()
         return sum(cp.cuda.get_elapsed_time(a, b) for a, b in outcome.spans) / 1e3
 
-    def _replay(self, st: "_LayerState", name: tuple, body) -> None:
+    def _replay(self, st: "LayerState", name: tuple, body) -> None:
         """Run ``body`` on ``compute``: eagerly the first time (kernels compile, counters
         allocate), then captured once as a CUDA graph and replayed (one launch, not ~10)."""
         graph = st.graphs.get(name)
@@ -267,7 +264,7 @@ class DevicePipeline:
                 st.graphs[name] = graph
         graph.launch(self.compute)
 
-    def _select(self, st: "_LayerState", tables: cp.ndarray, use_cache: bool, measure: bool, for_cpu: bool) -> None:
+    def _select(self, st: "LayerState", tables: cp.ndarray, use_cache: bool, measure: bool, for_cpu: bool) -> None:
         s = self.compute
         copy_bytes(st.block.data.ptr, st.block_h.ctypes.data, st.block.nbytes, s.ptr)
         stage_inputs(st.io, st.q, st.k_new, st.v_new)
@@ -301,7 +298,7 @@ class DevicePipeline:
         for src, dst in to_host:
             copy_bytes(dst.ctypes.data, src.data.ptr, dst.nbytes, s.ptr)
 
-    def _attend(self, st: "_LayerState", layer: int, tables: cp.ndarray, use_cache: bool) -> None:
+    def _attend(self, st: "LayerState", layer: int, tables: cp.ndarray, use_cache: bool) -> None:
         gpu_partial(st.q, self.kv_dev, tables, st.seq, st.sel.indptr, st.sel.blocks, scale=st.scale,
                     max_row_blocks=st.bound, sel_slot=st.sel_slot, cache_pool=self.pool,
                     out=(st.o[0], st.m[0], st.l[0]), parts=st.parts)
@@ -310,14 +307,14 @@ class DevicePipeline:
                          slot_count=self.slots_per_layer, slot_of=self.slot_of, owner=self.owner,
                          kv_pages=self.kv_dev, pool=self.pool)
 
-    def _merge(self, st: "_LayerState") -> None:
+    def _merge(self, st: "LayerState") -> None:
         s = self.compute
         for dst, src in ((st.o[1], st.o_h), (st.m[1], st.m_h), (st.l[1], st.l_h)):
             copy_bytes(dst.data.ptr, src.ctypes.data, dst.nbytes, s.ptr)
         merge_attention(st.o, st.m, st.l, out_dtype="float32", out=st.out)
         stage_output(st.io, st.out)
 
-    def _layer(self, st: "_LayerState", layer: int, tables: cp.ndarray, use_cache: bool, measure: bool) -> None:
+    def _layer(self, st: "LayerState", layer: int, tables: cp.ndarray, use_cache: bool, measure: bool) -> None:
         """The GPU-only layer: nothing for the CPU, so the merge normalises the GPU partial alone."""
         self._select(st, tables, use_cache, measure, for_cpu=False)
         self._attend(st, layer, tables, use_cache)
@@ -330,81 +327,3 @@ def copy_bytes(dst: int, src: int, nbytes: int, stream: int) -> None:
     # cudaMemcpyDefault: the direction follows from the (unified) addresses; pinned host
     # memory keeps it asynchronous, and capturable
     cp.cuda.runtime.memcpyAsync(dst, src, nbytes, 4, stream)
-
-
-class _LayerState:
-    """Everything one layer's calls read and write, allocated once per batch shape: a CUDA
-    graph captures addresses, so inputs are copied in and parameters written in place."""
-
-    def __init__(self, key: tuple, hkv: int, d: int) -> None:
-        bsz, hq, width, bound, _, cand_bound = key
-        rows = bsz * hkv
-        cand_n = rows if cand_bound else 0
-        self.key, self.hkv, self.bound = key, hkv, bound
-        self.scale = 1.0 / math.sqrt(d)
-        self.warm: set[tuple] = set()
-        self.graphs: dict[tuple, cp.cuda.graph.Graph] = {}
-        self.last_end: cp.cuda.Event | None = None  # of the last call that used these buffers, until seen done
-        # reused call to call (read by ``counts`` before the next call): start, end, routed,
-        # attended, merge start
-        self.events = tuple(cp.cuda.Event() for _ in range(5))
-        # one pinned block the graph copies in first: io (the call's tensors, int64 [IO_WORDS])
-        # | params: pos [B] | k_rows [B*Hkv] | cand_rows [B*Hkv] (rescoring only) | cpu fraction
-        io_bytes = IO_WORDS * 8
-        self.block_h = cupyx.empty_pinned((io_bytes + 4 * (bsz + rows + cand_n + 1),), np.uint8)
-        self.block = cp.empty(self.block_h.shape, cp.uint8)
-        self.io_h, self.io = self.block_h[:io_bytes].view(np.int64), self.block[:io_bytes].view(cp.int64)
-        self.params_h, self.params = self.block_h[io_bytes:].view(np.int32), self.block[io_bytes:].view(cp.int32)
-        self._k_rows: np.ndarray | None = None  # the plan's array last written into params_h
-        self.seq = self.params[:bsz]  # pos, then + 1 by the append
-        self.k_rows = self.params[bsz:bsz + rows].reshape(bsz, hkv)
-        self.frac = self.params[bsz + rows + cand_n:].view(cp.float32)
-        # the rescoring stage: candidate counts, their CSR, exact log-sum-exps, dense exact scores
-        self.cand_bound, self.cand = cand_bound, None
-        if cand_bound:
-            self.cand_rows = self.params[bsz + rows:bsz + rows + cand_n].reshape(bsz, hkv)
-            self.cand = select_buffers(rows, cand_bound)
-            self.cand_lse = cp.empty((rows * cand_bound, hq // hkv), cp.float32)
-            self.exact = cp.empty((bsz, hkv, width), cp.float32)
-        self.q = cp.empty((bsz, hq, d), cp.float32)
-        self.k_new = cp.empty((bsz, hkv, d), cp.uint16)
-        self.v_new = cp.empty((bsz, hkv, d), cp.uint16)
-        self.no_slots = cp.full((bsz, hkv), -1, cp.int32)  # the new token's block is partial: never cached
-        self.kv_scores = cp.empty((bsz, hkv, width), cp.float32)
-        self.sel = select_buffers(rows, bound)
-        self.topp = None  # the predictor's top-p buffers, made on the first refresh
-        cap = self.sel.blocks.shape[0]
-        self.sel_slot, self.cpu_blocks, self.admit_keys = (cp.empty(cap, cp.int32) for _ in range(3))
-        self.cpu_indptr, self.counts = cp.empty(rows + 1, cp.int32), cp.empty(4, cp.int32)
-        pinned = cupyx.empty_pinned
-        self.counts_h, self.cpu_indptr_h = pinned((4,), np.int32), pinned((rows + 1,), np.int32)
-        self.cpu_blocks_h, self.q_h = pinned((cap,), np.int32), pinned((bsz, hq, d), np.float32)
-        self.demand_h = pinned((rows,), np.int32)
-        self.far = cp.empty(rows, cp.int32)
-        self.o = cp.empty((2, bsz, hq, d), cp.float32)
-        self.m = cp.empty((2, bsz, hq), cp.float32)
-        self.l = cp.empty((2, bsz, hq), cp.float32)
-        self.o_h, self.m_h, self.l_h = pinned((bsz, hq, d), np.float32), pinned((bsz, hq), np.float32), \
-            pinned((bsz, hq), np.float32)
-        chunks = num_split_chunks(rows, bound, sm_count(cp.cuda.runtime.getDevice()))[1]
-        self.parts = split_k_parts(chunks, bsz, hq, d) if chunks > 1 else None
-        self.out = cp.empty((bsz, hq, d), cp.float32)
-
-    def set_params(self, pos: np.ndarray, plan: LayerPlan) -> None:
-        bsz = pos.size
-        self.params_h[:bsz] = pos
-        if plan.k_rows is not self._k_rows:  # plans are kept while their inputs hold
-            self.params_h[bsz:bsz + plan.k_rows.size] = plan.k_rows.ravel()
-            self._k_rows = plan.k_rows
-        if self.cand is not None:
-            self.params_h[bsz + plan.k_rows.size:-1] = plan.cand_rows.ravel()
-        self.params_h.view(np.float32)[-1] = plan.cpu_fraction
-
-    def set_cpu_partial(self, o: np.ndarray | None, m: np.ndarray | None, l: np.ndarray | None) -> None:
-        if o is None:
-            self.m_h.fill(-np.inf)  # an empty partial: the merge skips it
-            self.l_h.fill(0.0)
-            return
-        np.copyto(self.o_h, o)
-        np.copyto(self.m_h, m)
-        np.copyto(self.l_h, l)
