@@ -84,3 +84,26 @@ def test_an_actor_dying_at_start_up_restarts_with_growing_waits(tmp_path_factory
         ray.kill(actor, no_restart=True)
     finally:
         ray.shutdown()
+
+
+def test_a_restarted_router_whose_start_fails_tries_again_until_it_serves():
+    """Nobody awaits a restarted router's start: a failure (its port held a moment longer)
+    must not leave it up but deaf."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from fluxion_dist.server.router_actor import Router
+
+    router = Router.__new__(Router)
+    router.cfg = SimpleNamespace(server=ServerConfig(restart_backoff_s=0.01, restart_backoff_max_s=0.02))
+    attempts = []
+
+    async def start():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise OSError(98, "address already in use")
+        return "http://127.0.0.1:1"
+
+    router.start = start
+    asyncio.run(asyncio.wait_for(router.serve_after_restart(), 5))
+    assert len(attempts) == 3

@@ -25,6 +25,7 @@ from fluxion_dist.config import config_from_dict
 from fluxion_dist.model.loader import tokenizer_from_config
 from fluxion_dist.server.app import build_app
 from fluxion_dist.server.ray_backend import RayBackend
+from fluxion_dist import restart_backoff
 from fluxion_dist.restart_backoff import KV_NAMESPACE, wait_before_start
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Router:
         if ray.get_runtime_context().was_current_actor_reconstructed:
             # Queued behind this constructor: runs as soon as the actor is up again.
             me = ray.get_actor(ray.get_runtime_context().get_actor_name(), namespace=ns)
-            me.start.remote()
+            me.serve_after_restart.remote()
 
     async def start(self) -> str:
         """Bind and serve; returns the endpoint URL (the real port when the config asked for 0)."""
@@ -76,6 +77,23 @@ class Router:
                                     json.dumps({"endpoint": self.endpoint, "port": port}).encode(),
                                     True, namespace=KV_NAMESPACE)
         return self.endpoint
+
+    async def serve_after_restart(self) -> None:
+        """``start`` until it serves: nobody awaits a restarted router's start, so one that failed
+        (its port still held for a moment, a worker slow to answer the reclaim) would otherwise
+        leave the front door up but deaf. Retries back off as restarts do."""
+        server, attempt = self.cfg.server, 0
+        while True:
+            try:
+                await self.start()
+                return
+            except Exception:
+                self._task = self.server = None
+                attempt += 1
+                wait = restart_backoff.backoff_s(attempt, server) or 1.0
+                log.exception("the restarted router could not serve (attempt %d); trying again in %.1fs",
+                              attempt, wait)
+                await asyncio.sleep(wait)
 
     def _recorded_port(self) -> int | None:
         raw = internal_kv._internal_kv_get(endpoint_key(self.cfg.cluster.namespace), namespace=KV_NAMESPACE)
