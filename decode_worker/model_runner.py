@@ -8,14 +8,12 @@ CUDA graphs (on a GPU, unless ``enforce_eager``): a hook whose state is static d
 (``capturable = True``, e.g. ``fluxion_dist.model.hbm_kv.DenseHBMKV``) gets the whole step
 captured as ONE graph per padded batch size (1, 2, 4, ..., max_batch_size), on the step's first
 use of that size: the eager run is that step (so capturing rewrites nothing), later steps copy
-their inputs and replay. The hybrid operator's hook does host work per layer call (its plan,
-the CPU share's wait for the routing) and replays its own per-layer graphs
-(``hybrid.device_pipeline``), so it is not captured: its steps run eagerly around it. A
-*piecewise* mode (``piecewise=True``: each layer's model pieces, norm + q/k/v + RoPE and
-o_proj + MLP, replayed as CUDA graphs per batch size, the hook called eagerly between them)
-exists but is off: on the H200 its replays diverged from the eager step from the first replay
-on (tests/test_gpu_model_runner.py, marked xfail until the cause is found). On the CPU every
-step is eager.
+their inputs and replay. The hybrid operator's hook does host work
+per layer call (its plan, the CPU share's wait for the routing) and replays its own per-layer
+graphs (``hybrid.device_pipeline``), so it is not captured: its steps replay *piecewise*, each
+layer's model pieces (norm + q/k/v + RoPE, and o_proj + MLP) as CUDA graphs per batch size,
+the hook called eagerly between them (``piecewise=False``: such steps run eagerly).
+``enforce_eager`` turns both off. On the CPU every step is eager.
 """
 
 from __future__ import annotations
@@ -45,7 +43,7 @@ def padded_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, max_batch_size: int, *, enforce_eager: bool = False,
-                 device: torch.device | str | None = None, piecewise: bool = False) -> None:
+                 device: torch.device | str | None = None, piecewise: bool = True) -> None:
         """``device``: where the model runs (moved there, in bf16 on a GPU); None: where it is.
         ``piecewise``: replay a non-capturable hook's steps piecewise (see the module doc)."""
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -175,7 +173,7 @@ class ModelRunner:
             qkv_out.append(out)
             rest.append(self._capture_one(lambda i=i: h.copy_(m.decode_rest(i, h, attn)))[0])
         g_head, logits = self._capture_one(lambda: m.decode_logits(h))
-        return _Pieces(g_embed, qkv, qkv_out, rest, g_head, attn, logits)
+        return _Pieces(g_embed, qkv, qkv_out, rest, g_head, h, cos, sin, attn, logits)
 
     def _capture_one(self, fn):
         g = torch.cuda.CUDAGraph()
@@ -195,12 +193,17 @@ class ModelRunner:
 @dataclass(slots=True)
 class _Pieces:
     """One batch size's piecewise step: graphs over static buffers (the hidden state, RoPE's
-    cos/sin and the hook's output are written in place; q, k, v live in the graphs' pool)."""
+    cos/sin and the hook's output are written in place; q, k, v live in the graphs' pool).
+    The buffers are held here because the graphs captured their addresses: freed, their memory
+    would go to the next eager allocation (the hook's), which the replays then overwrite."""
 
     embed: torch.cuda.CUDAGraph
     qkv: list[torch.cuda.CUDAGraph]
     qkv_out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     rest: list[torch.cuda.CUDAGraph]
     head: torch.cuda.CUDAGraph
+    hidden: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
     attn: torch.Tensor
     logits: torch.Tensor
