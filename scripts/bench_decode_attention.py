@@ -34,14 +34,16 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+from fluxion_dist.cpu import omp_env  # noqa: E402
+
+omp_env.apply()  # as the decode workers run, and before torch loads libgomp
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks, pack_kv_blocks, to_bf16_bits  # noqa: E402
 from fluxion_dist.attention.synthetic import drifted_queries, make_synthetic_kv  # noqa: E402

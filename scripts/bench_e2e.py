@@ -21,10 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fluxion_dist.cpu import omp_env  # noqa: E402
+
+omp_env.apply()  # as the decode workers run, and before torch loads libgomp
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from decode_worker.attention_setup import build_attention  # noqa: E402
 from decode_worker.engine import DecodeEngine  # noqa: E402

@@ -107,3 +107,34 @@ def test_a_restarted_router_whose_start_fails_tries_again_until_it_serves():
     router.start = start
     asyncio.run(asyncio.wait_for(router.serve_after_restart(), 5))
     assert len(attempts) == 3
+
+
+def test_a_router_start_on_a_taken_port_raises_an_error_naming_it_instead_of_exiting():
+    """uvicorn exits the process when it cannot bind; inside the actor's event loop that exit
+    would stop the loop, so the restart's retry loop never runs again."""
+    import asyncio
+    import socket
+    from types import SimpleNamespace
+
+    from fluxion_dist.server.router_actor import Router
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+
+    async def app(scope, receive, send):  # never reached: the bind fails first
+        raise AssertionError("served")
+
+    async def backend_start():
+        return None
+
+    router = Router.__new__(Router)
+    router.cfg = SimpleNamespace(server=ServerConfig(host="127.0.0.1", port=port))
+    router.start_record, router.app, router._task = {"restarts": 0}, app, None
+    router.backend = SimpleNamespace(start=backend_start)
+    try:
+        with pytest.raises(RuntimeError, match=f"could not serve on 127.0.0.1:{port}"):
+            asyncio.run(asyncio.wait_for(router.start(), 10))
+    finally:
+        holder.close()

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from fluxion_dist.config.schema import ClusterConfig, TransportConfig
+from fluxion_dist.cpu.omp_env import omp_env
 from fluxion_dist.errors import FluxionError
 
 # Ray replaces 127.0.0.1 with the machine's external address unless told not to.
@@ -36,8 +37,9 @@ class NoLocalDeployment(FluxionError):
 
 
 def worker_env(transport: TransportConfig) -> dict[str, str]:
-    """Environment of prefill/decode actors: UCX must see its settings before it initialises."""
-    return {**RAY_ENV, "UCX_TLS": transport.ucx_tls, "UCX_NET_DEVICES": transport.ucx_net_devices,
+    """Environment of prefill/decode actors: UCX and OpenMP must see their settings before they
+    initialise."""
+    return {**RAY_ENV, **omp_env(), "UCX_TLS": transport.ucx_tls, "UCX_NET_DEVICES": transport.ucx_net_devices,
             "UCX_WARN_UNUSED_ENV_VARS": "n"}
 
 

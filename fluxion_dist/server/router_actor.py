@@ -66,7 +66,7 @@ class Router:
             await self.backend.start()
             self.server = uvicorn.Server(uvicorn.Config(self.app, host=self.cfg.server.host, port=port,
                                                         log_level="warning", lifespan="off"))
-            self._task = asyncio.create_task(self.server.serve())
+            self._task = asyncio.create_task(_serve(self.server, self.cfg.server.host, port))
             while not self.server.started:
                 if self._task.done():
                     self._task.result()  # raises the bind error, e.g. the port is taken
@@ -103,3 +103,14 @@ class Router:
         workers = await self.backend.health()
         serving = self._task is not None and not self._task.done()
         return {**workers, "healthy": serving and workers["healthy"], "serving": serving}
+
+
+async def _serve(server: uvicorn.Server, host: str, port: int) -> None:
+    """``server.serve()``, with uvicorn's exit on a failed bind turned into an error: a
+    SystemExit in a task stops the actor's whole event loop, so a restarted router (whose start
+    nobody awaits) would stay alive but deaf instead of trying again."""
+    try:
+        await server.serve()
+    except SystemExit as e:
+        raise RuntimeError(f"the router could not serve on {host}:{port} (the port is taken or the "
+                           f"address is not this machine's; uvicorn exited with {e.code})") from None
