@@ -15,6 +15,7 @@ smaller card. ``--smoke``: a tiny shape on the CPU, a few steps, every path once
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import sys
@@ -333,7 +334,11 @@ def hbm_limit(args, model, arch, weights, cost, mach, gpu, host_cap) -> None:
     ctx, limit = max(args.contexts), args.hbm_limit_gib * GIB
     extra = args.warmup + args.steps + 2
     if gpu:
+        # the earlier rows' runners hold CUDA-graph pools until collected: the limit is the
+        # weights' and this row's, not what the table's rows left behind
+        gc.collect()
         torch.cuda.empty_cache()
+        log(f"HBM in use before the limit: {torch.cuda.memory_reserved() / GIB:.1f} GiB reserved by torch")
         torch.cuda.set_per_process_memory_fraction(min(1.0, limit / mach["hbm_total"]))
     log(f"HBM limit {args.hbm_limit_gib:g} GiB (emulated: torch.cuda.set_per_process_memory_fraction; "
         f"the hybrid operator's CuPy pool is counted against it by hand)")
