@@ -200,6 +200,20 @@ def test_workers_are_restarted_beyond_rays_old_limit(service):
     _assert_kv_empty(cfg, client)
 
 
+def _router_log_tail(lines: int = 60) -> str:
+    """The last lines of every actor log that mentions the router (Ray's session logs)."""
+    try:
+        logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    except Exception as e:  # an internal API: report instead of masking the real failure
+        return f"(no log directory: {e!r})"
+    out = []
+    for f in sorted(logs.glob("worker-*")):
+        text = f.read_text(errors="replace")
+        if "router" in text.lower():
+            out.append(f"--- {f.name}\n" + "\n".join(text.splitlines()[-lines:]))
+    return "\n".join(out) or "(no actor log mentions the router)"
+
+
 def _serving_again(client, timeout) -> httpx.Response:
     """/health 200 again at the same address; nothing listens there meanwhile."""
     deadline = time.monotonic() + timeout
@@ -230,7 +244,10 @@ def test_a_killed_router_comes_back_on_its_port_and_frees_what_the_dead_one_held
                     os.kill(pid, signal.SIGKILL)
                     pid = None
     assert pid is None
-    health = _serving_again(client, 90).json()
+    try:
+        health = _serving_again(client, 90).json()
+    except AssertionError as e:  # say what the restarted router logged (CI has no other copy)
+        raise AssertionError(f"{e}; the router's log:\n{_router_log_tail()}") from None
     assert health["router_restarts"] == 1 and health["status"] == "ok", health
     # The dead router's request had no client left: the new one had its decode worker drop it.
     _assert_kv_empty(cfg, client)
