@@ -29,6 +29,11 @@ from fluxion_dist.model.loader import to_device
 
 log = logging.getLogger(__name__)
 
+# Graphs are captured on a batch size's first step, while the worker serves: its other threads
+# keep making CUDA calls (an admitted request's block metadata goes to the device), which a
+# process-wide ("global") capture would fail; only this thread's calls can fail a thread-local one.
+_CAPTURE_MODE = "thread_local"
+
 
 def padded_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
     """Powers of two below ``max_batch_size``, then ``max_batch_size`` itself."""
@@ -119,7 +124,7 @@ class ModelRunner:
     def _capture(self, key: tuple[int, int], ids: torch.Tensor, pos: torch.Tensor, attend: AttentionHook) -> None:
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
+        with torch.cuda.graph(g, pool=self._pool, capture_error_mode=_CAPTURE_MODE):
             out = self.model.decode_step(ids, pos, attend)
         if self._pool is None:
             self._pool = g.pool()
@@ -177,7 +182,7 @@ class ModelRunner:
 
     def _capture_one(self, fn):
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
+        with torch.cuda.graph(g, pool=self._pool, capture_error_mode=_CAPTURE_MODE):
             out = fn()
         if self._pool is None:
             self._pool = g.pool()
