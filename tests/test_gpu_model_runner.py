@@ -115,7 +115,7 @@ def _decode_one(model, engine, pages, store, prompt, steps):
 
 def test_piecewise_graphs_over_the_hybrid_operator_equal_eager():
     """The hybrid hook runs between per-layer model graphs: the same tokens as the eager step
-    (whose eager allocations once landed on the graphs' freed static buffers)."""
+    (the hook allocates eagerly between replays, beside the graphs' static buffers)."""
     model = _quality()
     prompt = torch.randint(5, 1664, (2000,), generator=torch.Generator().manual_seed(5)).tolist()
     runs = []
