@@ -8,12 +8,12 @@ CUDA graphs (on a GPU, unless ``enforce_eager``): a hook whose state is static d
 (``capturable = True``, e.g. ``fluxion_dist.model.hbm_kv.DenseHBMKV``) gets the whole step
 captured as ONE graph per padded batch size (1, 2, 4, ..., max_batch_size), on the step's first
 use of that size: the eager run is that step (so capturing rewrites nothing), later steps copy
-their inputs and replay. The hybrid operator's hook does host work
-per layer call (its plan, the CPU share's wait for the routing) and replays its own per-layer
-graphs (``hybrid.device_pipeline``), so it is not captured: its steps replay *piecewise*, each
+their inputs and replay. The hybrid operator's hook does host work per layer call (its plan,
+the CPU share's wait for the routing) and replays its own per-layer graphs
+(``hybrid.device_pipeline``), so it is not captured: its steps replay *piecewise*, each
 layer's model pieces (norm + q/k/v + RoPE, and o_proj + MLP) as CUDA graphs per batch size,
-the hook called eagerly between them (``piecewise=False``: such steps run eagerly).
-``enforce_eager`` turns both off. On the CPU every step is eager.
+the hook called eagerly between them. ``enforce_eager`` turns both off. On the CPU every step
+is eager.
 """
 
 from __future__ import annotations
@@ -48,9 +48,8 @@ def padded_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, max_batch_size: int, *, enforce_eager: bool = False,
-                 device: torch.device | str | None = None, piecewise: bool = True) -> None:
-        """``device``: where the model runs (moved there, in bf16 on a GPU); None: where it is.
-        ``piecewise``: replay a non-capturable hook's steps piecewise (see the module doc)."""
+                 device: torch.device | str | None = None) -> None:
+        """``device``: where the model runs (moved there, in bf16 on a GPU); None: where it is."""
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -62,7 +61,6 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         self.batch_sizes = padded_batch_sizes(max_batch_size)
         self.use_graphs = self.device.type == "cuda" and not enforce_eager
-        self.piecewise = piecewise
         on_gpu = self.device.type == "cuda"
         self.tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
@@ -94,7 +92,7 @@ class ModelRunner:
         if bind is not None:
             bind(pos)
         if not graph:
-            if self.use_graphs and self.piecewise:
+            if self.use_graphs:
                 return self._run_pieces(ids, pos, attend)
             return self.model.decode_step(ids, pos, attend)[:n]
         key = (bs, id(attend))
