@@ -71,3 +71,23 @@ def test_runner_rejects_mismatched_inputs():
         runner.run([1, 2], [3], kv)
     with pytest.raises(ValueError, match="outside"):
         kv.set_rows([2])
+
+
+def test_padded_rows_write_the_spare_column_not_a_live_row():
+    """A captured batch's padding rows (position 0, slot 0) must leave slot 0's keys intact: they
+    write the one spare column per slot, the baseline's only HBM beyond the requests' own KV."""
+    arch = TINY_ARCH
+    kv = DenseHBMKV(arch, 2, 32, "cpu", 4, dtype=torch.float32)
+    assert kv.k[0].shape == (2, arch.num_key_value_heads, 33, arch.head_dim)
+    g = torch.Generator().manual_seed(3)
+    for t in kv.k + kv.v:
+        t.normal_(generator=g)
+    before = kv.k[0][0, :, :32].clone()
+    kv.set_rows([1])
+    kv.bind(torch.tensor([5, 0, 0, 0]))
+    hq, d = arch.num_attention_heads, arch.head_dim
+    new_k = torch.randn(4, arch.num_key_value_heads, d, generator=g)
+    kv(0, torch.randn(4, hq, d, generator=g), new_k, torch.randn(4, arch.num_key_value_heads, d, generator=g))
+    torch.testing.assert_close(kv.k[0][0, :, :32], before)  # slot 0 untouched by the padding
+    torch.testing.assert_close(kv.k[0][1, :, 5], new_k[0])  # the live row wrote its position
+    torch.testing.assert_close(kv.k[0][0, :, 32], new_k[3])  # the last padding row's write

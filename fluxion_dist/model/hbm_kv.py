@@ -2,10 +2,12 @@
 full attention over it (flash decoding on a GPU), the ``attend`` hook a dense engine such as
 vLLM's runs, which the hybrid operator over host KV is measured against.
 
-Its state is static device tensors (per layer ``[slots + 1, Hkv, max_len, d]``, each batch
-row's slot, the runner's positions), so the whole decode step captures as one CUDA graph: the
-new token's K/V land at ``[slot, :, position]`` and attention reads ``position + 1`` keys.
-Padded rows of a captured batch point at the extra scratch slot.
+Its state is static device tensors (per layer ``[slots, Hkv, max_len + 1, d]``, each batch
+row's slot and write column, the runner's positions), so the whole decode step captures as one
+CUDA graph: the new token's K/V land at ``[slot, :, position]`` and attention reads
+``position + 1`` keys. Padded rows of a captured batch (position 0, per the runner) write slot
+0's spare last column, which no real row reads: one column per slot instead of a whole
+scratch slot, which at 128k would cost as much HBM as a request.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ class DenseHBMKV:
                              f"{num_slots}, {max_len}, {max_batch_size}")
         self.arch, self.num_slots, self.max_len = arch, num_slots, max_len
         self.device = torch.device(device)
-        shape = (num_slots + 1, arch.num_key_value_heads, max_len, arch.head_dim)
+        shape = (num_slots, arch.num_key_value_heads, max_len + 1, arch.head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(arch.num_hidden_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(arch.num_hidden_layers)]
-        self.scratch = num_slots
-        self.row_slot = torch.full((max_batch_size,), num_slots, dtype=torch.long, device=self.device)
+        self.row_slot = torch.zeros((max_batch_size,), dtype=torch.long, device=self.device)
+        self.row_padded = torch.ones((max_batch_size,), dtype=torch.bool, device=self.device)
         pin = self.device.type == "cuda"
         self._slots_h = torch.empty(max_batch_size, dtype=torch.long, pin_memory=pin)
+        self._padded_h = torch.empty(max_batch_size, dtype=torch.bool, pin_memory=pin)
         self._positions: torch.Tensor | None = None
         self._rows: tuple[int, ...] | None = None
 
@@ -53,7 +56,7 @@ class DenseHBMKV:
             self.v[layer][slot, :, :t] = v.transpose(0, 1).to(self.device, self.v[layer].dtype)
 
     def set_rows(self, slots: Sequence[int]) -> None:
-        """The step's batch rows -> their slots (rows past ``len(slots)`` write the scratch slot)."""
+        """The step's batch rows -> their slots (rows past ``len(slots)`` are padding)."""
         rows = tuple(int(s) for s in slots)
         if rows == self._rows:
             return
@@ -61,8 +64,10 @@ class DenseHBMKV:
             self._check_slot(s)
         n, self._rows = len(rows), rows
         self._slots_h[:n] = torch.as_tensor(rows, dtype=torch.long)
-        self._slots_h[n:] = self.scratch
+        self._slots_h[n:] = 0
+        self._padded_h[:n], self._padded_h[n:] = False, True
         self.row_slot.copy_(self._slots_h, non_blocking=True)
+        self.row_padded.copy_(self._padded_h, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # the pinned staging is rewritten next step
 
@@ -77,8 +82,9 @@ class DenseHBMKV:
             raise ValueError(f"DenseHBMKV: bind the step's positions for {bsz} rows first")
         pos, slots = self._positions, self.row_slot[:bsz]
         kc, vc = self.k[layer], self.v[layer]
-        kc[slots, :, pos] = k.to(kc.dtype)
-        vc[slots, :, pos] = v.to(vc.dtype)
+        col = torch.where(self.row_padded[:bsz], self.max_len, pos)
+        kc[slots, :, col] = k.to(kc.dtype)
+        vc[slots, :, col] = v.to(vc.dtype)
         if q.is_cuda:
             from fluxion_dist.model.flash_decode import flash_decode
 
