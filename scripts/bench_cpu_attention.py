@@ -11,8 +11,10 @@ median of back-to-back calls over an empty selection (no KV read, outputs
 still written). The ceiling is a
 multithreaded streaming read of a buffer far larger than the caches; beside it,
 the same scattered (page, head) runs as each row's selection read with no
-arithmetic (``_stream.scattered_read``): the ceiling of the kernel's access
-pattern, which no prefetcher streams.
+arithmetic by the row's own threads (``_stream.scattered_read`` on OpenMP,
+``AttentionTeam.scattered_read`` on the team): the ceiling of the kernel's
+access pattern, which no prefetcher streams. OpenMP runs under the decode
+workers' wait policy (``cpu.omp_env``; a setting in the environment wins).
 
 Every repeat draws a fresh random selection and first streams through a
 cache-sized slice of the ceiling buffer, so no repeat finds its blocks in
@@ -42,15 +44,17 @@ import itertools
 import os
 import platform
 import statistics
-import time
-
-import numpy as np
-import torch
-
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+from fluxion_dist.cpu import omp_env  # noqa: E402
+
+omp_env.apply()  # as the decode workers run, and before torch loads libgomp
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS  # noqa: E402
 from fluxion_dist.cpu import _attention, _stream  # noqa: E402
@@ -203,6 +207,17 @@ def operator_layer_calls(rng, args, group) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def make_team(teams: dict, args, isa: str | None = None, prefetch: int | None = None,
+              chunks: int | None = None) -> AttentionTeam:
+    """The run's team for these kernel knobs (the first of each by default), made once."""
+    key = (isa or args.isa[0], args.prefetch[0] if prefetch is None else prefetch,
+           chunks or args.chunks_per_thread[0])
+    if key not in teams:
+        teams[key] = AttentionTeam(args.threads, pause_us=args.team_pause_us, isa=key[0], prefetch=key[1],
+                                   chunks_per_thread=key[2])
+    return teams[key]
+
+
 def hot_rate(rng, args, group, isa) -> float:
     """Bytes/s of the kernel over 32 blocks per KV head revisited ~1000 times: the KV stays in
     L2, so this is the compute ceiling of the kernel on this machine (memory not in the way)."""
@@ -260,17 +275,19 @@ def main() -> None:
             if not args.no_torch:
                 _, torch_s, _ = time_calls(rng, batch, budget, args.torch_repeats, ceiling, lambda call:
                                         torch_sparse_partial_attention(*call, num_threads=args.threads))
-            # the same scattered runs read with no arithmetic: the ceiling of this access pattern
-            _, scattered_s, _ = time_calls(rng, batch, budget, args.repeats, ceiling, lambda a:
-                                           _stream.scattered_read(*a, args.threads), prepare=run_starts)
+            # the same scattered runs read with no arithmetic, by each path's threads: the ceiling
+            # of this access pattern (a team's waiters and OpenMP's wake differently)
+            scattered = {}
+            for path in args.paths:
+                read = (make_team(teams, args).scattered_read if path == "team"
+                        else lambda *a: _stream.scattered_read(*a, args.threads))
+                scattered[path] = time_calls(rng, batch, budget, args.repeats, ceiling, lambda a: read(*a),
+                                             prepare=run_starts)[1]
             for path, isa, prefetch, chunks in itertools.product(args.paths, args.isa, args.prefetch,
                                                                   args.chunks_per_thread):
+                scattered_s = scattered[path]
                 if path == "team":
-                    team = teams.get((isa, prefetch, chunks))
-                    if team is None:
-                        team = teams[isa, prefetch, chunks] = AttentionTeam(
-                            args.threads, pause_us=args.team_pause_us, isa=isa, prefetch=prefetch,
-                            chunks_per_thread=chunks)
+                    team = make_team(teams, args, isa, prefetch, chunks)
                     team.bind(batch.kv_pages, batch.seq_lens, batch.q.shape[1], 1 / np.sqrt(args.head_dim))
                     run = lambda call, team=team: team.attend(call[0], call[2], call[4], call[5])
                 else:
@@ -281,10 +298,8 @@ def main() -> None:
                              torch_s))
         del batch
 
-    fixed_team = teams.get((args.isa[0], args.prefetch[0], args.chunks_per_thread[0])) or AttentionTeam(
-        args.threads, pause_us=args.team_pause_us)
-    fixed = fixed_costs(rng, args, group, fixed_team)
-    for team in [fixed_team, *teams.values()]:
+    fixed = fixed_costs(rng, args, group, make_team(teams, args))
+    for team in teams.values():
         team.close()
 
     hot = {isa: hot_rate(rng, args, group, isa) for isa in args.isa} if args.hot else {}
@@ -292,7 +307,7 @@ def main() -> None:
 
     cgb = ceiling.gbps
     print(f"cpu: {cpu_name()}, {os.cpu_count()} logical cpus; threads={args.threads}; "
-          f"widest kernel body: {_attention.cpu_isa()}")
+          f"widest kernel body: {_attention.cpu_isa()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     print(f"layer: {args.kv_heads} KV heads, {args.q_heads} query heads, d={args.head_dim}, bf16 KV "
           f"paged in 16-token blocks, random block order; medians of {args.repeats} repeats "
           f"(torch: {args.torch_repeats}), caches flushed before each")

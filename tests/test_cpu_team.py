@@ -48,6 +48,31 @@ def test_team_matches_reference_and_openmp_path(isa, group, threads):
     assert all(np.array_equal(x, y) for x, y in zip(got, want)), "the same job must give the same bits"
 
 
+def test_a_call_never_waits_for_workers_that_do_not_run():
+    """Workers that are not scheduled in time (held here, as if another process had their cores)
+    join no call: the caller does all the work, with the bits the whole team gives, and the held
+    workers join again once released."""
+    rng = np.random.default_rng()
+    hkv, d = 2, 64
+    batch = paged_batch(rng, [1, 17, 1000, 4111], hkv, 4, d, spare_pages=5)
+    indptr, blocks = random_selection(rng, batch.seq_lens, hkv, [0.3, "all", "one", 0.05, "all", 0.5, "one", 1.0])
+    words = rng.integers(0, 2**63, 9_001, dtype=np.int64).view(np.uint64)
+    starts = rng.integers(0, words.size - 40, 77).astype(np.int64)
+    want_fold = int(np.bitwise_xor.reduce(np.concatenate([words[s:s + 40] for s in starts])))
+    with AttentionTeam(4) as team:
+        team.bind(batch.kv_pages, batch.seq_lens, batch.q.shape[1], 0.125)
+        whole = team.attend(batch.q, batch.block_tables, indptr, blocks)
+        team._native.hold_workers(True)
+        for _ in range(3):
+            alone = team.attend(batch.q, batch.block_tables, indptr, blocks)
+            assert all(np.array_equal(x, y) for x, y in zip(alone, whole))
+            assert team.scattered_read(words, starts, 40) == want_fold
+        team._native.hold_workers(False)
+        again = team.attend(batch.q, batch.block_tables, indptr, blocks)
+    assert_matches_reference(batch, indptr, blocks, whole, 0.125)
+    assert all(np.array_equal(x, y) for x, y in zip(again, whole))
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_token_masks_and_many_layers_of_one_step(isa):
     rng = np.random.default_rng(3)
@@ -245,3 +270,22 @@ def test_a_forked_child_refuses_the_parents_team():
         _, status = os.waitpid(pid, 0)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
         assert_matches_reference(batch, indptr, blocks, team.attend(batch.q, batch.block_tables, indptr, blocks), 0.1)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_scattered_read_folds_the_runs_as_the_openmp_ceiling_does(threads):
+    """The benchmark's team-side ceiling reads exactly the runs asked for (its fold is NumPy's XOR
+    of them and the OpenMP fold's), and refuses a run outside the buffer."""
+    from fluxion_dist.cpu import _stream
+
+    rng = np.random.default_rng()
+    words = rng.integers(0, 2**63, 50_021, dtype=np.int64).view(np.uint64)
+    for n_runs, run in ((1, 512), (7, 13), (333, 64)):
+        starts = rng.integers(0, words.size - run, n_runs).astype(np.int64)
+        want = int(np.bitwise_xor.reduce(np.concatenate([words[s:s + run] for s in starts])))
+        with AttentionTeam(threads) as team:
+            assert team.scattered_read(words, starts, run) == want
+            assert team.scattered_read(words, starts[:0], run) == 0
+            with pytest.raises(ValueError, match="outside"):
+                team.scattered_read(words, np.array([words.size - run + 1], np.int64), run)
+        assert _stream.scattered_read(words, starts, run, threads) == want

@@ -11,7 +11,7 @@ runs, so both give the same bits for the same thread and chunk counts.
 """
 
 cimport numpy as cnp
-from libc.stdint cimport int32_t, int64_t, uint16_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t
 from libc.stdlib cimport free, malloc
 
 from fluxion_dist.cpu import _checks
@@ -31,6 +31,17 @@ cdef extern from "worker_team.h" nogil:
     fx_team *fx_team_create(int n, int64_t spin_ns, int64_t pause_ns)
     void fx_team_destroy(fx_team *t)
     int fx_team_run(fx_team *t, fx_task_fn fn, void *arg)
+    void fx_team_hold(fx_team *t, int hold)
+
+
+cdef extern from "read_fold.h" nogil:
+    ctypedef struct fx_fold_job:
+        const uint64_t *words
+        const int64_t *starts
+        int64_t n, run_words
+        int pieces, next
+        uint64_t acc
+    void fx_fold_work(void *arg, int member) noexcept
 
 
 cdef void _work(void *arg, int member) noexcept nogil:
@@ -222,3 +233,41 @@ cdef class Team:
                 lens[b] = self.seq_lens[b]
             raise _checks.bad_block(sel_indptr, sel_blocks, bad, dims_, block_tables, lens)
         return tuple.__new__(BatchPartial, (o, m, l))  # skips the NamedTuple's Python __new__
+
+    def scattered_read(self, const uint64_t[::1] words not None, const int64_t[::1] starts not None,
+                       int64_t run_words):
+        """XOR-fold the runs of ``run_words`` words at ``starts`` on this team, each member a
+        contiguous share (read_fold.h): the attention kernel's reads with no arithmetic, made
+        by the same threads, for benchmarks. Returns the fold."""
+        if self.team == NULL:
+            raise RuntimeError("the team is closed")
+        if self.running:
+            raise RuntimeError("the team is running a call on another thread")
+        cdef int64_t e, n = starts.shape[0]
+        if run_words < 0:
+            raise ValueError(f"run_words must be >= 0; got {run_words}")
+        for e in range(n):
+            if starts[e] < 0 or starts[e] + run_words > words.shape[0]:
+                raise ValueError(f"run {e} [{starts[e]}, {starts[e] + run_words}) lies outside the "
+                                 f"{words.shape[0]} words")
+        if n == 0:
+            return 0
+        cdef fx_fold_job j
+        j.words, j.starts, j.n, j.run_words = &words[0], &starts[0], n, run_words
+        j.pieces, j.next, j.acc = self.parts, 0, 0
+        cdef int ran
+        self.running = True
+        with nogil:
+            ran = fx_team_run(self.team, fx_fold_work, &j)
+        self.running = False
+        if ran != 0:
+            raise RuntimeError("the team's threads belong to the process it was made in (this one forked "
+                               "since): make a team here" if ran == -2 else "the team is running a call")
+        return j.acc
+
+    def hold_workers(self, bint hold):
+        """Tests: while held, the workers join no call, as if the scheduler never ran them; the
+        caller then does all the work."""
+        if self.team == NULL:
+            raise RuntimeError("the team is closed")
+        fx_team_hold(self.team, hold)

@@ -107,6 +107,12 @@ class AttentionTeam:
         layer's ``block_tables [B, max_blocks]`` (i32, rows may be strided)."""
         return self._native.attend(q, block_tables, sel_indptr, sel_blocks, sel_masks)
 
+    def scattered_read(self, words: np.ndarray, starts: np.ndarray, run_words: int) -> int:
+        """The XOR fold of the ``run_words``-word runs of ``words`` (u64) at ``starts`` (i64), read
+        on this team's threads with no arithmetic: a benchmark's ceiling for ``attend``'s
+        scattered reads, made by the same threads under the same wait policy."""
+        return self._native.scattered_read(words, starts, run_words)
+
     def close(self) -> None:
         self.owner = None
         self._native.close()

@@ -6,13 +6,19 @@
  * that window and no thread sleeps), then sleep on a condition variable. The
  * first `pause_ns` of a wait spin on the core; past it a waiter yields between
  * checks, because a core-holding spinner on a loaded machine keeps the very
- * thread it waits for off that core. The caller publishes a task by bumping
- * the counter (release) after writing the task, and waits for the last worker
- * to report back (acquire), so everything
- * the caller wrote before `fx_team_run` is visible to the workers and
- * everything they wrote is visible to the caller after it. There is no OpenMP
- * here: no fork/join per call and no interaction with the OpenMP runtime's own
- * pool.
+ * thread it waits for off that core. There is no OpenMP here: no fork/join per
+ * call and no interaction with the OpenMP runtime's own pool.
+ *
+ * Tasks split their work dynamically (members claim pieces from a counter), so
+ * a task is done once the caller's own share returns and every worker that
+ * JOINED it has finished. A worker joins through the task's gate (the task's
+ * number and a count, one atomic word) and the caller closes the gate when its
+ * share returns: a worker that was not on a core in time (another process on
+ * its core, a worker asleep) finds the gate closed and touches nothing, so a
+ * call never waits for a thread the scheduler has not run. The caller writes
+ * the task before publishing it (seq_cst) and reads the joined workers'
+ * results after their finish count (acquire), so each side sees the other's
+ * writes.
  *
  * Sleep handshake: a worker counts itself among the sleepers and re-reads the
  * counter under the mutex; the caller bumps the counter and then reads the
@@ -32,6 +38,8 @@
 #include <time.h>
 
 typedef void (*fx_task_fn)(void *arg, int member);
+
+#define FX_GATE_CLOSED ((uint64_t)1 << 31)
 
 /* Bumped in a forked child: a team made before the fork has no threads there, and waiting on
  * them would hang, so fx_team_run refuses a team of another epoch. */
@@ -58,7 +66,10 @@ struct fx_team {
     fx_task_fn fn;
     void *arg;
     uint64_t task;  /* atomic: bumped once per task */
-    int pending;    /* atomic: workers that have not finished the current task */
+    uint64_t gate;  /* atomic: the open task's number << 32 | FX_GATE_CLOSED | workers joined */
+    int finished;   /* atomic: joined workers done with the current task */
+    int joined;     /* the caller's: workers in the current task once its gate closed */
+    int hold;       /* atomic: workers join no task (tests: a team whose threads never get a core) */
     int busy;       /* atomic: a caller is inside fx_team_run */
     int stop;       /* atomic */
     int sleepers;   /* atomic */
@@ -78,12 +89,12 @@ static inline void fx_pause(void) {
 #endif
 }
 
-/* Wait for the task counter to move past `seen` (workers) or `pending` to reach 0 (the
- * caller): pause-spin `pause_ns` (on the core, ready within a few cycles), then spin with
+/* Wait for the task counter to move past `seen` (workers) or every joined worker to finish
+ * (the caller): pause-spin `pause_ns` (on the core, ready within a few cycles), then spin with
  * yields, so a waiting thread gives its core to a runnable one (the caller, another process)
  * on a loaded machine; workers sleep once `spin_ns` is over. */
 static inline int fx_team_waited(const fx_team *t, uint64_t seen, int caller) {
-    return caller ? __atomic_load_n(&t->pending, __ATOMIC_ACQUIRE) == 0
+    return caller ? __atomic_load_n(&t->finished, __ATOMIC_ACQUIRE) == t->joined
                   : __atomic_load_n(&t->task, __ATOMIC_ACQUIRE) != seen;
 }
 
@@ -118,6 +129,16 @@ static uint64_t fx_team_wait_task(fx_team *t, uint64_t seen) {
     return now;
 }
 
+/* Join task `seen` unless its gate has closed (or moved on to a later task). */
+static int fx_team_join(fx_team *t, uint64_t seen) {
+    if (__atomic_load_n(&t->hold, __ATOMIC_ACQUIRE)) return 0;
+    uint64_t g = __atomic_load_n(&t->gate, __ATOMIC_ACQUIRE);
+    for (;;) {
+        if ((g >> 32) != (uint32_t)seen || (g & FX_GATE_CLOSED)) return 0;
+        if (__atomic_compare_exchange_n(&t->gate, &g, g + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return 1;
+    }
+}
+
 static void *fx_team_worker(void *p) {
     fx_member *me = (fx_member *)p;
     fx_team *t = me->team;
@@ -125,8 +146,9 @@ static void *fx_team_worker(void *p) {
     for (;;) {
         seen = fx_team_wait_task(t, seen);
         if (__atomic_load_n(&t->stop, __ATOMIC_ACQUIRE)) return NULL;
+        if (!fx_team_join(t, seen)) continue;
         t->fn(t->arg, me->member);
-        __atomic_fetch_sub(&t->pending, 1, __ATOMIC_RELEASE);
+        __atomic_fetch_add(&t->finished, 1, __ATOMIC_RELEASE);
     }
 }
 
@@ -194,20 +216,33 @@ static fx_team *fx_team_create(int n, int64_t spin_ns, int64_t pause_ns) {
     return t;
 }
 
-/* Run fn(arg, member) on every member, the caller as member 0; returns 0 when all are done.
- * Nothing runs and it returns -1 when another caller is inside this team's fx_team_run, -2 in
- * a process forked after the team was made. */
+/* Run fn(arg, member) on the caller (member 0) and on every worker that joins in time; returns
+ * 0 when all of them are done. fn must split its work dynamically: the caller's fn(arg, 0)
+ * returns only once no work is left to claim. Nothing runs and it returns -1 when another
+ * caller is inside this team's fx_team_run, -2 in a process forked after the team was made. */
 static int fx_team_run(fx_team *t, fx_task_fn fn, void *arg) {
     if (t->epoch != fx_fork_epoch) return -2;
     if (__atomic_exchange_n(&t->busy, 1, __ATOMIC_ACQUIRE)) return -1;
     t->fn = fn;
     t->arg = arg;
-    __atomic_store_n(&t->pending, t->n - 1, __ATOMIC_RELAXED);
-    if (t->n > 1) fx_team_publish(t);
+    t->joined = 0;
+    __atomic_store_n(&t->finished, 0, __ATOMIC_RELAXED);
+    if (t->n > 1) {
+        const uint64_t next = __atomic_load_n(&t->task, __ATOMIC_RELAXED) + 1;
+        __atomic_store_n(&t->gate, (uint64_t)(uint32_t)next << 32, __ATOMIC_RELAXED);
+        fx_team_publish(t);
+    }
     fn(arg, 0);
-    fx_team_spin(t, 0, 1);
+    if (t->n > 1) {
+        const uint64_t g = __atomic_fetch_or(&t->gate, FX_GATE_CLOSED, __ATOMIC_ACQ_REL);
+        t->joined = (int)(g & (FX_GATE_CLOSED - 1));
+        fx_team_spin(t, 0, 1);
+    }
     __atomic_store_n(&t->busy, 0, __ATOMIC_RELEASE);
     return 0;
 }
+
+/* Tests: while held, workers join no task, as if the scheduler never ran them. */
+static void fx_team_hold(fx_team *t, int hold) { __atomic_store_n(&t->hold, hold, __ATOMIC_RELEASE); }
 
 #endif
