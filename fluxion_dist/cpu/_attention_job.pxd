@@ -25,6 +25,7 @@ cdef extern from "attention_job.h" nogil:
         float *m
         float *l
         int isa, prefetch
+        int64_t nc  # chunks, once planned
     float FX_LOG2E
     int fx_cpu_isa()
     void *fx_alloc(size_t bytes)

@@ -30,7 +30,7 @@ cdef extern from "worker_team.h" nogil:
     ctypedef void (*fx_task_fn)(void *arg, int member) noexcept nogil
     fx_team *fx_team_create(int n, int64_t spin_ns, int64_t pause_ns)
     void fx_team_destroy(fx_team *t)
-    int fx_team_run(fx_team *t, fx_task_fn fn, void *arg)
+    int fx_team_run(fx_team *t, fx_task_fn fn, void *arg, int64_t workers)
     void fx_team_hold(fx_team *t, int hold)
 
 
@@ -220,7 +220,7 @@ cdef class Team:
         self.running = True
         with nogil:
             fx_job_plan(&j, self.parts, self.num_threads, self.scale2, self.i64, self.f32)
-            ran = fx_team_run(self.team, _work, &j)
+            ran = fx_team_run(self.team, _work, &j, j.nc - 1)
             bad = fx_job_first_bad(&j) if ran == 0 else -1
         self.running = False
         if ran != 0:
@@ -258,7 +258,7 @@ cdef class Team:
         cdef int ran
         self.running = True
         with nogil:
-            ran = fx_team_run(self.team, fx_fold_work, &j)
+            ran = fx_team_run(self.team, fx_fold_work, &j, j.pieces - 1)
         self.running = False
         if ran != 0:
             raise RuntimeError("the team's threads belong to the process it was made in (this one forked "

@@ -67,6 +67,7 @@ struct fx_team {
     void *arg;
     uint64_t task;  /* atomic: bumped once per task */
     uint64_t gate;  /* atomic: the open task's number << 32 | FX_GATE_CLOSED | workers joined */
+    int want;       /* workers the current task can use (joins past it are refused) */
     int finished;   /* atomic: joined workers done with the current task */
     int joined;     /* the caller's: workers in the current task once its gate closed */
     int hold;       /* atomic: workers join no task (tests: a team whose threads never get a core) */
@@ -134,7 +135,8 @@ static int fx_team_join(fx_team *t, uint64_t seen) {
     if (__atomic_load_n(&t->hold, __ATOMIC_ACQUIRE)) return 0;
     uint64_t g = __atomic_load_n(&t->gate, __ATOMIC_ACQUIRE);
     for (;;) {
-        if ((g >> 32) != (uint32_t)seen || (g & FX_GATE_CLOSED)) return 0;
+        if ((g >> 32) != (uint32_t)seen || (g & FX_GATE_CLOSED) || (int)(g & (FX_GATE_CLOSED - 1)) >= t->want)
+            return 0;
         if (__atomic_compare_exchange_n(&t->gate, &g, g + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return 1;
     }
 }
@@ -216,24 +218,27 @@ static fx_team *fx_team_create(int n, int64_t spin_ns, int64_t pause_ns) {
     return t;
 }
 
-/* Run fn(arg, member) on the caller (member 0) and on every worker that joins in time; returns
- * 0 when all of them are done. fn must split its work dynamically: the caller's fn(arg, 0)
- * returns only once no work is left to claim. Nothing runs and it returns -1 when another
- * caller is inside this team's fx_team_run, -2 in a process forked after the team was made. */
-static int fx_team_run(fx_team *t, fx_task_fn fn, void *arg) {
+/* Run fn(arg, member) on the caller (member 0) and on up to `workers` workers that join in
+ * time; returns 0 when all of them are done. fn must split its work dynamically: the caller's
+ * fn(arg, 0) returns only once no work is left to claim, so `workers` is how many more members
+ * the work has pieces for (a small task wakes no one). Nothing runs and it returns -1 when
+ * another caller is inside this team's fx_team_run, -2 in a process forked after the team was
+ * made. */
+static int fx_team_run(fx_team *t, fx_task_fn fn, void *arg, int64_t workers) {
     if (t->epoch != fx_fork_epoch) return -2;
     if (__atomic_exchange_n(&t->busy, 1, __ATOMIC_ACQUIRE)) return -1;
     t->fn = fn;
     t->arg = arg;
     t->joined = 0;
+    t->want = (int)(workers < t->n - 1 ? (workers > 0 ? workers : 0) : t->n - 1);
     __atomic_store_n(&t->finished, 0, __ATOMIC_RELAXED);
-    if (t->n > 1) {
+    if (t->want > 0) {
         const uint64_t next = __atomic_load_n(&t->task, __ATOMIC_RELAXED) + 1;
         __atomic_store_n(&t->gate, (uint64_t)(uint32_t)next << 32, __ATOMIC_RELAXED);
         fx_team_publish(t);
     }
     fn(arg, 0);
-    if (t->n > 1) {
+    if (t->want > 0) {
         const uint64_t g = __atomic_fetch_or(&t->gate, FX_GATE_CLOSED, __ATOMIC_ACQ_REL);
         t->joined = (int)(g & (FX_GATE_CLOSED - 1));
         fx_team_spin(t, 0, 1);
