@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="+", choices=ALL_TASKS, default=None,
                     help="default: every task the model reads (word tasks for v1, RULER tasks for a BPE model)")
     ap.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES),
-                    help="deployment policies (fluxion_dist.policy.POLICIES) and/or the oracle oracle_topk")
+                    help="deployment policies (fluxion_dist.policy.POLICIES), each optionally with SparseConfig "
+                    "fields of its own (POLICY:KEY=VALUE[,KEY=VALUE], e.g. fluxion:token_refine_factor=2, "
+                    "to compare a switch on and off in one run), and/or the oracle oracle_topk")
     ap.add_argument("--samples", type=int, default=40, help="per task and context")
     ap.add_argument("--budget", type=float, default=0.05,
                     help="sparse.budget: the fixed policies' and the oracle's fraction, fluxion's average")

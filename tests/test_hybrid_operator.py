@@ -312,3 +312,57 @@ def test_bad_inputs_raise_typed_errors():
     with pytest.raises(HybridAttentionError, match="layer"):
         hook(3, torch.zeros(1, 2, 32), torch.zeros(1, 1, 32), torch.zeros(1, 1, 32))
     op.close()
+
+
+def test_token_refinement_attends_the_best_tokens_of_the_candidates():
+    """fluxion with token_refine_factor on the CPU: per row 16 k tokens (k: the plan's blocks),
+    the sinks and window whole, the rest the highest exact scores (max over the group's query
+    heads of q.k) of their blocks; the output is the float64 reference over exactly those tokens."""
+    dec = Decode([700, 1100, 333], 2, 4, steps=2, seed=5)
+    op = dec.operator("fluxion", "cpu", budget=0.1, mass=0.9, record_selection=True,
+                      sparse={"token_refine_factor": 2.0})
+    hook = op.step(dec.seqs, dec.ids, [None] * 3)
+    b, g = len(dec.seqs), dec.hq // dec.hkv
+    for layer in range(dec.layers):
+        q, kn, vn = dec.layer_inputs(b)
+        got = hook(layer, torch.from_numpy(q), torch.from_numpy(kn), torch.from_numpy(vn)).numpy()
+        indptr, blocks = hook.selections[layer]
+        masks = hook.token_masks[layer]
+        assert masks.shape == blocks.shape and np.all(masks != 0)  # blocks without a token are dropped
+        for i in range(b):
+            dec.k[i][layer] = np.concatenate([dec.k[i][layer], kn[i][None]])
+            dec.v[i][layer] = np.concatenate([dec.v[i][layer], vn[i][None]])
+            t = dec.k[i][layer].shape[0]
+            nb = -(-t // 16)
+            for h in range(dec.hkv):
+                r = i * dec.hkv + h
+                ids = blocks[indptr[r]:indptr[r + 1]].astype(np.int64)
+                bits = (masks[indptr[r]:indptr[r + 1], None].astype(np.int64) >> np.arange(16)) & 1
+                tok = (ids[:, None] * 16 + np.arange(16))[bits.astype(bool)]
+                assert tok.max() < t
+                k_row = int(hook.k_rows[layer][i, h])
+                assert tok.size == min(16 * k_row, t)
+                kept = np.r_[0:16, (nb - 3) * 16:t]  # sink_tokens 16; recent_tokens 32: 3 blocks (KeptBlocks)
+                assert np.isin(kept, tok).all()
+                qh = q[i, h * g:(h + 1) * g].astype(np.float64)
+                score = (dec.k[i][layer][:, h].astype(np.float64) @ qh.T).max(axis=1)
+                inside = (ids[:, None] * 16 + np.arange(16)).ravel()
+                inside = inside[inside < t]
+                free = np.setdiff1d(tok, kept)
+                left = np.setdiff1d(inside, tok)
+                if free.size and left.size:  # within the chosen blocks, no better token was left out
+                    assert score[left].max() <= score[free].min() + 1e-4
+                s = qh @ dec.k[i][layer][tok, h].astype(np.float64).T / np.sqrt(dec.d)
+                p = np.exp(s - s.max(axis=1, keepdims=True))
+                want = (p / p.sum(axis=1, keepdims=True)) @ dec.v[i][layer][tok, h].astype(np.float64)
+                np.testing.assert_allclose(got[i, h * g:(h + 1) * g], want, rtol=2e-4, atol=2e-5)
+    op.close()
+
+
+def test_token_refinement_is_checked():
+    from fluxion_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="token_refine_factor"):
+        SparseConfig(policy="fluxion", token_refine_factor=0.5)
+    with pytest.raises(ConfigError, match="token_refine_factor.*rescore_factor"):
+        SparseConfig(policy="fluxion", token_refine_factor=2.0, rescore_factor=2.0)

@@ -24,7 +24,7 @@ from fluxion_dist.quality.harness import (Prefilled, deployment_sparse, dense_pr
 from fluxion_dist.model.decoder import PrefillOutput
 from fluxion_dist.quality.operator_decode import OperatorRunner, pack_prefill
 from fluxion_dist.quality.policies import (DEFAULT_POLICIES, HARNESS_POLICIES, OracleTopK, StepView,
-                                           check_policy_names)
+                                           check_policy_names, split_variant)
 from fluxion_dist.quality.model import SHIPPED_DIR, TINY_QUALITY_ARCH, init_model, load_quality_model
 from fluxion_dist.quality.tasks import RETRIEVAL_TASKS, TASKS, TRAIN_TASKS, make_sample
 from fluxion_dist.quality.train_forward import answer_loss, hidden_states
@@ -219,6 +219,33 @@ def test_policy_names_are_the_deployments_plus_the_oracle():
     assert check_policy_names(["fluxion", "full", "fluxion"]) == ["fluxion", "full"]
     with pytest.raises(ValueError, match="'quest'.*allowed: full, quest_gpu, cpu_only, fixed_hybrid, fluxion, oracle_topk"):
         check_policy_names(["full", "quest"])
+    # a deployment policy may carry its own SparseConfig fields, so a switch is compared in one run
+    both = ["fluxion", "fluxion:token_refine_factor=2,recent_tokens=64"]
+    assert check_policy_names(both) == both
+    assert split_variant(both[1]) == ("fluxion", ["token_refine_factor=2", "recent_tokens=64"])
+    for bad in ("quest:budget=0.1", "oracle_topk:budget=0.1"):
+        with pytest.raises(ValueError, match="unknown policy"):
+            check_policy_names([bad])
+
+
+def test_a_policy_variant_runs_with_its_own_fields():
+    from fluxion_dist.errors import ConfigError
+    from fluxion_dist.hybrid import CostModel
+    from fluxion_dist.quality.harness import make_runners
+
+    model = init_model(TINY_QUALITY_ARCH, 0).eval()
+    cost = CostModel.cpu_only(model.arch.head_dim, 5.0)
+    runners = make_runners(model, ["fluxion", "fluxion:token_refine_factor=2"], deployment_sparse(0.1, {}), cost,
+                           max_tokens=256, compute=torch.device("cpu"), device="cpu", cpu_threads=1)
+    try:
+        assert [r.name for r in runners] == ["fluxion", "fluxion:token_refine_factor=2"]
+        assert [r.runner.op.config.token_refine_factor for r in runners] == [0.0, 2.0]
+    finally:
+        for r in runners:
+            r.close()
+    with pytest.raises(ConfigError, match="token_refine_factor"):
+        make_runners(model, ["fluxion:token_refine_factor=0.5"], deployment_sparse(0.1, {}), cost,
+                     max_tokens=256, compute=torch.device("cpu"), device="cpu", cpu_threads=1)
 
 
 def test_sparse_overrides_are_validated_as_the_deployment_yaml():

@@ -134,6 +134,12 @@ class SparseConfig:
         "blocks ranked by true mass instead of an upper bound; >= 1 when on (off by default: on the "
         "quality model at 8k tokens it cut the output error 0.79 -> 0.67 at an equal budget, its GPU cost "
         "is not measured yet)", ge=0))
+    token_refine_factor: float = field(default=0.0, metadata=doc(
+        "fluxion on the CPU path (operator device cpu): block -> token refinement (AsyncTLS); 0: off. "
+        "Of the top ceil(token_refine_factor x k) blocks of each head by Quest bound, score every "
+        "token exactly (the max over the group's query heads of q.k) and attend only the best k x 16 "
+        "of them (sinks and window whole), so the budget buys tokens instead of blocks; >= 1 when on, "
+        "not with rescore_factor; rejected on the GPU pipeline, which selects whole blocks", ge=0))
     max_request_budget: float = field(default=0.25, metadata=doc(
         "largest budget a request's own sparse.budget may ask for", gt=0, le=1))
     sink_tokens: int = field(default=16, metadata=doc("leading tokens always attended", ge=0))
@@ -145,9 +151,14 @@ class SparseConfig:
 
     def __post_init__(self) -> None:
         from fluxion_dist.errors import ConfigError
-        if 0.0 < self.rescore_factor < 1.0:
-            raise ConfigError(f"sparse.rescore_factor: {self.rescore_factor!r} is out of range; must be 0 (off) "
-                              f"or >= 1 (candidates per planned block)")
+        for name in ("rescore_factor", "token_refine_factor"):
+            value = getattr(self, name)
+            if 0.0 < value < 1.0:
+                raise ConfigError(f"sparse.{name}: {value!r} is out of range; must be 0 (off) "
+                                  f"or >= 1 (candidates per planned block)")
+        if self.rescore_factor > 0 and self.token_refine_factor > 0:
+            raise ConfigError("sparse.token_refine_factor: cannot be on together with sparse.rescore_factor "
+                              "(both re-rank the same candidates); set one of them to 0")
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,11 @@ Life of one layer of one decode step (the model's ``attend`` hook):
 4. select: sinks and the recent window forced first, then top-k per row at the planned count
    (CSR of logical blocks, ascending); fluxion with ``rescore_factor`` c: top-k takes
    ``ceil(c x k)`` candidates, and of those the k with the most exact mass (``policy.select``);
-5. attend: the partial attention over the selected blocks, merged exactly into ``[B, Hq, d]``.
+   on the CPU, fluxion with ``token_refine_factor`` c: of ``ceil(c x k)`` candidates the
+   ``16 k`` tokens with the highest exact scores, as per-block token masks (sinks and window
+   whole);
+5. attend: the partial attention over the selected blocks (tokens), merged exactly into
+   ``[B, Hq, d]``.
 
 **On the CPU** (``device="cpu"``, or ``"auto"`` where ``kernels.device.gpu_unavailable_reason()``
 is not None) ``StepHook`` runs it: the Cython functions of ``cpu.selection`` for 2-4 (forcing
@@ -167,6 +171,10 @@ class HybridAttention:
                                        f"{arena.kv_pages.shape[4]}")
         self.arena, self.config, self.options = arena, config, options
         self.device = _resolve_device(options.device)
+        if self.device == "gpu" and config.token_refine_factor > 0:
+            raise HybridAttentionError(
+                f"sparse.token_refine_factor={config.token_refine_factor:g} runs on the CPU path only (operator "
+                f"device 'cpu'); the GPU pipeline selects whole blocks: set it to 0 there")
         self.kept = KeptBlocks.from_config(config)
         policy = TRAITS[config.policy]
         mode, use_cache = policy.execution, policy.uses_cache
@@ -285,6 +293,7 @@ class StepHook:
         self._reports: list[LayerReport] = []
         self._used: list[np.ndarray] = []  # per layer: [B] budget used per request
         self.selections: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.token_masks: dict[int, np.ndarray] = {}  # per layer, where token refinement chose tokens
         self._binding = object()  # this step's tag on the operator's team (bound at its first layer)
 
     def report(self) -> StepReport:
@@ -312,10 +321,12 @@ class StepHook:
         t0 = time.perf_counter()
         qf = np.ascontiguousarray(q.detach().to(torch.float32).cpu().numpy())
         scale = 1.0 / math.sqrt(d)
-        indptr, blocks = self._select(layer, qf, tables, seq_lens)
+        indptr, blocks, masks = self._select(layer, qf, tables, seq_lens)
         if op.options.record_selection:
             self.selections[layer] = (indptr.copy(), blocks.copy())
-        out = merge_batch_partials([self._attend(qf, tables, seq_lens, indptr, blocks, scale)])
+            if masks is not None:
+                self.token_masks[layer] = masks.copy()
+        out = merge_batch_partials([self._attend(qf, tables, seq_lens, indptr, blocks, scale, masks)])
         wall = time.perf_counter() - t0
         per_row = np.diff(indptr).reshape(bsz, op.num_kv_heads)
         used = per_row.mean(axis=1) / nbs
@@ -326,15 +337,16 @@ class StepHook:
         return torch.from_numpy(out).to(device=q.device, dtype=q.dtype)
 
     def _attend(self, qf: np.ndarray, tables: np.ndarray, seq_lens: np.ndarray, indptr: np.ndarray,
-                blocks: np.ndarray, scale: float) -> BatchPartial:
+                blocks: np.ndarray, scale: float, masks: np.ndarray | None = None) -> BatchPartial:
         """The layer's partial attention over its selection, on the operator's team."""
         team = self.op.team
         if team.owner is not self._binding:  # the step's first layer, or another step bound since
             team.bind(self.op.arena.kv_pages, seq_lens, qf.shape[1], scale, owner=self._binding)
-        return team.attend(qf, tables, indptr, blocks)
+        return team.attend(qf, tables, indptr, blocks, masks)
 
     def _select(self, layer: int, qf: np.ndarray, tables: np.ndarray, seq_lens: np.ndarray):
-        """Scores -> demand (on a refresh) -> forced -> top-k: the layer's CSR."""
+        """Scores -> demand (on a refresh) -> forced -> top-k: the layer's CSR and its token
+        masks (None: every token of each selected block)."""
         op = self.op
         hkv, threads = op.num_kv_heads, op.options.cpu_threads
         k_rows = self.k_rows[layer]
@@ -342,7 +354,7 @@ class StepHook:
         if np.all(k_rows >= self.nb[:, None]):  # every block of every row: nothing to rank
             indptr = np.zeros(row_lens.size + 1, dtype=np.int32)
             np.cumsum(row_lens, out=indptr[1:])
-            return indptr, np.concatenate([np.arange(n, dtype=np.int32) for n in row_lens])
+            return indptr, np.concatenate([np.arange(n, dtype=np.int32) for n in row_lens]), None
         scale = 1.0 / math.sqrt(qf.shape[2])
         scores = cpu_sel.quest_scores_paged(qf, op.arena.kmin, op.arena.kmax, tables, seq_lens, scale,
                                             num_threads=threads)
@@ -364,8 +376,30 @@ class StepHook:
             kv = twin.candidate_scores(lse, cand.indptr, cand.ids, seq_lens, hkv, kv.shape[2],
                                        sink_blocks=op.kept.sink_blocks, recent_blocks=op.kept.recent_blocks)
             rows = kv.reshape(-1, kv.shape[2])
+        refine = rescore_factor(op.config, k_rows, self.nb, field="token_refine_factor")
+        if refine:
+            return self._refine_tokens(qf, tables, seq_lens, rows, k_rows, row_lens, refine, scale)
         sel = cpu_sel.select_topk(rows, k_rows.ravel(), num_threads=threads, row_lens=row_lens)
-        return sel.indptr, sel.ids
+        return sel.indptr, sel.ids, None
+
+    def _refine_tokens(self, qf, tables, seq_lens, rows, k_rows, row_lens, factor: float, scale: float):
+        """Block -> token refinement: of the top ``ceil(factor x k)`` blocks per row by bound
+        (the kept ones forced first), the ``16 k`` tokens with the highest exact score, every
+        valid token of a kept block included; blocks left without a token are dropped."""
+        op, threads, hkv = self.op, self.op.options.cpu_threads, self.op.num_kv_heads
+        cand = cpu_sel.select_topk(rows, twin.candidate_rows(k_rows, seq_lens, factor).ravel(),
+                                   num_threads=threads, row_lens=row_lens)
+        tok = cpu_sel.token_scores(qf, op.arena.kv_pages, tables, seq_lens, cand.indptr, cand.ids, scale,
+                                   num_threads=threads)
+        entry_nb = np.repeat(row_lens, np.diff(cand.indptr))
+        kept = (cand.ids < op.kept.sink_blocks) | (cand.ids >= entry_nb - op.kept.recent_blocks)
+        tok[kept] = np.where(np.isfinite(tok[kept]), twin.FORCED_SCORE, tok[kept])
+        masks = cpu_sel.select_tokens_topk(tok, cand.indptr, k_rows.ravel() * BLOCK_TOKENS, num_threads=threads)
+        used = masks != 0
+        rows_of = np.repeat(np.arange(cand.indptr.size - 1), np.diff(cand.indptr))
+        indptr = np.zeros_like(cand.indptr)
+        np.cumsum(np.bincount(rows_of[used], minlength=indptr.size - 1), out=indptr[1:])
+        return indptr, cand.ids[used], masks[used]
 
 
 def _bits(x: torch.Tensor) -> np.ndarray:

@@ -95,9 +95,12 @@ def blocks_after_append(seq_lens_before: np.ndarray) -> np.ndarray:
     return (np.asarray(seq_lens_before, dtype=np.int64) + BLOCK_TOKENS) // BLOCK_TOKENS
 
 
-def rescore_factor(config: SparseConfig, k_rows: np.ndarray, nb: np.ndarray) -> float:
-    """The layer's rescoring factor, 0.0 for none: fluxion's ``rescore_factor`` where some row
-    (``k_rows [B, Hkv]``, ``nb [B]``) has blocks left to choose from."""
-    if traits(config.policy).selection != "fluxion" or config.rescore_factor <= 0:
+def rescore_factor(config: SparseConfig, k_rows: np.ndarray, nb: np.ndarray, *,
+                   field: str = "rescore_factor") -> float:
+    """The layer's rescoring factor, 0.0 for none: fluxion's ``rescore_factor`` (or the CPU
+    path's ``token_refine_factor``, ``field``) where some row (``k_rows [B, Hkv]``, ``nb [B]``)
+    has blocks left to choose from."""
+    factor = getattr(config, field)
+    if traits(config.policy).selection != "fluxion" or factor <= 0:
         return 0.0
-    return config.rescore_factor if bool(np.any(np.asarray(k_rows) < np.asarray(nb)[:, None])) else 0.0
+    return factor if bool(np.any(np.asarray(k_rows) < np.asarray(nb)[:, None])) else 0.0

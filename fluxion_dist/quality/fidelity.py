@@ -91,15 +91,33 @@ def csr_mask(indptr: np.ndarray, blocks: np.ndarray, num_kv_heads: int, nb: int,
     return mask
 
 
+def csr_token_mask(indptr: np.ndarray, blocks: np.ndarray, masks: np.ndarray, num_kv_heads: int,
+                   nb: int) -> np.ndarray:
+    """Rows ``0 .. Hkv`` of a selection with per-block token masks (bit t of ``masks[i]``: token
+    t of block ``blocks[i]``) -> ``bool [Hkv, nb * 16]``."""
+    csr_mask(indptr, blocks, num_kv_heads, nb)  # the blocks' range check
+    out = np.zeros((num_kv_heads, nb, BLOCK_TOKENS), dtype=bool)
+    bit = np.arange(BLOCK_TOKENS)
+    for h in range(num_kv_heads):
+        lo, hi = int(indptr[h]), int(indptr[h + 1])
+        out[h, np.asarray(blocks[lo:hi], np.int64)] = (masks[lo:hi, None].astype(np.int64) >> bit) & 1
+    return out.reshape(num_kv_heads, nb * BLOCK_TOKENS)
+
+
 def token_mask(mask: np.ndarray, num_tokens: int, group: int, device: torch.device) -> torch.Tensor:
-    """``bool [Hkv, nb]`` -> ``bool [Hq, T]``: each query head sees its KV head's blocks."""
-    tok = torch.from_numpy(mask).to(device).repeat_interleave(BLOCK_TOKENS, 1)[:, :num_tokens]
-    return tok.repeat_interleave(group, 0)
+    """``bool [Hkv, nb]`` (blocks) or ``[Hkv, nb * 16]`` (tokens: ``csr_token_mask``) ->
+    ``bool [Hq, T]``: each query head sees its KV head's selection."""
+    tok = torch.from_numpy(mask).to(device)
+    if tok.shape[1] == num_blocks(num_tokens):
+        tok = tok.repeat_interleave(BLOCK_TOKENS, 1)
+    return tok[:, :num_tokens].repeat_interleave(group, 0)
 
 
 def mask_fidelity(probs: torch.Tensor, full: torch.Tensor, out: torch.Tensor,
                   mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(recall [Hq], rel_err [Hq], budget [Hkv])`` of output ``out [Hq, d]`` that attended ``mask``."""
+    """``(recall [Hq], rel_err [Hq], budget [Hkv])`` of output ``out [Hq, d]`` that attended ``mask``
+    (blocks, or tokens from ``csr_token_mask``); the budget is the fraction of the sequence's
+    blocks, or of its tokens."""
     hq, t = probs.shape
     tok = token_mask(mask, t, hq // mask.shape[0], probs.device)
     recall = (probs * tok).sum(-1)

@@ -28,7 +28,7 @@ from fluxion_dist.model.decoder import CausalLM, PrefillOutput
 from fluxion_dist.quality.decode_hook import PolicyAttention
 from fluxion_dist.quality.fidelity import FidelityStats
 from fluxion_dist.quality.operator_decode import OperatorRunner, PackedPrefill, pack_prefill
-from fluxion_dist.quality.policies import ORACLES, OracleTopK, check_policy_names
+from fluxion_dist.quality.policies import ORACLES, OracleTopK, check_policy_names, split_variant
 from fluxion_dist.quality.tasks import ALL_TASKS, SHIPPED_SUITE, Sample, TaskName, TaskSuite
 
 
@@ -177,9 +177,12 @@ def make_runners(model: CausalLM, names: list[str], sparse: SparseConfig, cost: 
             if name in ORACLES:
                 runners.append(OraclePolicy(sparse.budget, compute))
             else:
-                runners.append(OperatorPolicy(OperatorRunner(
-                    model.arch, dataclasses.replace(sparse, policy=name), cost, max_tokens=max_tokens,
-                    compute=compute, device=device, cpu_threads=cpu_threads)))
+                base, items = split_variant(name)
+                runner = OperatorRunner(model.arch, dataclasses.replace(sparse, policy=base, **parse_overrides(items)),
+                                        cost, max_tokens=max_tokens, compute=compute, device=device,
+                                        cpu_threads=cpu_threads)
+                runner.name = name
+                runners.append(OperatorPolicy(runner))
     except Exception:
         for r in runners:
             r.close()

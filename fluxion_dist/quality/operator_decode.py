@@ -34,7 +34,7 @@ from fluxion_dist.hybrid import CostModel, HostArena, HybridAttention, HybridOpt
 from fluxion_dist.model.arch import ModelArch
 from fluxion_dist.model.decoder import CausalLM, PrefillOutput
 from fluxion_dist.quality.decode_hook import block_minmax
-from fluxion_dist.quality.fidelity import FidelityStats, csr_mask, mask_fidelity, true_attention
+from fluxion_dist.quality.fidelity import FidelityStats, csr_mask, csr_token_mask, mask_fidelity, true_attention
 
 
 def _bits(x: torch.Tensor) -> np.ndarray:
@@ -114,7 +114,9 @@ class FidelityHook:
         t = pos + 1
         hkv = keys.shape[1]
         indptr, blocks = self.inner.selections[layer]
-        mask = csr_mask(indptr, blocks, hkv, num_blocks(t))
+        masks = getattr(self.inner, "token_masks", {}).get(layer)  # the CPU path's token refinement
+        mask = (csr_mask(indptr, blocks, hkv, num_blocks(t)) if masks is None
+                else csr_token_mask(indptr, blocks, masks, hkv, num_blocks(t)))
         probs, full = true_attention(q[0], keys[:t], values[:t])
         self.stats.add(layer, *mask_fidelity(probs, full, out[0], mask))
         return out

@@ -24,9 +24,19 @@ HARNESS_POLICIES: tuple[str, ...] = (*POLICIES, *ORACLES)
 DEFAULT_POLICIES = ("full", "quest_gpu", "fluxion", "oracle_topk")
 
 
+def split_variant(name: str) -> tuple[str, list[str]]:
+    """``"fluxion:token_refine_factor=2,recent_tokens=256"`` -> ``("fluxion", [KEY=VALUE, ...])``:
+    a deployment policy with SparseConfig fields of its own, so one run compares a switch on
+    and off (the overrides are parsed and validated where the runner is made)."""
+    base, _, rest = name.partition(":")
+    return base, [item for item in rest.split(",") if item]
+
+
 def check_policy_names(names: list[str] | tuple[str, ...]) -> list[str]:
-    """``names`` in order, without repeats; an unknown one raises ValueError naming the allowed ones."""
-    bad = [n for n in names if n not in HARNESS_POLICIES]
+    """``names`` in order, without repeats; an unknown one raises ValueError naming the allowed ones.
+    A deployment policy may carry overrides (``split_variant``); the oracle may not."""
+    bad = [n for n in names if split_variant(n)[0] not in HARNESS_POLICIES
+           or (split_variant(n)[0] in ORACLES and n not in ORACLES)]
     if bad:
         raise ValueError(f"unknown policy {bad[0]!r}; allowed: {', '.join(HARNESS_POLICIES)} "
                          f"(oracle_topk is the harness's oracle; the others are the deployment's)")
