@@ -34,7 +34,8 @@ their ratio: what the decode worker's operator (which calls the team) saves per 
 
 ``--operator`` adds the same comparison one level up: a layer call of the hybrid operator's
 CPU step (append, scores, selection, attention, merge), its attention on the team as served
-and on the OpenMP call.
+and on the OpenMP call; and fluxion's step with and without block -> token refinement
+(``sparse.token_refine_factor``).
 """
 
 from __future__ import annotations
@@ -169,41 +170,52 @@ class _OpenMPStepHook(StepHook):
     """The operator's CPU step with its attention on the OpenMP call instead of the team:
     what each layer would cost without the team (everything else is the operator's)."""
 
-    def _attend(self, qf, tables, seq_lens, indptr, blocks, scale):
+    def _attend(self, qf, tables, seq_lens, indptr, blocks, scale, masks=None):
         return sparse_partial_attention(qf, self.op.arena.kv_pages, tables, seq_lens, indptr, blocks, scale,
-                                        num_threads=self.op.options.cpu_threads)
+                                        sel_masks=masks, num_threads=self.op.options.cpu_threads)
+
+
+OPERATOR_VARIANTS = {  # name: (SparseConfig fields, hook); fixed_hybrid's pair isolates the attention path
+    "openmp": ({"policy": "fixed_hybrid"}, _OpenMPStepHook),
+    "team": ({"policy": "fixed_hybrid"}, StepHook),
+    "fluxion": ({"policy": "fluxion"}, StepHook),
+    "fluxion+token_refine": ({"policy": "fluxion", "token_refine_factor": 2.0}, StepHook),
+}
 
 
 def operator_layer_calls(rng, args, group) -> dict[str, float]:
     """Median seconds of one layer call of ``HybridAttention``'s CPU step (append, Quest scores,
-    selection, attention, merge) at the first context and budget, per attention path. Steps
-    alternate between the paths, so both see the same background load; the KV (each layer its
-    own pages) is read back to back as in a decode step, caches not flushed."""
+    selection, attention, merge) at the first context and budget, per ``OPERATOR_VARIANTS``
+    entry. Steps go round the variants, so all see the same background load; the KV (each layer
+    its own pages) is read back to back as in a decode step, caches not flushed."""
     ctx, layers, steps = args.contexts[0], args.operator_layers, args.operator_steps
     hkv, d = args.kv_heads, args.head_dim
+    rounds = len(OPERATOR_VARIANTS) * (steps + 1)
     kv = [[tuple(rng.standard_normal((ctx, hkv, d), dtype=np.float32) for _ in range(2)) for _ in range(layers)]]
-    arena = allocate_arena(pages_needed([ctx], layers, 2 * steps + 1), hkv, d)
-    seqs = build_paged(arena, kv, reserve_tokens=2 * steps + 1, rng=rng)
+    arena = allocate_arena(pages_needed([ctx], layers, rounds + 1), hkv, d)
+    seqs = build_paged(arena, kv, reserve_tokens=rounds + 1, rng=rng)
     del kv
-    cfg = SparseConfig(policy="fixed_hybrid", budget=args.budgets[0])
     cost = CostModel.cpu_only(d, 10.0)
-    op = HybridAttention(arena, cfg, cost, HybridOptions(layers, cpu_threads=args.threads, device="cpu"))
-    hooks = {"openmp": _OpenMPStepHook, "team": StepHook}
-    times: dict[str, list[float]] = {name: [] for name in hooks}
+    ops = {name: (HybridAttention(arena, SparseConfig(budget=args.budgets[0], **fields), cost,
+                                  HybridOptions(layers, cpu_threads=args.threads, device="cpu")), hook)
+           for name, (fields, hook) in OPERATOR_VARIANTS.items()}
+    times: dict[str, list[float]] = {name: [] for name in ops}
     try:
-        for step in range(2 * steps + 2):  # the first pair warms up
-            name = list(hooks)[step % 2]
-            hook = hooks[name](op, seqs, ["r0"], [None])
+        for step in range(rounds):  # the first round warms up
+            name = list(ops)[step % len(ops)]
+            op, hook_cls = ops[name]
+            hook = hook_cls(op, seqs, ["r0"], [None])
             for layer in range(layers):
                 q = torch.from_numpy(rng.standard_normal((1, hkv * group, d), dtype=np.float32))
                 k, v = (torch.from_numpy(rng.standard_normal((1, hkv, d), dtype=np.float32)) for _ in range(2))
                 t = time.perf_counter()
                 hook(layer, q, k, v)
-                if step >= 2:
+                if step >= len(ops):
                     times[name].append(time.perf_counter() - t)
             seqs[0].seq_len += 1
     finally:
-        op.close()
+        for op, _ in ops.values():
+            op.close()
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -350,10 +362,13 @@ def main() -> None:
                   f": openmp {t['openmp'] * 1e6:.0f} us, team {t['team'] * 1e6:.0f} us, "
                   f"openmp/team {t['openmp'] / t['team']:.2f}x")
     if operator:
-        print(f"operator CPU step, per layer call ({args.contexts[0] // 1024}k, fixed_hybrid at "
-              f"{args.budgets[0]:.0%}, {args.operator_layers} layers, median of {args.operator_steps} steps per path, "
-              f"alternating): openmp {operator['openmp'] * 1e6:.0f} us, team {operator['team'] * 1e6:.0f} us, "
-              f"openmp/team {operator['openmp'] / operator['team']:.2f}x")
+        print(f"operator CPU step, per layer call ({args.contexts[0] // 1024}k at {args.budgets[0]:.0%}, "
+              f"{args.operator_layers} layers, median of {args.operator_steps} steps per variant, in turn): "
+              f"fixed_hybrid with its attention on openmp {operator['openmp'] * 1e6:.0f} us, on the team "
+              f"{operator['team'] * 1e6:.0f} us (openmp/team {operator['openmp'] / operator['team']:.2f}x); "
+              f"fluxion {operator['fluxion'] * 1e6:.0f} us, with token refinement (c=2) "
+              f"{operator['fluxion+token_refine'] * 1e6:.0f} us "
+              f"({operator['fluxion+token_refine'] / operator['fluxion']:.2f}x)")
 
 
 if __name__ == "__main__":
