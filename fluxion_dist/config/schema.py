@@ -139,7 +139,8 @@ class SparseConfig:
         "Of the top ceil(token_refine_factor x k) blocks of each head by Quest bound, score every "
         "token exactly (the max over the group's query heads of q.k) and attend only the best k x 16 "
         "of them (sinks and window whole), so the budget buys tokens instead of blocks; >= 1 when on, "
-        "not with rescore_factor; rejected on the GPU pipeline, which selects whole blocks", ge=0))
+        "not with rescore_factor; rejected on the GPU pipeline, which selects whole blocks (off by default: "
+        "on the quality model it raised the output error and slowed the CPU step, docs/benchmarks.md)", ge=0))
     max_request_budget: float = field(default=0.25, metadata=doc(
         "largest budget a request's own sparse.budget may ask for", gt=0, le=1))
     sink_tokens: int = field(default=16, metadata=doc("leading tokens always attended", ge=0))
