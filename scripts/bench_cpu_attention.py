@@ -33,8 +33,8 @@ their ratio: what the decode worker's operator (which calls the team) saves per 
     python scripts/bench_cpu_attention.py --threads 2 --contexts 4096 --budgets 0.05 --no-torch --repeats 51 --operator
 
 ``--operator`` adds the same comparison one level up: a layer call of the hybrid operator's
-CPU step (append, scores, selection, attention, merge), its attention on the team as served
-and on the OpenMP call; and fluxion's step with and without block -> token refinement
+CPU step (append, scores, selection, attention, merge) on the team as served and on OpenMP
+regions; and fluxion's step with and without block -> token refinement
 (``sparse.token_refine_factor``).
 """
 
@@ -167,15 +167,19 @@ def fixed_costs(rng, args, group, team: AttentionTeam) -> dict[str, float]:
 
 
 class _OpenMPStepHook(StepHook):
-    """The operator's CPU step with its attention on the OpenMP call instead of the team:
-    what each layer would cost without the team (everything else is the operator's)."""
+    """The operator's CPU step with its scoring, selection and attention on OpenMP regions
+    instead of the team: what each layer would cost without the team."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.selection_team = None
 
     def _attend(self, qf, tables, seq_lens, indptr, blocks, scale, masks=None):
         return sparse_partial_attention(qf, self.op.arena.kv_pages, tables, seq_lens, indptr, blocks, scale,
                                         sel_masks=masks, num_threads=self.op.options.cpu_threads)
 
 
-OPERATOR_VARIANTS = {  # name: (SparseConfig fields, hook); fixed_hybrid's pair isolates the attention path
+OPERATOR_VARIANTS = {  # name: (SparseConfig fields, hook); fixed_hybrid's pair isolates the team
     "openmp": ({"policy": "fixed_hybrid"}, _OpenMPStepHook),
     "team": ({"policy": "fixed_hybrid"}, StepHook),
     "fluxion": ({"policy": "fluxion"}, StepHook),
@@ -364,7 +368,7 @@ def main() -> None:
     if operator:
         print(f"operator CPU step, per layer call ({args.contexts[0] // 1024}k at {args.budgets[0]:.0%}, "
               f"{args.operator_layers} layers, median of {args.operator_steps} steps per variant, in turn): "
-              f"fixed_hybrid with its attention on openmp {operator['openmp'] * 1e6:.0f} us, on the team "
+              f"fixed_hybrid on OpenMP regions {operator['openmp'] * 1e6:.0f} us, on the team "
               f"{operator['team'] * 1e6:.0f} us (openmp/team {operator['openmp'] / operator['team']:.2f}x); "
               f"fluxion {operator['fluxion'] * 1e6:.0f} us, with token refinement (c=2) "
               f"{operator['fluxion+token_refine'] * 1e6:.0f} us "

@@ -279,3 +279,42 @@ def test_candidate_lse_matches_the_reference_and_the_twin(isa, hkv, group, d):
         for h, want in enumerate(ref.block_lse(q[b], dense[b], rows, scale=scale)):
             r = b * hkv + h
             np.testing.assert_allclose(got[ip[r]:ip[r + 1]], want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_team_selects_as_the_openmp_drivers_do(threads, isa):
+    """Scores, top-k and top-p on the operator's persistent team: the same bits and ids as the
+    OpenMP drivers (the same kernels), on awkward lengths with strided block-table rows, rows of
+    k 0 / k past their length / p 1, and the out-of-arena error."""
+    from fluxion_dist.cpu.team import AttentionTeam
+
+    rng = np.random.default_rng()
+    hkv, g, d, lens = 2, 4, 64, np.array([1, 17, 16, 4111, 700], np.int32)
+    nbs = block_counts(lens)
+    pages = int(nbs.sum()) + 3
+    kmin, kmax = metadata(rng, pages, hkv, d)
+    wide = np.full((len(lens), 2 * (nbs.max() + 1)), 10_000, np.int32)
+    table = wide[:, :nbs.max() + 1]  # strided rows
+    perm, at = rng.permutation(pages).astype(np.int32), 0
+    for b, n in enumerate(nbs):
+        table[b, :n], at = perm[at:at + n], at + n
+    q = rng.standard_normal((len(lens), hkv * g, d)).astype(np.float32)
+    with AttentionTeam(threads) as team:
+        want = quest_scores_paged(q, kmin, kmax, table, lens, 0.1, num_threads=threads, isa=isa)
+        got = quest_scores_paged(q, kmin, kmax, table, lens, 0.1, num_threads=threads, isa=isa, team=team)
+        np.testing.assert_array_equal(got, want)
+        rows = np.ascontiguousarray(kv_head_max(got, hkv).reshape(-1, got.shape[2]))
+        row_lens = np.repeat(nbs, hkv).astype(np.int32)
+        k = rng.integers(0, 40, rows.shape[0])
+        k[:2], k[-1] = 0, 10_000
+        p = rng.uniform(0.3, 1.0, rows.shape[0])
+        p[3] = 1.0
+        for pick, arg in ((select_topk, k), (select_topp, p)):
+            a = pick(rows, arg, num_threads=threads, row_lens=row_lens)
+            b = pick(rows, arg, num_threads=threads, row_lens=row_lens, team=team)
+            np.testing.assert_array_equal(b.indptr, a.indptr)
+            np.testing.assert_array_equal(b.ids, a.ids)
+        table[3, 5] = pages
+        with pytest.raises(IndexError, match=f"block_tables\\[3, 5\\] = {pages} is outside"):
+            quest_scores_paged(q, kmin, kmax, table, lens, 0.1, num_threads=threads, team=team)

@@ -12,7 +12,10 @@ runs, so both give the same bits for the same thread and chunk counts.
 
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t
+from libc.math cimport fabsf
 from libc.stdlib cimport free, malloc
+
+import numpy as np
 
 from fluxion_dist.cpu import _checks
 from fluxion_dist.cpu.attention import BatchPartial
@@ -42,6 +45,40 @@ cdef extern from "read_fold.h" nogil:
         int pieces, next
         uint64_t acc
     void fx_fold_work(void *arg, int member) noexcept
+
+
+cdef extern from "selection_job.h" nogil:
+    ctypedef struct fx_cut:
+        pass
+    ctypedef struct fx_quest_job:
+        const float *qs
+        const float *qa
+        const uint16_t *kmin
+        const uint16_t *kmax
+        const int32_t *bt
+        int64_t bt_s0, bt_s1
+        const int32_t *seq_lens
+        float *out
+        int64_t P, hkv, hq, d, maxb, tiles, items
+        int avx2
+        int64_t next
+        int64_t *err
+    ctypedef struct fx_rows_job:
+        const float *x
+        int64_t n, R
+        const int32_t *row_lens
+        const int64_t *k
+        const double *p
+        uint64_t *keys
+        double *w
+        fx_cut *cuts
+        const int32_t *indptr
+        int32_t *ids
+        int phase
+        int64_t next
+    int FX_QUEST_TILE
+    void fx_quest_work(void *arg, int member) noexcept
+    void fx_rows_work(void *arg, int member) noexcept
 
 
 cdef void _work(void *arg, int member) noexcept nogil:
@@ -271,3 +308,82 @@ cdef class Team:
         if self.team == NULL:
             raise RuntimeError("the team is closed")
         fx_team_hold(self.team, hold)
+
+    # ---- selection (selection_job.h): the OpenMP drivers' kernels, on this team -------------
+
+    cdef int _run(self, fx_task_fn fn, void *job, int64_t workers) except -1:
+        if self.team == NULL:
+            raise RuntimeError("the team is closed")
+        if self.running:
+            raise RuntimeError("the team is running a call on another thread")
+        cdef int ran
+        self.running = True
+        with nogil:
+            ran = fx_team_run(self.team, fn, job, workers)
+        self.running = False
+        if ran != 0:
+            raise RuntimeError("the team's threads belong to the process it was made in (this one forked "
+                               "since): make a team here" if ran == -2 else "the team is running a call")
+        return 0
+
+    def quest_scores(self, const float[:, :, ::1] q, const uint16_t[:, :, ::1] kmin,
+                     const uint16_t[:, :, ::1] kmax, const int32_t[:, :] block_tables,
+                     const int32_t[::1] seq_lens, float scale, bint avx2, float[:, :, ::1] out):
+        """_selection.quest_scores on this team (unchecked: call it through
+        cpu.selection.quest_scores_paged). Returns -1 or b * max_blocks + j of a block whose
+        page lies outside the arena."""
+        cdef int64_t B = q.shape[0], hq = q.shape[1], d = q.shape[2], n = B * hq * d, i
+        cdef fx_quest_job j
+        j.maxb = block_tables.shape[1]
+        j.tiles = (j.maxb + FX_QUEST_TILE - 1) // FX_QUEST_TILE
+        j.hkv, j.hq, j.d, j.P = kmin.shape[1], hq, d, kmin.shape[0]
+        j.items = B * j.hkv * j.tiles
+        if j.items == 0:
+            return -1
+        cdef float[::1] qs = np.empty(2 * n, dtype=np.float32)
+        cdef int64_t[::1] err = np.empty(j.items, dtype=np.int64)
+        cdef const float *qp = &q[0, 0, 0]
+        for i in range(n):
+            qs[i] = qp[i] * scale
+            qs[n + i] = fabsf(qs[i])
+        j.qs, j.qa = &qs[0], &qs[n]
+        j.kmin, j.kmax = &kmin[0, 0, 0], &kmax[0, 0, 0]
+        j.bt = &block_tables[0, 0]
+        j.bt_s0, j.bt_s1 = block_tables.strides[0] // 4, block_tables.strides[1] // 4
+        j.seq_lens, j.out, j.avx2, j.next, j.err = &seq_lens[0], &out[0, 0, 0], avx2, 0, &err[0]
+        self._run(fx_quest_work, &j, j.items - 1)
+        for i in range(j.items):
+            if err[i] >= 0:
+                return err[i]
+        return -1
+
+    def topk_rows(self, const float[:, ::1] x, const int32_t[::1] row_lens, const int64_t[::1] k,
+                  int32_t[::1] indptr, int32_t[::1] ids):
+        """_selection.topk_rows on this team (unchecked: cpu.selection.select_topk); returns nnz."""
+        return self._rows(x, row_lens, &k[0] if k.shape[0] else NULL, NULL, indptr, ids)
+
+    def topp_rows(self, const float[:, ::1] x, const int32_t[::1] row_lens, const double[::1] p,
+                  int32_t[::1] indptr, int32_t[::1] ids):
+        """_selection.topp_rows on this team (unchecked: cpu.selection.select_topp); returns nnz."""
+        return self._rows(x, row_lens, NULL, &p[0] if p.shape[0] else NULL, indptr, ids)
+
+    cdef int64_t _rows(self, const float[:, ::1] x, const int32_t[::1] row_lens, const int64_t *k,
+                       const double *p, int32_t[::1] indptr, int32_t[::1] ids) except -1:
+        cdef int64_t R = x.shape[0], n = x.shape[1], r
+        indptr[0] = 0
+        if R == 0:
+            return 0
+        cdef fx_rows_job j
+        cdef uint64_t[::1] keys = np.empty(self.num_threads * n + 1, dtype=np.uint64)
+        cdef double[::1] w = np.empty(self.num_threads * n + 1 if p != NULL else 1, dtype=np.float64)
+        cdef int64_t[::1] cuts = np.empty(2 * R, dtype=np.int64)  # fx_cut: (threshold, count)
+        j.x, j.n, j.R, j.row_lens, j.k, j.p = &x[0, 0], n, R, &row_lens[0], k, p
+        j.keys, j.w, j.cuts = &keys[0], &w[0], <fx_cut *>&cuts[0]
+        j.indptr, j.ids, j.phase, j.next = &indptr[0], NULL, 0, 0
+        self._run(fx_rows_work, &j, R - 1)
+        for r in range(R):
+            indptr[r + 1] = <int32_t>(indptr[r] + cuts[2 * r + 1])
+        if indptr[R] > 0:
+            j.ids, j.phase, j.next = &ids[0], 1, 0
+            self._run(fx_rows_work, &j, R - 1)
+        return indptr[R]

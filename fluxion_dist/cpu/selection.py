@@ -24,6 +24,7 @@ import numpy as np
 from fluxion_dist.attention.layout import BLOCK_TOKENS
 from fluxion_dist.cpu import _attention, _checks, _selection
 from fluxion_dist.cpu._checks import Isa
+from fluxion_dist.cpu.team import AttentionTeam
 
 
 class Selection(NamedTuple):
@@ -46,9 +47,10 @@ def kv_head_max(scores: np.ndarray, num_kv_heads: int) -> np.ndarray:
 
 def quest_scores_paged(q: np.ndarray, kmin: np.ndarray, kmax: np.ndarray, block_tables: np.ndarray,
                        seq_lens: np.ndarray, scale: float, *, num_threads: int,
-                       isa: Isa = "auto") -> np.ndarray:
+                       isa: Isa = "auto", team: AttentionTeam | None = None) -> np.ndarray:
     """Quest upper bounds ``f32 [B, Hq, max_blocks]`` from per-page ``kmin, kmax [P, Hkv, d]``
-    (bf16 bits); entries past each sequence's last block are -inf."""
+    (bf16 bits); entries past each sequence's last block are -inf. ``team``: run on that
+    persistent team (the same bits) instead of an OpenMP region of ``num_threads``."""
     _checks.contiguous("q", _checks.array("q", q, np.float32, 3))
     b, hq, d = q.shape
     for name, x in (("kmin", kmin), ("kmax", kmax)):
@@ -61,8 +63,9 @@ def quest_scores_paged(q: np.ndarray, kmin: np.ndarray, kmax: np.ndarray, block_
     _checks.seq_len_values(seq_lens, max_blocks)
     num_threads = _checks.positive_int("num_threads", num_threads)
     out = np.empty((b, hq, max_blocks), dtype=np.float32)
-    bad = _selection.quest_scores(q, kmin, kmax, block_tables, seq_lens, _checks.finite_scale(scale),
-                                  num_threads, _checks.resolve_isa(isa, d) >= 1, out)
+    scale, avx2 = _checks.finite_scale(scale), _checks.resolve_isa(isa, d) >= 1
+    bad = (_selection.quest_scores(q, kmin, kmax, block_tables, seq_lens, scale, num_threads, avx2, out)
+           if team is None else team.native.quest_scores(q, kmin, kmax, block_tables, seq_lens, scale, avx2, out))
     if bad >= 0:
         rb, j = divmod(bad, max_blocks)
         raise IndexError(f"block_tables[{rb}, {j}] = {int(block_tables[rb, j])} is outside the "
@@ -101,31 +104,37 @@ def _rows(scores: np.ndarray, row_lens) -> tuple[np.ndarray, np.ndarray]:
     return scores, lens
 
 
-def select_topk(scores: np.ndarray, k, *, num_threads: int, row_lens=None) -> Selection:
+def select_topk(scores: np.ndarray, k, *, num_threads: int, row_lens=None,
+                team: AttentionTeam | None = None) -> Selection:
     """Per row of ``scores f32 [R, n]`` the ``k`` (scalar or ``[R]``) highest of the first
-    ``row_lens[r]`` entries, as CSR with ids ascending (reference.select_topk)."""
+    ``row_lens[r]`` entries, as CSR with ids ascending (reference.select_topk); ``team`` as in
+    ``quest_scores_paged``."""
     scores, lens = _rows(scores, row_lens)
     ks = _per_row("k", k, scores.shape[0], np.int64)
     if np.any(ks < 0):
         raise ValueError("k must be >= 0")
     indptr = np.empty(scores.shape[0] + 1, dtype=np.int32)
     ids = np.empty(int(np.minimum(ks, lens).sum()), dtype=np.int32)
-    nnz = _selection.topk_rows(scores, lens, ks, _checks.positive_int("num_threads", num_threads),
-                               indptr, ids)
+    threads = _checks.positive_int("num_threads", num_threads)
+    nnz = (_selection.topk_rows(scores, lens, ks, threads, indptr, ids) if team is None
+           else team.native.topk_rows(scores, lens, ks, indptr, ids))
     return Selection(indptr, ids[:nnz])
 
 
-def select_topp(scores: np.ndarray, p, *, num_threads: int, row_lens=None) -> Selection:
+def select_topp(scores: np.ndarray, p, *, num_threads: int, row_lens=None,
+                team: AttentionTeam | None = None) -> Selection:
     """Per row the fewest highest entries whose softmax mass reaches ``p`` (scalar or ``[R]``,
-    in (0, 1]), as CSR with ids ascending (reference.select_topp)."""
+    in (0, 1]), as CSR with ids ascending (reference.select_topp); ``team`` as in
+    ``quest_scores_paged``."""
     scores, lens = _rows(scores, row_lens)
     ps = _per_row("p", p, scores.shape[0], np.float64)
     if np.any(~(ps > 0)) or np.any(ps > 1):
         raise ValueError(f"top-p mass must be in (0, 1]; got {ps.min()}..{ps.max()}")
     indptr = np.empty(scores.shape[0] + 1, dtype=np.int32)
     ids = np.empty(int(lens.sum()), dtype=np.int32)
-    nnz = _selection.topp_rows(scores, lens, ps, _checks.positive_int("num_threads", num_threads),
-                               indptr, ids)
+    threads = _checks.positive_int("num_threads", num_threads)
+    nnz = (_selection.topp_rows(scores, lens, ps, threads, indptr, ids) if team is None
+           else team.native.topp_rows(scores, lens, ps, indptr, ids))
     return Selection(indptr, ids[:nnz])
 
 

@@ -67,6 +67,18 @@ class AttentionTeam:
         """The tag of the current binding (``bind``'s ``owner``); None before the first bind."""
 
     @property
+    def native(self) -> _team.Team:
+        """The native team, for the unchecked selection drivers (``cpu.selection``'s ``team=``);
+        a forked child's own, once it has bound."""
+        if self.closed:
+            raise RuntimeError("the team is closed")
+        if os.getpid() != self._pid:  # forked since: the parent's threads are not in this process
+            self._native = _team.Team(*self._make)
+            self._pid = os.getpid()
+            self.owner = None  # the new threads have no binding
+        return self._native
+
+    @property
     def num_threads(self) -> int:
         return self._native.num_threads
 
@@ -82,9 +94,7 @@ class AttentionTeam:
         if self.closed:
             raise RuntimeError("the team is closed")
         self.owner = None
-        if os.getpid() != self._pid:  # forked since: the parent's threads are not in this process
-            self._native = _team.Team(*self._make)
-            self._pid = os.getpid()
+        native = self.native  # in a forked child, the child's own threads
         _checks.array("kv_pages", kv_pages, np.uint16, 5)
         num_q_heads = _checks.positive_int("num_q_heads", num_q_heads)
         d = kv_pages.shape[4]
@@ -96,8 +106,7 @@ class AttentionTeam:
         if int(seq_lens.min()) < 0:
             raise ValueError(f"seq_lens must be >= 0; got {int(seq_lens.min())}")
         isa_code = _checks.resolve_isa(self.isa, d)
-        self._native._bind(kv_pages, seq_lens, num_q_heads, _checks.finite_scale(scale), isa_code,
-                           self.prefetch)
+        native._bind(kv_pages, seq_lens, num_q_heads, _checks.finite_scale(scale), isa_code, self.prefetch)
         self.owner = owner
 
     def attend(self, q: np.ndarray, block_tables: np.ndarray, sel_indptr: np.ndarray,

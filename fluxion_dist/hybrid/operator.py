@@ -25,10 +25,10 @@ Life of one layer of one decode step (the model's ``attend`` hook):
 
 **On the CPU** (``device="cpu"``, or ``"auto"`` where ``kernels.device.gpu_unavailable_reason()``
 is not None) ``StepHook`` runs it: the Cython functions of ``cpu.selection`` for 2-4 (forcing
-and the demand count from ``policy.select``), the Cython attention over every selected block
-on the operator's persistent ``cpu.team.AttentionTeam`` (``cpu_threads`` threads for the
-operator's life, bound once per step: a layer call pays a few microseconds before it reads
-KV, not an OpenMP region's start and the per-call checks). On a GPU the pipeline's CPU share
+and the demand count from ``policy.select``) and the Cython attention over every selected
+block, all on the operator's persistent ``cpu.team.AttentionTeam`` (``cpu_threads`` threads
+for the operator's life, bound once per step: a layer call pays a few microseconds before it
+reads KV, not an OpenMP region's start and the per-call checks). On a GPU the pipeline's CPU share
 runs on the same team (one caller thread: the model's, which runs the layers in turn).
 **On a GPU** (``device="gpu"``) ``device_hook.DeviceStepHook`` over
 ``device_pipeline.DevicePipeline`` runs the same stages as kernels, replayed as CUDA graphs,
@@ -295,6 +295,7 @@ class StepHook:
         self.selections: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.token_masks: dict[int, np.ndarray] = {}  # per layer, where token refinement chose tokens
         self._binding = object()  # this step's tag on the operator's team (bound at its first layer)
+        self.selection_team: AttentionTeam | None = op.team  # where scoring and selection run (None: OpenMP)
 
     def report(self) -> StepReport:
         per_request = tuple(float(x) for x in np.mean(self._used, axis=0)) if self._used else ()
@@ -357,11 +358,12 @@ class StepHook:
             return indptr, np.concatenate([np.arange(n, dtype=np.int32) for n in row_lens]), None
         scale = 1.0 / math.sqrt(qf.shape[2])
         scores = cpu_sel.quest_scores_paged(qf, op.arena.kmin, op.arena.kmax, tables, seq_lens, scale,
-                                            num_threads=threads)
+                                            num_threads=threads, team=self.selection_team)
         kv = np.ascontiguousarray(cpu_sel.kv_head_max(scores, hkv))  # [B, Hkv, W]
         rows = kv.reshape(-1, kv.shape[2])
         if measures(op.config, self.budgets, self.demand, self.step, layer, op.options.refresh_steps):
-            top = cpu_sel.select_topp(rows, op.config.mass_target, num_threads=threads, row_lens=row_lens)
+            top = cpu_sel.select_topp(rows, op.config.mass_target, num_threads=threads, row_lens=row_lens,
+                                      team=self.selection_team)
             far = twin.far_demand(top.indptr, top.ids, seq_lens, hkv, sink_blocks=op.kept.sink_blocks,
                                   recent_blocks=op.kept.recent_blocks)
             for b, rid in enumerate(self.request_ids):
@@ -370,7 +372,7 @@ class StepHook:
         factor = rescore_factor(op.config, k_rows, self.nb)
         if factor:  # candidates by bound, kept by exact mass (policy.select, step 5)
             cand = cpu_sel.select_topk(rows, twin.candidate_rows(k_rows, seq_lens, factor).ravel(),
-                                       num_threads=threads, row_lens=row_lens)
+                                       num_threads=threads, row_lens=row_lens, team=self.selection_team)
             lse = cpu_sel.candidate_lse(qf, op.arena.kv_pages, tables, seq_lens, cand.indptr, cand.ids, scale,
                                         num_threads=threads)
             kv = twin.candidate_scores(lse, cand.indptr, cand.ids, seq_lens, hkv, kv.shape[2],
@@ -379,7 +381,8 @@ class StepHook:
         refine = rescore_factor(op.config, k_rows, self.nb, field="token_refine_factor")
         if refine:
             return self._refine_tokens(qf, tables, seq_lens, rows, k_rows, row_lens, refine, scale)
-        sel = cpu_sel.select_topk(rows, k_rows.ravel(), num_threads=threads, row_lens=row_lens)
+        sel = cpu_sel.select_topk(rows, k_rows.ravel(), num_threads=threads, row_lens=row_lens,
+                                  team=self.selection_team)
         return sel.indptr, sel.ids, None
 
     def _refine_tokens(self, qf, tables, seq_lens, rows, k_rows, row_lens, factor: float, scale: float):
@@ -388,7 +391,7 @@ class StepHook:
         valid token of a kept block included; blocks left without a token are dropped."""
         op, threads, hkv = self.op, self.op.options.cpu_threads, self.op.num_kv_heads
         cand = cpu_sel.select_topk(rows, twin.candidate_rows(k_rows, seq_lens, factor).ravel(),
-                                   num_threads=threads, row_lens=row_lens)
+                                   num_threads=threads, row_lens=row_lens, team=self.selection_team)
         tok = cpu_sel.token_scores(qf, op.arena.kv_pages, tables, seq_lens, cand.indptr, cand.ids, scale,
                                    num_threads=threads)
         entry_nb = np.repeat(row_lens, np.diff(cand.indptr))
