@@ -6,12 +6,16 @@ spliced in): the mean over the answer tokens (each ending in ``<eoa>``) makes
 the mean over the text the rest. The haystacks are recombined passages with words
 replaced (``quality.train_haystack``), so the text cannot be learnt by heart; the text
 loss on held-out paragraphs is logged beside the loss on trained ones (``text seen /
-held-out``). Tasks start easy (variable tracking at one hop) and reach their full sizes
-over ``--ramp`` of the budget. Two phases, measured in *training time*, so a run ends on
+held-out``). Tasks start easy (codes of one or two digits, one-letter variable names,
+variable tracking at one hop) and grow a step each time the code tasks (``GATED``) reach
+``--level-gate`` at the current sizes: an answer is copied a token a digit, and the copy
+only forms while codes are short, so the sizes wait for it; they are full by ``--ramp``
+of the budget at the latest. Two phases, measured in *training time*, so a run ends on
 schedule whatever the device's speed and one split over calls resumes exactly:
 
 1. short contexts (``--short``) until retrieval has formed: teacher-forced accuracy
-   on ``GATED`` at or above ``--gate`` on a log window, or ``--gate-cap`` of the budget.
+   on ``GATED`` at or above ``--gate`` on a log window at full task sizes, or
+   ``--gate-cap`` of the budget.
    Lengthening the context first only dilutes the few useful attention paths.
 2. a curriculum to 32k over the rest of the budget (``--stages``, fractions of that
    rest); later stages alternate with a shorter shape so short contexts stay learnt.
@@ -73,10 +77,15 @@ def parse_stages(spec: str) -> list[tuple[float, list[tuple[int, int]]]]:
     return stages
 
 
-def level_at(trained: float, budget: float, ramp: float) -> float:
-    """The tasks' curriculum level, 0 to 1 over the first ``ramp`` of the budget (in twentieths,
-    so batches made ahead at a slightly earlier time are the same)."""
-    return 1.0 if ramp <= 0 else min(1.0, round(20 * trained / (ramp * budget)) / 20)
+LEVEL_STEPS = 3  # earned levels are thirds: a digit more per code (``ruler_tasks.code_digits``) each
+
+
+def level_at(trained: float, budget: float, ramp: float, earned: float = 0.0) -> float:
+    """The tasks' curriculum level, 0 to 1: the ``earned`` one, or where a ramp over the
+    first ``ramp`` of the budget has got to if that is further (in twentieths, so batches
+    made ahead at a slightly earlier time are the same)."""
+    floor = 1.0 if ramp <= 0 else min(1.0, round(20 * trained / (ramp * budget)) / 20)
+    return max(earned, floor)
 
 
 def share_at(progress: float, start: float, end: float) -> float:
@@ -116,11 +125,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--call-steps", type=int, default=0, help="... or after this many steps (0: no limit)")
     ap.add_argument("--short", type=parse_shape, default=(1024, 128), help="phase 1 shape, LENGTHxBATCH")
     ap.add_argument("--gate", type=float, default=0.9, help=f"phase 1 ends at this accuracy on {GATED}")
-    ap.add_argument("--gate-cap", type=float, default=0.2, help="... or at this fraction of the budget")
+    ap.add_argument("--gate-cap", type=float, default=0.4,
+                    help="... or at this fraction of the budget (the gate reads full-size tasks only)")
     ap.add_argument("--stages", default=DEFAULT_STAGES, help="phase 2: START:LxB[,LxB];... (START: fraction)")
     ap.add_argument("--answer-share", type=float, default=0.5, help="share of the loss on answer tokens at the start")
     ap.add_argument("--answer-share-end", type=float, default=0.75, help="... at the end of the budget (linear)")
-    ap.add_argument("--ramp", type=float, default=0.3, help="fraction of the budget over which tasks reach full size")
+    ap.add_argument("--level-gate", type=float, default=0.5,
+                    help=f"accuracy on {GATED} at the current task sizes that earns the next curriculum level")
+    ap.add_argument("--ramp", type=float, default=0.6,
+                    help="fraction of the budget by which tasks reach full size whatever they earned")
     ap.add_argument("--haystack", choices=("mixed", "span"), default="mixed",
                     help="training haystacks: recombined passages with words replaced, or plain corpus spans")
     ap.add_argument("--eval-minutes", type=float, default=2.0, help="text loss on seen/held-out paragraphs this often")
@@ -169,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
               f"heads of {arch.head_dim}, d_model {arch.hidden_size}, rope theta {arch.rope_theta:g}", flush=True)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    step, trained, gate_at = state.step, state.train_seconds, state.gate_seconds
+    step, trained, gate_at, earned = state.step, state.train_seconds, state.gate_seconds, state.level
     budget = args.budget_minutes * 60  # may differ from the stored one: a run can be extended
     tv = load_text_vocab(tokenizer_dir)
     maker = BatchMaker(tokenizer_dir, state.seed, args.workers,
@@ -189,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
               f"(gap {got['held-out'] - got['seen']:+.3f}; {win}-token windows of plain paragraphs)", flush=True)
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt, model, opt, TrainerState(step, trained, state.seed, budget, gate_at))
+        save_checkpoint(ckpt, model, opt, TrainerState(step, trained, state.seed, budget, gate_at, earned))
         write_text_tokenizer(ckpt, tokenizer_dir)
 
     def spec_of(s: int) -> tuple[int, int, float]:
-        return (*shape_at(args.short, stages, gate_at, trained, budget, s), level_at(trained, budget, args.ramp))
+        return (*shape_at(args.short, stages, gate_at, trained, budget, s),
+                level_at(trained, budget, args.ramp, earned))
 
     calls_steps = 0
     try:
@@ -236,9 +250,14 @@ def main(argv: list[str] | None = None) -> int:
                       + " ".join(f"{_SHORT[t]} {acc[t]:.2f}/{aloss[t]:.2f}" for t in RULER_TASKS)
                       + f" | {tokens / dt / 1e3:5.0f}k tok/s | lr {opt.param_groups[0]['lr']:.1e} | lv {level:.2f} | "
                       f"{time.perf_counter() - t_call:4.0f}s", flush=True)
-                if gate_at is None and all(acc[t] >= args.gate for t in GATED):
+                # short codes are no evidence: the gate opens on full-size tasks only
+                if gate_at is None and level >= 1.0 and all(acc[t] >= args.gate for t in GATED):
                     gate_at = trained
                     print(f"phase 2 at step {step}: {GATED} reached {args.gate}", flush=True)
+                if level < 1.0 and all(acc[t] >= args.level_gate for t in GATED):
+                    earned = min(1.0, (math.floor(level * LEVEL_STEPS + 1e-9) + 1) / LEVEL_STEPS)
+                    print(f"curriculum level {earned:.2f} at step {step}: {GATED} reached {args.level_gate}",
+                          flush=True)
                 tally.zero_()
                 loss_sum, lm_sum, loss_n, tokens = (torch.zeros((), device=device), torch.zeros((), device=device),
                                                     0, 0)

@@ -202,3 +202,34 @@ def test_full_size_step_on_the_gpu_at_32k():
     res.loss.backward()
     torch.testing.assert_close(res.loss.float(), ref, rtol=2e-2, atol=2e-2)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_the_gate_opens_only_once_the_tasks_are_full_size(tmp_path, capsys):
+    """A gate any accuracy passes (``--gate 0``): still shut while the curriculum is short of
+    level 1 (codes of a digit or two say nothing of five-digit retrieval), open at level 1."""
+    assert train_quality_model.main(["--smoke", "--out", str(tmp_path / "ramping"), "--gate", "0",
+                                     "--ramp", "1"]) == 0
+    assert "phase 2 at step" not in capsys.readouterr().out
+    assert train_quality_model.main(["--smoke", "--out", str(tmp_path / "full"), "--gate", "0", "--ramp", "0"]) == 0
+    assert "phase 2 at step 1:" in capsys.readouterr().out
+
+
+def test_the_code_tasks_earn_the_curriculum_a_step_at_a_time(tmp_path, capsys):
+    """``--level-gate 0`` passes every log window (12 rows a batch: every task in each): a step
+    a window, kept across a resume; a gate no accuracy reaches leaves the level at the (here
+    negligible) time ramp's."""
+    shape = ["--short", "512x12", "--stages", "0:512x12"]
+    args = ["--smoke", "--out", str(tmp_path / "earned"), "--level-gate", "0", "--ramp", "100", *shape]
+    assert train_quality_model.main(args) == 0
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("curriculum level")] == [
+        "curriculum level 0.33 at step 1", "curriculum level 0.67 at step 2", "curriculum level 1.00 at step 3"]
+    state = json.loads((tmp_path / "earned" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["level"] == 1.0
+    assert train_quality_model.main(args) == 0
+    out = capsys.readouterr().out
+    assert "curriculum level" not in out and "lv 1.00" in out
+    assert train_quality_model.main(["--smoke", "--out", str(tmp_path / "held"), "--level-gate", "1.01",
+                                     "--ramp", "100", *shape]) == 0
+    out = capsys.readouterr().out
+    assert "curriculum level" not in out and "lv 0.00" in out

@@ -71,15 +71,37 @@ PLACES = ("beneath the old oak", "in the library drawer", "behind the stable doo
           "beside the mill pond")
 VERBS = (("hid", "hide"), ("buried", "bury"), ("left", "leave"), ("kept", "keep"))
 _LETTERS = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+CODE_DIGITS = 5  # the evaluation's codes; training ones grow to this with the curriculum
 
 
-def _codes(rng: np.random.Generator, n: int) -> list[str]:
-    """``n`` distinct five-digit codes (drawn and deduplicated: ``choice`` without
-    replacement would shuffle all 90000 for every sample)."""
+def _codes(rng: np.random.Generator, n: int, digits: int = CODE_DIGITS) -> list[str]:
+    """``n`` distinct codes of ``digits`` digits (drawn and deduplicated: ``choice`` without
+    replacement would shuffle all 90000 five-digit ones for every sample)."""
+    if not 1 <= n <= 9 * 10 ** (digits - 1):
+        raise ValueError(f"{n} distinct codes of {digits} digits do not exist")
+    low = 10 ** (digits - 1)
     codes: dict[int, None] = {}
     while len(codes) < n:
-        codes.update(dict.fromkeys((10000 + rng.integers(0, 90000, n - len(codes))).tolist()))
+        codes.update(dict.fromkeys((low + rng.integers(0, 9 * low, n - len(codes))).tolist()))
     return [str(v) for v in codes]
+
+
+def code_digits(rng: np.random.Generator, level: float, codes: int) -> int:
+    """Digits of a training sample's ``codes`` codes at curriculum ``level``: one or two at 0,
+    a top growing to ``CODE_DIGITS`` at 1 (then exactly that, as evaluated), and enough that
+    the codes can differ without the draw crowding.
+
+    The BPE spells a code one token a digit, so an answer is a lookup (its first digit)
+    then a copy of each next digit from the needle. With five digits from the start a
+    model learns the lookup but never the copy: one correct digit in five barely moves the
+    answer loss off chance. Short codes make the whole answer learnable, and each added
+    digit is one more copy step of a circuit that already works.
+    """
+    top = 2 + round(float(np.clip(level, 0.0, 1.0)) * (CODE_DIGITS - 2))
+    digits = top if top == CODE_DIGITS else int(rng.integers(top - 1, top + 1))
+    while 9 * 10 ** (digits - 1) < 2 * codes:
+        digits += 1
+    return digits
 
 
 def _keys(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
@@ -162,18 +184,18 @@ def _span_start(tv: TextVocab, rng: np.random.Generator, hay_len: int) -> int:
     return int(cand[rng.integers(cand.size)])
 
 
-def niah_single(tv: TextVocab, rng: np.random.Generator, length: int, *, mix: HaystackMix | None = None
-                ) -> Sample:
-    key, code = _keys(rng, 1)[0], _codes(rng, 1)[0]
+def niah_single(tv: TextVocab, rng: np.random.Generator, length: int, *, digits: int = CODE_DIGITS,
+                mix: HaystackMix | None = None) -> Sample:
+    key, code = _keys(rng, 1)[0], _codes(rng, 1, digits)[0]
     return _assemble("niah_single", tv, rng, length, [_needle(key, code)],
                      [(f"What is the special code of the {key[0]} {key[1]}?", code)], mix=mix)
 
 
 def niah_multikey(tv: TextVocab, rng: np.random.Generator, length: int, needles: int = 8,
-                  queries: int = 1, *, mix: HaystackMix | None = None) -> Sample:
+                  queries: int = 1, *, digits: int = CODE_DIGITS, mix: HaystackMix | None = None) -> Sample:
     if queries > needles:
         raise ValueError(f"niah_multikey: {queries} queries need as many needles; got {needles}")
-    keys, codes = _keys(rng, needles), _codes(rng, needles)
+    keys, codes = _keys(rng, needles), _codes(rng, needles, digits)
     facts = [_needle(k, c) for k, c in zip(keys, codes)]
     asked = [0] + [int(i) for i in 1 + rng.choice(needles - 1, queries - 1, replace=False)]
     qa = [(f"What is the special code of the {keys[i][0]} {keys[i][1]}?", codes[i]) for i in asked]
@@ -181,9 +203,10 @@ def niah_multikey(tv: TextVocab, rng: np.random.Generator, length: int, needles:
 
 
 def niah_multivalue(tv: TextVocab, rng: np.random.Generator, length: int, values: int = 4,
-                    distractors: int = 3, *, mix: HaystackMix | None = None) -> Sample:
+                    distractors: int = 3, *, digits: int = CODE_DIGITS, mix: HaystackMix | None = None
+                    ) -> Sample:
     keys = _keys(rng, 1 + distractors)
-    codes = _codes(rng, values + distractors)
+    codes = _codes(rng, values + distractors, digits)
     # the target's needles keep their order (the answer lists them as they appear); the
     # distractors go in at random depths between them
     order = rng.permutation(values + distractors)
@@ -198,10 +221,10 @@ def niah_multivalue(tv: TextVocab, rng: np.random.Generator, length: int, values
 
 
 def niah_multiquery(tv: TextVocab, rng: np.random.Generator, length: int, needles: int = 8,
-                    asked: int = 4, *, mix: HaystackMix | None = None) -> Sample:
+                    asked: int = 4, *, digits: int = CODE_DIGITS, mix: HaystackMix | None = None) -> Sample:
     if asked > needles:
         raise ValueError(f"niah_multiquery: {asked} asked keys need as many needles; got {needles}")
-    keys, codes = _keys(rng, needles), _codes(rng, needles)
+    keys, codes = _keys(rng, needles), _codes(rng, needles, digits)
     facts = [_needle(k, c) for k, c in zip(keys, codes)]
     which = rng.choice(needles, asked, replace=False)
     names = _list_and([f"the {keys[i][0]} {keys[i][1]}" for i in which])
@@ -210,21 +233,35 @@ def niah_multiquery(tv: TextVocab, rng: np.random.Generator, length: int, needle
                      ordered=False, mix=mix)
 
 
-def _var_names(rng: np.random.Generator, n: int) -> list[str]:
+def _var_names(rng: np.random.Generator, n: int, letters: int = 3) -> list[str]:
+    if n > _LETTERS.size ** letters:
+        raise ValueError(f"{n} distinct variable names of {letters} letters do not exist")
     names: dict[str, None] = {}  # insertion-ordered: a set's order varies with the hash seed
     while len(names) < n:
-        names["".join(rng.choice(_LETTERS, 3))] = None
+        names["".join(rng.choice(_LETTERS, letters))] = None
     return list(names)
 
 
+def name_letters(level: float, names: int) -> int:
+    """Letters of a training sample's ``names`` variable names at curriculum ``level``: one
+    at 0, three (as evaluated) at 1. A name is a token a letter, copied like a code's digits
+    (``code_digits``); at least two letters once there are too many names for one each."""
+    letters = 1 + round(float(np.clip(level, 0.0, 1.0)) * 2)
+    while _LETTERS.size ** letters < 2 * names:
+        letters += 1
+    return letters
+
+
 def vt_chains(tv: TextVocab, rng: np.random.Generator, length: int, chains: int = 3,
-              hops: int | np.ndarray = 4, queries: int = 1, *, mix: HaystackMix | None = None) -> Sample:
-    """``chains`` chains of ``hops + 1`` variables, interleaved with each chain in order."""
+              hops: int | np.ndarray = 4, queries: int = 1, *, digits: int = CODE_DIGITS, letters: int = 3,
+              mix: HaystackMix | None = None) -> Sample:
+    """``chains`` chains of ``hops + 1`` variables (names of ``letters`` letters), interleaved
+    with each chain in order."""
     if queries > chains:
         raise ValueError(f"vt_chains: {queries} queries need as many chains; got {chains}")
     hops = np.broadcast_to(np.asarray(hops), (chains,))
-    names = _var_names(rng, int((hops + 1).sum()))
-    codes = _codes(rng, chains)
+    names = _var_names(rng, int((hops + 1).sum()), letters)
+    codes = _codes(rng, chains, digits)
     stmts, at = [], 0
     for c in range(chains):
         chain = names[at:at + hops[c] + 1]
@@ -315,41 +352,62 @@ def make_ruler_sample(task: RulerTask, tv: TextVocab, rng: np.random.Generator, 
 
     Training sizes are dense: short contexts hold many needles, chains and facts and ask
     about most of them, so every sequence carries tens of answer tokens to learn lookup
-    from. ``level`` (0-1, training only) is the curriculum: variable tracking's chains
-    grow from one hop at 0 to their full length at 1. ``mix``: a training haystack
-    (``train_haystack``) instead of a span of the corpus.
+    from. ``level`` (0-1, training only) is the curriculum: codes grow from one or two
+    digits at 0 to five at 1 (``code_digits``), variable names from one letter to three
+    (``name_letters``), and variable tracking's chains from one hop to their full length.
+    ``mix``: a training haystack (``train_haystack``) instead of a span of the corpus.
     """
+    if not vary:
+        return _full_size_sample(task, tv, rng, length, queries, mix)
+    if task == "niah_single":
+        return niah_single(tv, rng, length, digits=code_digits(rng, level, 1), mix=mix)
+    if task == "niah_multikey":
+        n = int(rng.integers(2, int(np.clip(length // 96, 4, 24)) + 1))
+        return niah_multikey(tv, rng, length, n, min(queries, n), digits=code_digits(rng, level, n), mix=mix)
+    if task == "niah_multivalue":
+        values, distractors = int(rng.integers(2, 6)), int(rng.integers(0, 5))
+        return niah_multivalue(tv, rng, length, values, distractors,
+                               digits=code_digits(rng, level, values + distractors), mix=mix)
+    if task == "niah_multiquery":
+        n = int(rng.integers(2, int(np.clip(length // 128, 4, 16)) + 1))
+        return niah_multiquery(tv, rng, length, n, int(rng.integers(2, min(n, 4) + 1)),
+                               digits=code_digits(rng, level, n), mix=mix)
+    if task == "vt_chains":
+        chains = int(rng.integers(1, int(np.clip(length // 192, 1, 4)) + 1))
+        longest = int(np.clip(length // (64 * chains), 1, 5))
+        longest = 1 + int(round(float(np.clip(level, 0.0, 1.0)) * (longest - 1)))
+        hops = rng.integers(1, longest + 1, chains)
+        return vt_chains(tv, rng, length, chains, hops, min(queries, chains), digits=code_digits(rng, level, chains),
+                         letters=name_letters(level, int((hops + 1).sum())), mix=mix)
+    if task == "cwe":
+        return cwe(tv, rng, length, float(rng.uniform(1 / 20, 1 / 8)), mix=mix)
+    if task == "fwe":
+        return fwe(tv, rng, length, float(rng.uniform(1 / 40, 1 / 16)), int(rng.integers(5, 12)), mix=mix)
+    if task == "qa_facts":
+        n = int(rng.integers(2, int(np.clip(length // 64, 2, 10)) + 1))
+        return qa_facts(tv, rng, length, n, min(queries, n), mix=mix)
+    raise ValueError(f"unknown RULER task {task!r}; allowed: {RULER_TASKS}")
+
+
+def _full_size_sample(task: RulerTask, tv: TextVocab, rng: np.random.Generator, length: int, queries: int,
+                      mix: HaystackMix | None) -> Sample:
+    """The evaluation's fixed sizes: five-digit codes, three-letter names, chains of four hops."""
     if task == "niah_single":
         return niah_single(tv, rng, length, mix=mix)
     if task == "niah_multikey":
-        n = int(rng.integers(2, int(np.clip(length // 96, 4, 24)) + 1)) if vary else 8
-        return niah_multikey(tv, rng, length, n, min(queries, n), mix=mix)
+        return niah_multikey(tv, rng, length, 8, min(queries, 8), mix=mix)
     if task == "niah_multivalue":
-        if vary:
-            return niah_multivalue(tv, rng, length, int(rng.integers(2, 6)), int(rng.integers(0, 5)), mix=mix)
         return niah_multivalue(tv, rng, length, mix=mix)
     if task == "niah_multiquery":
-        if vary:
-            n = int(rng.integers(2, int(np.clip(length // 128, 4, 16)) + 1))
-            return niah_multiquery(tv, rng, length, n, int(rng.integers(2, min(n, 4) + 1)), mix=mix)
         return niah_multiquery(tv, rng, length, mix=mix)
     if task == "vt_chains":
-        if vary:
-            chains = int(rng.integers(1, int(np.clip(length // 192, 1, 4)) + 1))
-            longest = int(np.clip(length // (64 * chains), 1, 5))
-            longest = 1 + int(round(float(np.clip(level, 0.0, 1.0)) * (longest - 1)))
-            hops = rng.integers(1, longest + 1, chains)
-            return vt_chains(tv, rng, length, chains, hops, min(queries, chains), mix=mix)
         return vt_chains(tv, rng, length, mix=mix)
     if task == "cwe":
-        return cwe(tv, rng, length, float(rng.uniform(1 / 20, 1 / 8)) if vary else 1 / 12, mix=mix)
+        return cwe(tv, rng, length, 1 / 12, mix=mix)
     if task == "fwe":
-        if vary:
-            return fwe(tv, rng, length, float(rng.uniform(1 / 40, 1 / 16)), int(rng.integers(5, 12)), mix=mix)
         return fwe(tv, rng, length, mix=mix)
     if task == "qa_facts":
-        n = int(rng.integers(2, int(np.clip(length // 64, 2, 10)) + 1)) if vary else 6
-        return qa_facts(tv, rng, length, n, min(queries, n), mix=mix)
+        return qa_facts(tv, rng, length, 6, min(queries, 6), mix=mix)
     raise ValueError(f"unknown RULER task {task!r}; allowed: {RULER_TASKS}")
 
 

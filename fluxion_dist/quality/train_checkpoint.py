@@ -38,6 +38,7 @@ class TrainerState:
     seed: int
     budget_seconds: float
     gate_seconds: float | None  # train_seconds when the short-context phase ended; None: not yet
+    level: float = 0.0  # the curriculum level the code tasks have earned (the trainer's ``--level-gate``)
 
 
 def named_param_order(model: CausalLM, optimizer: torch.optim.Optimizer) -> list[str]:
