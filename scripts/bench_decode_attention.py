@@ -10,7 +10,10 @@ per-step time (the host's planning included), ratios, budget used, blocks per de
 idle (1 - attention kernel time measured with CUDA events / step wall time; and the cost
 model's prediction). ``--rescore-factors 0 2`` runs fluxion once per factor (rows
 ``fluxion``, ``fluxion+rs2``: the rescoring stage's cost in the same table); ``--sparse
-KEY=VALUE`` sets any other SparseConfig field for every policy.
+KEY=VALUE`` sets any other SparseConfig field for every policy. Memory pressure:
+``--cache-fraction 0.25`` sizes the GPU block cache at a quarter of the step's selected
+working set, and ``--topic-every N`` makes the queries switch topic every N steps so the
+selections move (rows of issue 21: ``--contexts 131072 --batches 4 8 --cache-fraction 0.25``).
 
 Every layer's KV lives in pages of its own (the block cache is partitioned by layer), so
 the arena is layers x batch x context x 64 KiB / 16 tokens: 16 GiB per request at 128k and
@@ -160,18 +163,28 @@ def method_name(policy: str, rescore_factor: float) -> str:
     return f"{policy}+rs{rescore_factor:g}" if rescore_factor else policy
 
 
+def cache_blocks(args, shape: Shape, batch: int, context: int) -> int:
+    """The GPU block cache's (block, head) slots for the layers run: ``--cache-fraction`` of the
+    step's selected working set (budget x blocks x KV heads x batch, per layer), or else a
+    32-layer model's per-layer share of ``--cache-slots``."""
+    if args.cache_fraction is not None:
+        per_layer = args.budget * num_blocks(context) * shape.kv_heads * batch
+        return max(1, math.ceil(args.cache_fraction * per_layer * shape.layers))
+    return args.cache_slots * shape.layers // shape.model_layers
+
+
 def run_policy(policy: str, shape: Shape, arena: HostArena, seqs, synth, cost, args, device: str,
                context: int, rescore_factor: float = 0.0) -> Row:
     batch = len(seqs)
-    # the cache is sized for the model: each layer run gets a 32-layer model's per-layer share
     fields = dict(budget=args.budget, mass_target=args.mass_target, floor_fraction=args.floor_fraction,
                   head_predictor=args.head_predictor == "on", sink_tokens=args.sink_tokens,
                   recent_tokens=args.recent_tokens, cpu_threads=args.cpu_threads,
-                  gpu_cache_blocks=args.cache_slots * shape.layers // shape.model_layers)
+                  gpu_cache_blocks=cache_blocks(args, shape, batch, context))
     cfg = SparseConfig(policy=policy, **{**fields, **args.sparse_overrides, "rescore_factor": rescore_factor})
     op = HybridAttention(arena, cfg, cost, HybridOptions(shape.layers, cpu_threads=args.cpu_threads, device=device))
     total = args.warmup + args.steps
-    queries = [[drifted_queries(kv, total, drift=args.drift, seed=1000 * layer + b) for layer in range(shape.layers)]
+    queries = [[drifted_queries(kv, total, drift=args.drift, seed=1000 * layer + b, topic_every=args.topic_every,
+                                topic_shift=args.topic_shift) for layer in range(shape.layers)]
                for b, kv in enumerate(synth)]
     rng = np.random.default_rng(1)
     # inputs live where the model's would: on the GPU when there is one (uploaded before timing)
@@ -302,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drift", type=float, default=0.1, help="per-step logit drift of the queries")
     p.add_argument("--cpu-threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--cache-slots", type=int, default=1 << 21, help="GPU block-cache slots (8 KiB each at d=128)")
+    p.add_argument("--cache-fraction", type=float, default=None,
+                   help="size the cache as this fraction of the step's selected working set instead (memory "
+                        "pressure: e.g. 0.25, 0.5)")
+    p.add_argument("--topic-every", type=int, default=0,
+                   help="every N steps the queries switch topic (0: never), so selections jump")
+    p.add_argument("--topic-shift", type=float, default=1.0, help="logit std of a topic's persistent component")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--kernel-profile", action="store_true",
                    help="GPU: also profile fluxion's kernels per context and batch (one more, untimed run)")
@@ -358,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
                     cp.get_default_memory_pool().free_all_blocks()
             del arena, seqs, synth
     print()
+    cache = (f"{args.cache_fraction:g} of each row's selected working set" if args.cache_fraction is not None
+             else f"{args.cache_slots} (block, head) slots per 32-layer model")
+    topics = f", a topic switch every {args.topic_every} steps (shift {args.topic_shift:g})" if args.topic_every else ""
+    print(f"GPU block cache: {cache}; query drift {args.drift:g}{topics}")
     print_table(rows, sdpa)
     if args.json:
         with open(args.json, "w") as f:

@@ -85,3 +85,17 @@ def test_drifted_queries_move_scores_not_the_profile():
     for q in qs:
         p = _true_mass(dataclasses.replace(kv, q=q))
         assert np.all(p[:, kv.needle_tokens[0]].sum(axis=1) > 0.5)
+
+
+def test_topic_switches_hold_between_switches_and_keep_the_profile():
+    kv = make_synthetic_kv(3000, ["needle"], group_size=4, seed=12)
+    qs = drifted_queries(kv, steps=8, drift=0.0, seed=3, topic_every=4, topic_shift=2.0)
+    np.testing.assert_array_equal(qs[0], qs[3])  # no drift: one topic, one query
+    assert not np.allclose(qs[3], qs[4])  # the switch
+    np.testing.assert_array_equal(qs[4], qs[7])
+    u = kv.directions[0].astype(np.float64)
+    np.testing.assert_allclose(qs.astype(np.float64) @ u, np.broadcast_to(kv.q @ u, (8, 4)), rtol=1e-5, atol=1e-3)
+    assert np.array_equal(drifted_queries(kv, 5, drift=0.3, seed=4),
+                          drifted_queries(kv, 5, drift=0.3, seed=4, topic_every=0, topic_shift=9.0))
+    with pytest.raises(ValueError, match="topic_every"):
+        drifted_queries(kv, 2, topic_every=-1)

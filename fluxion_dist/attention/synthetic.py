@@ -185,21 +185,34 @@ def make_synthetic_kv(num_tokens: int, heads: Sequence[PatternName | HeadMix], *
         key_noise=float(key_noise))
 
 
-def drifted_queries(kv: SyntheticKV, steps: int, drift: float = 0.1, seed: int = 0) -> np.ndarray:
+def drifted_queries(kv: SyntheticKV, steps: int, drift: float = 0.1, seed: int = 0, *,
+                    topic_every: int = 0, topic_shift: float = 0.0) -> np.ndarray:
     """``[steps, Hq, d]`` float32 queries of consecutive decode steps around ``kv.q``.
 
     Each step's query is ``kv.q`` plus fresh noise orthogonal to the head's planted
     direction that moves every logit by Gaussian noise of std ``drift``: the planted
     profile holds while the exact scores move (consecutive steps select mostly, not
-    exactly, the same blocks).
+    exactly, the same blocks). With ``topic_every`` N > 0, every N steps a new "topic"
+    starts: a persistent component of the same kind, moving every logit by noise of std
+    ``topic_shift``, held until the next switch, so the selections among the non-planted
+    tokens jump at each switch (what a cache of the last steps' blocks loses).
     """
+    if topic_every < 0 or topic_shift < 0:
+        raise ValueError(f"topic_every and topic_shift must be >= 0; got {topic_every}, {topic_shift}")
     rng = np.random.default_rng(seed)
     hq, d = kv.q.shape
     g = hq // kv.directions.shape[0]
     u = np.repeat(kv.directions.astype(np.float64), g, axis=0)  # [Hq, d]
-    out = np.empty((steps, hq, d))
-    for s in range(steps):
+
+    def orthogonal_logit_noise(std: float) -> np.ndarray:
         x = rng.standard_normal((hq, d))
         x -= (x * u).sum(axis=1, keepdims=True) * u
-        out[s] = kv.q + drift / kv.key_noise * x / np.sqrt(d - 1) / kv.scale
+        return std / kv.key_noise * x / np.sqrt(d - 1) / kv.scale
+
+    out = np.empty((steps, hq, d))
+    topic = np.zeros((hq, d))
+    for s in range(steps):
+        if topic_every and s % topic_every == 0:
+            topic = orthogonal_logit_noise(topic_shift)
+        out[s] = kv.q + topic + orthogonal_logit_noise(drift)
     return out.astype(np.float32)
