@@ -6,7 +6,9 @@ greedy token) for (a) the dense all-HBM baseline (the model runner over ``DenseH
 decoding, one CUDA graph per step), (b) fluxion over host KV (``HybridAttention`` on the GPU,
 the arena in pinned host memory filled with random bf16 K/V and their exact Quest min/max) and
 (c) quest_gpu and fixed_hybrid over the same arena; each row beside its physical floor. TTFT of
-GPU prefill alone vs prefill + pinned D2H + host-store write. ``--hbm-limit-gib`` emulates a
+GPU prefill alone vs prefill + pinned D2H + host-store write, and vs the same with each layer
+pushed over UCX (shared memory) to a loopback decode store as it lands, the prefill worker's
+pipeline (``decode_peer``; needs ucxx). ``--hbm-limit-gib`` emulates a
 smaller card. ``--smoke``: a tiny shape on the CPU, a few steps, every path once (CI).
 
     python3 scripts/bench_e2e.py --shape llama-3.1-8b --contexts 32768 131072 --batches 1 4
@@ -196,8 +198,10 @@ def floor_hybrid(reports, arch: ModelArch, weights: int, mach: dict) -> float:
 
 # ------------------------------------------------------------------ TTFT
 
-def ttft(model, arch: ModelArch, n: int, chunk: int, gpu: bool) -> tuple[float, float]:
-    """(prefill compute alone, prefill + D2H + host-store write) in seconds."""
+def ttft(model, arch: ModelArch, n: int, chunk: int, gpu: bool, push=None) -> tuple[float, float, float | None]:
+    """(prefill compute alone, prefill + D2H + host-store write, the same + the UCX push to a
+    decode peer, each layer on the wire as soon as it is stored, as the prefill worker does)
+    in seconds; the last None without ``push`` (a ``PushTarget``)."""
     device = next(model.parameters()).device
     tokens = torch.randint(5, arch.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).to(device)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
@@ -210,26 +214,84 @@ def ttft(model, arch: ModelArch, n: int, chunk: int, gpu: bool) -> tuple[float, 
     geo = KVGeometry(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
     # pages plus their min/max (1/16 more), and the allocator's slack
     store = KVStore(StoreConfig(geo, int(kv_bytes(arch, n + BLOCK_TOKENS) * 1.1) + (256 << 20), pin="off"))
-    try:
-        store.reserve("p", n)
-        t0 = time.perf_counter()
+    def prefill_into_store(after_layer=lambda layer: None) -> None:
         if gpu:
             from prefill_worker.layer_offload import LayerOffload
-            off = LayerOffload(lambda layer, kv: store.write_layer("p", layer, kv), n,
-                               arch.num_key_value_heads, arch.head_dim)
+
+            def on_packed(layer, kv):
+                store.write_layer("p", layer, kv)
+                after_layer(layer)
+            off = LayerOffload(on_packed, n, arch.num_key_value_heads, arch.head_dim)
             try:
                 model.prefill(tokens, off, all_logits=False, chunk_tokens=chunk, keep_kv=False)
                 off.finish()
             finally:
                 off.close()
         else:
-            model.prefill(tokens, lambda layer, k, v: store.write_layer_kv("p", layer, k, v), all_logits=False,
-                          keep_kv=False)
+            def on_layer(layer, k, v):
+                store.write_layer_kv("p", layer, k, v)
+                after_layer(layer)
+            model.prefill(tokens, on_layer, all_logits=False, keep_kv=False)
+
+    try:
+        store.reserve("p", n)
+        t0 = time.perf_counter()
+        prefill_into_store()
         stored = time.perf_counter() - t0
         store.abort("p")
+        pushed = None
+        if push is not None:
+            pushed = push.timed(store, "p", n, prefill_into_store)
     finally:
         store.close()
-    return alone, stored
+    return alone, stored, pushed
+
+
+class PushTarget:
+    """A loopback decode peer (``decode_peer``) and a sender to it, over UCX shared memory."""
+
+    def __init__(self, arch: ModelArch, max_tokens: int) -> None:
+        from decode_peer import DecodePeer
+        from kv_store import KVSender, TransportConfig, new_secret
+        from kv_store.ucx_transport import ucx_fabric
+
+        self.transport = TransportConfig(ucx_tls="sm,self", timeout_s=600.0)
+        secret = new_secret()
+        geo = KVGeometry(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
+        self.peer = DecodePeer(geo, int(kv_bytes(arch, max_tokens + BLOCK_TOKENS) * 1.1) + (256 << 20),
+                               self.transport, secret)
+        self.fabric = ucx_fabric(self.transport)
+        self._sender = lambda store: KVSender(store, self.fabric, self.transport, secret=secret)
+
+    def timed(self, store: KVStore, rid: str, n: int, prefill_into_store) -> float:
+        """Seconds from the offer to the peer's commit of a prefill whose layers go on the wire as
+        they land in ``store``; the peer then frees them."""
+        from kv_store import TransferState
+
+        self.peer.admit(rid, n)
+        sender = self._sender(store)
+        try:
+            conn = sender.connect(self.peer.address)
+            t0 = time.perf_counter()
+            store.reserve(rid, n)
+            transfer = sender.begin(conn, rid)
+            prefill_into_store(transfer.push_layer)
+            transfer.finish()
+            while transfer.poll() not in (TransferState.SUCCESS, TransferState.FAILED):
+                time.sleep(0.0005)
+            elapsed = time.perf_counter() - t0
+            if transfer.poll() is not TransferState.SUCCESS:
+                raise RuntimeError(f"the UCX push failed: {transfer.error}")
+            self.peer.drain(rid)
+            return elapsed
+        finally:
+            store.abort(rid)
+            sender.close()
+
+    def close(self) -> None:
+        left = self.peer.close()
+        if left:
+            raise RuntimeError(f"the decode peer kept {left} pages after its last drain")
 
 
 # ------------------------------------------------------------------ main
@@ -277,15 +339,20 @@ def main(argv=None) -> int:
     log(f"model: {args.shape if not args.smoke else 'tiny'} ({weights / 1e9:.2f} GB of weights, "
         f"{arch.num_hidden_layers} layers, Hq {arch.num_attention_heads}, Hkv {arch.num_key_value_heads}, d {arch.head_dim})")
 
-    for n in args.ttft_prompts:
-        alone, stored = ttft(model, arch, n, args.chunk_tokens, gpu)
-        try:
-            import ucxx  # noqa: F401
-            ucx = "not measured: needs a decode peer (tests/test_kv_ucx.py covers the push)"
-        except ImportError:
-            ucx = "not measured: ucxx missing"
-        log(f"TTFT prompt={n}: compute {alone * 1e3:.1f} ms | + D2H + host store {stored * 1e3:.1f} ms "
-            f"(x{stored / alone:.2f}) | + UCX push: {ucx}")
+    try:
+        import ucxx  # noqa: F401
+        push, why = (PushTarget(arch, max(args.ttft_prompts)) if args.ttft_prompts else None), ""
+    except ImportError:
+        push, why = None, "not measured: ucxx missing"
+    try:
+        for n in args.ttft_prompts:
+            alone, stored, pushed = ttft(model, arch, n, args.chunk_tokens, gpu, push)
+            ucx = why if pushed is None else f"{pushed * 1e3:.1f} ms (x{pushed / alone:.2f})"
+            log(f"TTFT prompt={n}: compute {alone * 1e3:.1f} ms | + D2H + host store {stored * 1e3:.1f} ms "
+                f"(x{stored / alone:.2f}) | + UCX push to a loopback decode store, layer-pipelined: {ucx}")
+    finally:
+        if push is not None:
+            push.close()
 
     cost = calibrate(arch.head_dim, arch.num_key_value_heads, arch.gqa_group, num_threads=bench_threads(), gpu=gpu)
     host_cap = (args.host_ram_gib * GIB) if args.host_ram_gib else 0.75 * mach["host_ram"]

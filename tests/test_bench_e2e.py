@@ -1,14 +1,17 @@
 """scripts/bench_e2e.py --smoke runs every path (dense runner, each host-KV policy, TTFT with the
-host-store write, the HBM-limit search) on the CPU and prints every row of its table."""
+host-store write and, where ucxx is installed, the UCX push to a loopback decode store, the
+HBM-limit search) on the CPU and prints every row of its table."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+HAS_UCXX = importlib.util.find_spec("ucxx") is not None
 
 
 def test_bench_e2e_smoke_prints_every_row():
@@ -18,7 +21,9 @@ def test_bench_e2e_smoke_prints_every_row():
     text = out.stdout
     num = r"[0-9]+\.[0-9]+"
     for pattern in (r"^machine: GPU .*; CPU .*; host RAM \d+ GiB$",
-                    rf"^TTFT prompt=300: compute {num} ms \| \+ D2H \+ host store {num} ms \(x{num}\) \| \+ UCX push: ",
+                    rf"^TTFT prompt=300: compute {num} ms \| \+ D2H \+ host store {num} ms \(x{num}\) \| \+ UCX push "
+                    rf"to a loopback decode store, layer-pipelined: " + (rf"{num} ms \(x{num}\)$" if HAS_UCXX
+                                                                        else "not measured: ucxx missing$"),
                     *(rf"^TPOT ctx=200 B={b} {p} \| {num} \| {num} \| {num} \| {num}"
                       for b in (1, 2) for p in ("dense_hbm", "fluxion", "quest_gpu", "fixed_hybrid")),
                     rf"^ratio ctx=200 B=1: fluxion/dense_hbm {num}, .*quest_gpu/fluxion {num}, fixed_hybrid/fluxion {num}$",
