@@ -68,8 +68,8 @@ class AttentionTeam:
 
     @property
     def native(self) -> _team.Team:
-        """The native team, for the unchecked selection drivers (``cpu.selection``'s ``team=``);
-        a forked child's own, once it has bound."""
+        """The native team, for the unchecked selection drivers (``cpu.selection``'s ``team=``).
+        In a process forked since, the child's own: new threads, with no binding."""
         if self.closed:
             raise RuntimeError("the team is closed")
         if os.getpid() != self._pid:  # forked since: the parent's threads are not in this process

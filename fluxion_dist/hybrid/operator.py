@@ -75,7 +75,7 @@ from fluxion_dist.errors import FluxionError
 from fluxion_dist.hybrid.cost_model import CostModel
 from fluxion_dist.hybrid.merge import merge_batch_partials
 from fluxion_dist.hybrid.step_plan import (KeptBlocks, blocks_after_append, demand_of, measures, plan_step,
-                                           request_budgets, rescore_factor)
+                                           request_budgets, rescore_factor, token_refine_factor)
 from fluxion_dist.hybrid.step_report import LayerReport, StepReport
 from fluxion_dist.policy import select as twin
 from fluxion_dist.policy.names import TRAITS
@@ -378,7 +378,7 @@ class StepHook:
             kv = twin.candidate_scores(lse, cand.indptr, cand.ids, seq_lens, hkv, kv.shape[2],
                                        sink_blocks=op.kept.sink_blocks, recent_blocks=op.kept.recent_blocks)
             rows = kv.reshape(-1, kv.shape[2])
-        refine = rescore_factor(op.config, k_rows, self.nb, field="token_refine_factor")
+        refine = token_refine_factor(op.config, k_rows, self.nb)
         if refine:
             return self._refine_tokens(qf, tables, seq_lens, rows, k_rows, row_lens, refine, scale)
         sel = cpu_sel.select_topk(rows, k_rows.ravel(), num_threads=threads, row_lens=row_lens,
@@ -389,7 +389,7 @@ class StepHook:
         """Block -> token refinement: of the top ``ceil(factor x k)`` blocks per row by bound
         (the kept ones forced first), the ``16 k`` tokens with the highest exact score, every
         valid token of a kept block included; blocks left without a token are dropped."""
-        op, threads, hkv = self.op, self.op.options.cpu_threads, self.op.num_kv_heads
+        op, threads = self.op, self.op.options.cpu_threads
         cand = cpu_sel.select_topk(rows, twin.candidate_rows(k_rows, seq_lens, factor).ravel(),
                                    num_threads=threads, row_lens=row_lens, team=self.selection_team)
         tok = cpu_sel.token_scores(qf, op.arena.kv_pages, tables, seq_lens, cand.indptr, cand.ids, scale,

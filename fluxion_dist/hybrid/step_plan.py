@@ -95,12 +95,18 @@ def blocks_after_append(seq_lens_before: np.ndarray) -> np.ndarray:
     return (np.asarray(seq_lens_before, dtype=np.int64) + BLOCK_TOKENS) // BLOCK_TOKENS
 
 
-def rescore_factor(config: SparseConfig, k_rows: np.ndarray, nb: np.ndarray, *,
-                   field: str = "rescore_factor") -> float:
-    """The layer's rescoring factor, 0.0 for none: fluxion's ``rescore_factor`` (or the CPU
-    path's ``token_refine_factor``, ``field``) where some row (``k_rows [B, Hkv]``, ``nb [B]``)
-    has blocks left to choose from."""
-    factor = getattr(config, field)
+def rescore_factor(config: SparseConfig, k_rows: np.ndarray, nb: np.ndarray) -> float:
+    """The layer's rescoring factor, 0.0 for none: fluxion's ``rescore_factor`` where some row
+    (``k_rows [B, Hkv]``, ``nb [B]``) has blocks left to choose from."""
+    return _second_stage(config, config.rescore_factor, k_rows, nb)
+
+
+def token_refine_factor(config: SparseConfig, k_rows: np.ndarray, nb: np.ndarray) -> float:
+    """The same for the CPU path's block -> token refinement (``token_refine_factor``)."""
+    return _second_stage(config, config.token_refine_factor, k_rows, nb)
+
+
+def _second_stage(config: SparseConfig, factor: float, k_rows: np.ndarray, nb: np.ndarray) -> float:
     if traits(config.policy).selection != "fluxion" or factor <= 0:
         return 0.0
     return factor if bool(np.any(np.asarray(k_rows) < np.asarray(nb)[:, None])) else 0.0
