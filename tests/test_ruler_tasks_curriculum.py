@@ -74,3 +74,21 @@ def test_variable_names_grow_from_one_letter_to_three(tv):
     assert set().union(*(names(1.0) for _ in range(16))) == {3}
     assert names(0.0, vary=False) == {3}
     assert name_letters(0.0, 13) == 1 and name_letters(0.0, 14) == 2  # a draw of 14 from 26 would crowd
+
+
+@pytest.mark.parametrize("length", (256, 512, 1024))
+def test_variable_tracking_always_trains_among_other_chains(tv, length):
+    """One chain alone is answered by listing every VAR statement's name in order, with no
+    lookup at all; a training sample always interleaves another chain (its values differ),
+    so the answer is the asked value's chain and only that, as in the evaluation."""
+    rng = np.random.default_rng(11)
+    for level in (0.0, 0.5, 1.0):
+        for _ in range(24):
+            s = _draw(tv, rng, "vt_chains", level, length=length)
+            text = tv.decode([int(t) for t in s.tokens[:s.spans[0][0]]])
+            roots = dict(re.findall(r"VAR ([A-Z]+) = (\d+)\.", text))
+            names = re.findall(r"VAR ([A-Z]+) =", text)
+            assert len(roots) >= 2 and len(set(roots.values())) == len(roots)
+            for q, a in s.texts:
+                assert 2 <= len(a.split()) < len(names)  # a strict subset of the statements' names
+                assert a.split()[0] in roots and roots[a.split()[0]] in q

@@ -165,6 +165,8 @@ def test_training_tasks_are_dense_and_variable_tracking_starts_at_one_hop():
     assert all(len(a.split()) == 2 for s in easy for _, a in s.texts)  # the value's variable and one hop
     hard = [draw("vt_chains", 1.0, 2048) for _ in range(24)]
     assert max(len(a.split()) for s in hard for _, a in s.texts) > 3
+    # the CPU's short contexts too: at least two chains asked, never a lone chain to list
+    assert all(len(draw("vt_chains", level, 256).spans) >= 2 for level in (0.0, 1.0) for _ in range(16))
 
 
 def test_smoke_run_resumes_and_leaves_a_model_directory(tmp_path, capsys):

@@ -72,6 +72,11 @@ PLACES = ("beneath the old oak", "in the library drawer", "behind the stable doo
 VERBS = (("hid", "hide"), ("buried", "bury"), ("left", "leave"), ("kept", "keep"))
 _LETTERS = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
 CODE_DIGITS = 5  # the evaluation's codes; training ones grow to this with the curriculum
+# Training variable tracking always interleaves other chains (the evaluation has three): with
+# one chain the answer is every VAR statement's name in order, learnt without any lookup
+# (the value's statement, then each name's "= VAR name." statement), which is then useless
+# on the evaluation's chains; 256-512-token contexts used to draw one chain (or two) only.
+VT_MIN_CHAINS = 2
 
 
 def _codes(rng: np.random.Generator, n: int, digits: int = CODE_DIGITS) -> list[str]:
@@ -354,7 +359,8 @@ def make_ruler_sample(task: RulerTask, tv: TextVocab, rng: np.random.Generator, 
     about most of them, so every sequence carries tens of answer tokens to learn lookup
     from. ``level`` (0-1, training only) is the curriculum: codes grow from one or two
     digits at 0 to five at 1 (``code_digits``), variable names from one letter to three
-    (``name_letters``), and variable tracking's chains from one hop to their full length.
+    (``name_letters``), and variable tracking's chains from one hop to their full length,
+    always among ``VT_MIN_CHAINS`` or more chains.
     ``mix``: a training haystack (``train_haystack``) instead of a span of the corpus.
     """
     if not vary:
@@ -373,8 +379,8 @@ def make_ruler_sample(task: RulerTask, tv: TextVocab, rng: np.random.Generator, 
         return niah_multiquery(tv, rng, length, n, int(rng.integers(2, min(n, 4) + 1)),
                                digits=code_digits(rng, level, n), mix=mix)
     if task == "vt_chains":
-        chains = int(rng.integers(1, int(np.clip(length // 192, 1, 4)) + 1))
-        longest = int(np.clip(length // (64 * chains), 1, 5))
+        chains = int(rng.integers(VT_MIN_CHAINS, max(VT_MIN_CHAINS, min(6, length // 128)) + 1))
+        longest = int(np.clip(length // (48 * chains), 1, 5))
         longest = 1 + int(round(float(np.clip(level, 0.0, 1.0)) * (longest - 1)))
         hops = rng.integers(1, longest + 1, chains)
         return vt_chains(tv, rng, length, chains, hops, min(queries, chains), digits=code_digits(rng, level, chains),
