@@ -188,6 +188,11 @@ def kv_bytes(arch: ModelArch, tokens: int) -> int:
     return 2 * tokens * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * 2
 
 
+def store_bytes(arch: ModelArch, tokens: int) -> int:
+    """A host store for one prompt: its pages plus their min/max (1/16 more), and the allocator's slack."""
+    return int(kv_bytes(arch, tokens + BLOCK_TOKENS) * 1.1) + (256 << 20)
+
+
 def floor_hybrid(reports, arch: ModelArch, weights: int, mach: dict) -> float:
     """weights / HBM + cached blocks / HBM + UVA-read blocks / PCIe (the CPU's share runs beside them)."""
     run = BLOCK_TOKENS * arch.head_dim * 2 * 2  # one (block, head) of K and V in bf16
@@ -201,7 +206,7 @@ def floor_hybrid(reports, arch: ModelArch, weights: int, mach: dict) -> float:
 def ttft(model, arch: ModelArch, n: int, chunk: int, gpu: bool, push=None) -> tuple[float, float, float | None]:
     """(prefill compute alone, prefill + D2H + host-store write, the same + the UCX push to a
     decode peer, each layer on the wire as soon as it is stored, as the prefill worker does)
-    in seconds; the last None without ``push`` (a ``PushTarget``)."""
+    in seconds; the last None without ``push`` (a ``decode_peer.PushTarget``)."""
     device = next(model.parameters()).device
     tokens = torch.randint(5, arch.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).to(device)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
@@ -212,8 +217,7 @@ def ttft(model, arch: ModelArch, n: int, chunk: int, gpu: bool, push=None) -> tu
     sync()
     alone = time.perf_counter() - t0
     geo = KVGeometry(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
-    # pages plus their min/max (1/16 more), and the allocator's slack
-    store = KVStore(StoreConfig(geo, int(kv_bytes(arch, n + BLOCK_TOKENS) * 1.1) + (256 << 20), pin="off"))
+    store = KVStore(StoreConfig(geo, store_bytes(arch, n), pin="off"))
     def prefill_into_store(after_layer=lambda layer: None) -> None:
         if gpu:
             from prefill_worker.layer_offload import LayerOffload
@@ -245,53 +249,6 @@ def ttft(model, arch: ModelArch, n: int, chunk: int, gpu: bool, push=None) -> tu
     finally:
         store.close()
     return alone, stored, pushed
-
-
-class PushTarget:
-    """A loopback decode peer (``decode_peer``) and a sender to it, over UCX shared memory."""
-
-    def __init__(self, arch: ModelArch, max_tokens: int) -> None:
-        from decode_peer import DecodePeer
-        from kv_store import KVSender, TransportConfig, new_secret
-        from kv_store.ucx_transport import ucx_fabric
-
-        self.transport = TransportConfig(ucx_tls="sm,self", timeout_s=600.0)
-        secret = new_secret()
-        geo = KVGeometry(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
-        self.peer = DecodePeer(geo, int(kv_bytes(arch, max_tokens + BLOCK_TOKENS) * 1.1) + (256 << 20),
-                               self.transport, secret)
-        self.fabric = ucx_fabric(self.transport)
-        self._sender = lambda store: KVSender(store, self.fabric, self.transport, secret=secret)
-
-    def timed(self, store: KVStore, rid: str, n: int, prefill_into_store) -> float:
-        """Seconds from the offer to the peer's commit of a prefill whose layers go on the wire as
-        they land in ``store``; the peer then frees them."""
-        from kv_store import TransferState
-
-        self.peer.admit(rid, n)
-        sender = self._sender(store)
-        try:
-            conn = sender.connect(self.peer.address)
-            t0 = time.perf_counter()
-            store.reserve(rid, n)
-            transfer = sender.begin(conn, rid)
-            prefill_into_store(transfer.push_layer)
-            transfer.finish()
-            while transfer.poll() not in (TransferState.SUCCESS, TransferState.FAILED):
-                time.sleep(0.0005)
-            elapsed = time.perf_counter() - t0
-            if transfer.poll() is not TransferState.SUCCESS:
-                raise RuntimeError(f"the UCX push failed: {transfer.error}")
-            self.peer.drain(rid)
-            return elapsed
-        finally:
-            store.abort(rid)
-            sender.close()
-
-    def close(self) -> None:
-        left = self.peer.close()
-        if left:
-            raise RuntimeError(f"the decode peer kept {left} pages after its last drain")
 
 
 # ------------------------------------------------------------------ main
@@ -341,7 +298,9 @@ def main(argv=None) -> int:
 
     try:
         import ucxx  # noqa: F401
-        push, why = (PushTarget(arch, max(args.ttft_prompts)) if args.ttft_prompts else None), ""
+        from decode_peer import PushTarget
+        geo = KVGeometry(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
+        push, why = (PushTarget(geo, store_bytes(arch, max(args.ttft_prompts))) if args.ttft_prompts else None), ""
     except ImportError:
         push, why = None, "not measured: ucxx missing"
     try:

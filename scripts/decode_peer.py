@@ -7,14 +7,16 @@ takes a prefill's UCX push into a store of its own, as a decode worker's does.
     peer.drain("r0")                 # its commit arrived; the pages are freed again
     peer.close()
 
-Loopback only: the peer binds nothing but its UCX worker (the sender connects by address).
+``PushTarget`` wraps a peer and a sender to it for timing a layer-pipelined push. Loopback only: the peer binds nothing but its UCX worker (the sender connects by address).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 
-from kv_store import KVGeometry, KVServer, KVStore, StoreConfig, TransportConfig
+from kv_store import (KVGeometry, KVSender, KVServer, KVStore, StoreConfig, TransferState, TransportConfig,
+                      new_secret)
 from kv_store.ucx_transport import ucx_fabric
 
 
@@ -68,3 +70,43 @@ class DecodePeer:
             return self._call_raw("stop")
         finally:
             self._proc.join(10)
+
+
+class PushTarget:
+    """A loopback ``DecodePeer`` and a sender to it over UCX shared memory, for timing a
+    prefill whose layers go on the wire as they land in its store (the prefill worker's pipeline)."""
+
+    def __init__(self, geometry: KVGeometry, capacity_bytes: int) -> None:
+        self.transport = TransportConfig(ucx_tls="sm,self", timeout_s=600.0)
+        secret = new_secret()
+        self.peer = DecodePeer(geometry, capacity_bytes, self.transport, secret)
+        self.fabric = ucx_fabric(self.transport)
+        self._sender = lambda store: KVSender(store, self.fabric, self.transport, secret=secret)
+
+    def timed(self, store: KVStore, rid: str, n: int, prefill_into_store) -> float:
+        """Seconds from the offer to the peer's commit of ``prefill_into_store(after_layer)``, which
+        must call ``after_layer(layer)`` once each layer is in ``store``; the peer then frees it."""
+        self.peer.admit(rid, n)
+        sender = self._sender(store)
+        try:
+            conn = sender.connect(self.peer.address)
+            t0 = time.perf_counter()
+            store.reserve(rid, n)
+            transfer = sender.begin(conn, rid)
+            prefill_into_store(transfer.push_layer)
+            transfer.finish()
+            while transfer.poll() not in (TransferState.SUCCESS, TransferState.FAILED):
+                time.sleep(0.0005)
+            elapsed = time.perf_counter() - t0
+            if transfer.poll() is not TransferState.SUCCESS:
+                raise RuntimeError(f"the UCX push failed: {transfer.error}")
+            self.peer.drain(rid)
+            return elapsed
+        finally:
+            store.abort(rid)
+            sender.close()
+
+    def close(self) -> None:
+        left = self.peer.close()
+        if left:
+            raise RuntimeError(f"the decode peer kept {left} pages after its last drain")

@@ -276,10 +276,6 @@ cdef class Team:
         """XOR-fold the runs of ``run_words`` words at ``starts`` on this team, each member a
         contiguous share (read_fold.h): the attention kernel's reads with no arithmetic, made
         by the same threads, for benchmarks. Returns the fold."""
-        if self.team == NULL:
-            raise RuntimeError("the team is closed")
-        if self.running:
-            raise RuntimeError("the team is running a call on another thread")
         cdef int64_t e, n = starts.shape[0]
         if run_words < 0:
             raise ValueError(f"run_words must be >= 0; got {run_words}")
@@ -292,14 +288,7 @@ cdef class Team:
         cdef fx_fold_job j
         j.words, j.starts, j.n, j.run_words = &words[0], &starts[0], n, run_words
         j.pieces, j.next, j.acc = self.parts, 0, 0
-        cdef int ran
-        self.running = True
-        with nogil:
-            ran = fx_team_run(self.team, fx_fold_work, &j, j.pieces - 1)
-        self.running = False
-        if ran != 0:
-            raise RuntimeError("the team's threads belong to the process it was made in (this one forked "
-                               "since): make a team here" if ran == -2 else "the team is running a call")
+        self._run(fx_fold_work, &j, j.pieces - 1)
         return j.acc
 
     def hold_workers(self, bint hold):

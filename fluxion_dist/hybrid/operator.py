@@ -394,12 +394,11 @@ class StepHook:
                                    num_threads=threads, row_lens=row_lens, team=self.selection_team)
         tok = cpu_sel.token_scores(qf, op.arena.kv_pages, tables, seq_lens, cand.indptr, cand.ids, scale,
                                    num_threads=threads)
-        entry_nb = np.repeat(row_lens, np.diff(cand.indptr))
-        kept = (cand.ids < op.kept.sink_blocks) | (cand.ids >= entry_nb - op.kept.recent_blocks)
+        rows_of = np.repeat(np.arange(cand.indptr.size - 1), np.diff(cand.indptr))
+        kept = (cand.ids < op.kept.sink_blocks) | (cand.ids >= row_lens[rows_of] - op.kept.recent_blocks)
         tok[kept] = np.where(np.isfinite(tok[kept]), twin.FORCED_SCORE, tok[kept])
         masks = cpu_sel.select_tokens_topk(tok, cand.indptr, k_rows.ravel() * BLOCK_TOKENS, num_threads=threads)
         used = masks != 0
-        rows_of = np.repeat(np.arange(cand.indptr.size - 1), np.diff(cand.indptr))
         indptr = np.zeros_like(cand.indptr)
         np.cumsum(np.bincount(rows_of[used], minlength=indptr.size - 1), out=indptr[1:])
         return indptr, cand.ids[used], masks[used]
