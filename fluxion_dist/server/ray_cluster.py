@@ -39,8 +39,7 @@ class NoLocalDeployment(FluxionError):
 def worker_env(transport: TransportConfig) -> dict[str, str]:
     """Environment of prefill/decode actors: UCX and OpenMP must see their settings before they
     initialise."""
-    return {**RAY_ENV, **omp_env(), "UCX_TLS": transport.ucx_tls, "UCX_NET_DEVICES": transport.ucx_net_devices,
-            "UCX_WARN_UNUSED_ENV_VARS": "n"}
+    return {**RAY_ENV, **omp_env(), **transport.ucx_env()}
 
 
 def state_file(namespace: str, state_dir: Path | None = None) -> Path:
