@@ -8,7 +8,9 @@ scores move). One table: torch SDPA full attention with all KV in HBM, each base
 policy (full over host KV, quest_gpu, cpu_only, fixed_hybrid at budget 0.05) and Fluxion;
 per-step time (the host's planning included), ratios, budget used, blocks per device, GPU
 idle (1 - attention kernel time measured with CUDA events / step wall time; and the cost
-model's prediction). ``--rescore-factors 0 2`` runs fluxion once per factor (rows
+model's prediction), and the CPU share's time per step as the cost model the split used
+predicted it and as the team's calls measured it (the split follows the measured rate,
+``cost_model.observe_cpu``). ``--rescore-factors 0 2`` runs fluxion once per factor (rows
 ``fluxion``, ``fluxion+rs2``: the rescoring stage's cost in the same table); ``--sparse
 KEY=VALUE`` sets any other SparseConfig field for every policy. Memory pressure:
 ``--cache-fraction 0.25`` sizes the GPU block cache at a quarter of the step's selected
@@ -82,6 +84,8 @@ class Row:
     gpu_cached_blocks: int
     gpu_idle_measured: float | None
     gpu_idle_predicted: float | None
+    cpu_ms_predicted: float = 0.0  # per step, scaled: the CPU share's time by the cost model the split used
+    cpu_ms_measured: float = 0.0  # ... and as the team's calls took
 
 
 def _heads(kv_heads: int) -> tuple[str, ...]:
@@ -241,7 +245,9 @@ def run_policy(policy: str, shape: Shape, arena: HostArena, seqs, synth, cost, a
                int(np.mean([r.gpu_blocks for r in steps]) * scale),
                int(np.mean([r.gpu_cached_blocks for r in steps]) * scale),
                float(np.mean([max(0.0, 1 - b / wall) for b, (_, wall) in zip(busy, reports)])) if gpu_work else None,
-               float(np.mean([r.predicted_gpu_idle_fraction for r in steps])) if gpu_work else None)
+               float(np.mean([r.predicted_gpu_idle_fraction for r in steps])) if gpu_work else None,
+               float(np.mean([r.predicted_cpu_s for r in steps])) * 1e3 * scale,
+               float(np.mean([r.measured_cpu_s for r in steps])) * 1e3 * scale)
 
 
 def kernel_profile(run, run_args: tuple, calls: int) -> None:
@@ -273,7 +279,8 @@ def kernel_profile(run, run_args: tuple, calls: int) -> None:
 
 def print_table(rows: list[Row], sdpa: dict[tuple[int, int], float]) -> None:
     head = (f"{'context':>8} {'B':>2} {'method':<14} {'ms/step':>9} {'x SDPA':>7} {'fixed_hyb/x':>11} "
-            f"{'budget':>7} {'cpu blk':>9} {'gpu blk':>9} {'cached':>9} {'idle meas':>9} {'idle pred':>9}")
+            f"{'budget':>7} {'cpu blk':>9} {'gpu blk':>9} {'cached':>9} {'idle meas':>9} {'idle pred':>9} "
+            f"{'cpu ms pred':>11} {'cpu ms meas':>11}")
     print(head)
     print("-" * len(head))
     for (context, batch), base in sorted(sdpa.items()):
@@ -284,7 +291,8 @@ def print_table(rows: list[Row], sdpa: dict[tuple[int, int], float]) -> None:
             idle = lambda x: f"{x:>9.1%}" if x is not None else f"{'-':>9}"  # noqa: E731
             print(f"{context:>8} {batch:>2} {r.method:<14} {r.ms_per_step:>9.3f} {r.ms_per_step / base:>7.2f} "
                   f"{fixed / r.ms_per_step:>11.2f} {r.budget_used:>7.3f} {r.cpu_blocks:>9} {r.gpu_blocks:>9} "
-                  f"{r.gpu_cached_blocks:>9} {idle(r.gpu_idle_measured)} {idle(r.gpu_idle_predicted)}")
+                  f"{r.gpu_cached_blocks:>9} {idle(r.gpu_idle_measured)} {idle(r.gpu_idle_predicted)} "
+                  f"{r.cpu_ms_predicted:>11.2f} {r.cpu_ms_measured:>11.2f}")
 
 
 def _ram_bytes() -> int:

@@ -13,7 +13,7 @@ from tests import gpu_util
 
 gpu_util.skip_unless_gpu()
 
-from fluxion_dist.hybrid import calibrate  # noqa: E402
+from fluxion_dist.hybrid import CostModel, calibrate  # noqa: E402
 from tests.test_hybrid_operator import POLICIES, Decode  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -121,6 +121,22 @@ def test_cuda_inputs_of_any_dtype_and_layout(form):
         assert out.dtype == (torch.float32 if form == "strided" else q.dtype)
         np.testing.assert_allclose(out.float().cpu().numpy(), ref.to(out.dtype).float().cpu().numpy(),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_the_split_learns_the_cpu_rate_it_measures():
+    """Fluxion's split, planned with a start-up model that overrates the CPU a thousandfold:
+    the step's CPU calls are timed, the live model's CPU rate falls toward what they took, and
+    each split layer's report carries the measured time beside the predicted one."""
+    dec = Decode([3000, 777, 2049], 2, 4, d=128, seed=5, steps=8, slots=0)
+    start = CostModel.from_rates(128, cpu_gb_per_s=5000.0, uva_gb_per_s=5.0, cached_gb_per_s=50.0)
+    op = dec.operator("fluxion", "gpu", budget=0.3, mass=0.9, cost=start)
+    reports = [dec.step(op)[1] for _ in range(8)]
+    live = op.device_state.cost
+    op.close()
+    split = [r for rep in reports for r in rep.layers if r.cpu_blocks]
+    assert split and all(r.measured_cpu_s > 0 for r in split)
+    assert live.cpu_bytes_per_s < 0.5 * start.cpu_bytes_per_s
+    assert (live.uva_bytes_per_s, live.cached_bytes_per_s) == (start.uva_bytes_per_s, start.cached_bytes_per_s)
 
 
 def test_calibration_measures_gpu_rates():

@@ -46,11 +46,12 @@ class Decode:
         self.ids = [f"r{b}" for b in range(len(seq_lens))]
         self.slots = slots
 
-    def operator(self, policy, device, budget=1.0, mass=1.0, sparse=None, cpu_threads=1, **kw):
+    def operator(self, policy, device, budget=1.0, mass=1.0, sparse=None, cpu_threads=1, cost=None, **kw):
         """``sparse``: more SparseConfig fields; ``kw``: HybridOptions fields."""
         cfg = SparseConfig(policy=policy, budget=budget, mass_target=mass, sink_tokens=16, recent_tokens=32,
                            gpu_cache_blocks=self.slots * self.layers, **(sparse or {}))
-        cost = CostModel.from_rates(self.d, cpu_gb_per_s=5.0, uva_gb_per_s=5.0, cached_gb_per_s=50.0)
+        if cost is None:
+            cost = CostModel.from_rates(self.d, cpu_gb_per_s=5.0, uva_gb_per_s=5.0, cached_gb_per_s=50.0)
         return HybridAttention(self.arena, cfg, cost, HybridOptions(self.layers, cpu_threads=cpu_threads,
                                                                     device=device, **kw))
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fluxion_dist.hybrid import CostModel
+from fluxion_dist.hybrid.cost_model import OBSERVE_MIN_BLOCKS, observe_cpu
 from fluxion_dist.policy.routing import SLOT_CPU, balanced_cpu_fraction, route_entries_reference
 
 
@@ -32,6 +33,25 @@ def test_balanced_fraction_is_the_best_integer_split(seed):
         max(cost.cpu_time(x), cost.gpu_time(hits, misses - x, admits)) + switch for x in range(1, misses + 1)]
     got = balanced_cpu_fraction(cost, hits, misses, admits=admits, switch_s=switch)
     assert t[round(got * misses)] <= min(t) + 1e-12
+
+
+def test_the_split_follows_the_measured_cpu_rate():
+    """A CPU that measures half its start-up rate in the step's calls gets a smaller share:
+    the model moves to the measured rate, a call's fixed cost excluded, and calls too small
+    to show a rate leave it alone."""
+    start = CostModel.from_rates(128, cpu_gb_per_s=100, uva_gb_per_s=50, cached_gb_per_s=1000, cpu_overhead_s=20e-6)
+    blocks = 4000
+    seconds = start.cpu_overhead_s + blocks * start.block_bytes / 50e9  # the step's calls: 50 GB/s
+    cost = start
+    for _ in range(40):
+        cost = observe_cpu(cost, blocks, seconds)
+    assert cost.cpu_bytes_per_s == pytest.approx(50e9, rel=1e-3)
+    assert cost.uva_bytes_per_s == start.uva_bytes_per_s and cost.cpu_overhead_s == start.cpu_overhead_s
+    first = observe_cpu(start, blocks, seconds, weight=0.25)  # a quarter of the way in seconds per block
+    assert first.cpu_block_s == pytest.approx(0.75 * start.cpu_block_s + 0.25 * 2 * start.cpu_block_s)
+    assert balanced_cpu_fraction(cost, 0, 20000) < balanced_cpu_fraction(start, 0, 20000)
+    assert observe_cpu(start, OBSERVE_MIN_BLOCKS - 1, 1.0) is start
+    assert observe_cpu(start, blocks, start.cpu_overhead_s / 2) is start
 
 
 def test_a_small_miss_set_stays_on_the_gpu():

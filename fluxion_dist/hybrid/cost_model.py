@@ -12,6 +12,8 @@ are measured on the machine that runs the step, never assumed:
 - ``copy_bytes_per_s``: the cache's asynchronous copy-in (it shares PCIe with UVA reads);
 - fixed costs per call on each side (thread start / kernel launches and the merge).
 
+:func:`observe_cpu` moves the CPU rate toward what the step's own calls measure.
+
 Decode attention is memory bound (one query row per KV head and group), so one rate
 per path in bytes is the model: a block costs ``block_bytes / rate`` whatever its row.
 With no GPU the GPU rates are 0 and ``has_gpu`` is False: every block goes to the CPU.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -107,6 +109,25 @@ class CostModel:
         copy = uva_gb_per_s if copy_gb_per_s is None else copy_gb_per_s
         return cls(head_dim, cpu_gb_per_s * 1e9, uva_gb_per_s * 1e9, cached_gb_per_s * 1e9, copy * 1e9,
                    cpu_overhead_s, gpu_overhead_s)
+
+
+# A call's blocks below this tell the fixed cost, not the rate
+OBSERVE_MIN_BLOCKS = 64
+
+
+def observe_cpu(cost: CostModel, blocks: int, seconds: float, weight: float = 0.25) -> CostModel:
+    """``cost`` with its CPU rate moved a ``weight`` of the way (in seconds per block) toward
+    one measured call's: ``blocks`` (block, head) runs in ``seconds`` of host time.
+
+    The start-up rate is measured alone, on a small arena; in a step the CPU reads blocks
+    scattered over the whole arena while the GPU's UVA reads share the host's memory, so the
+    rate the split must use is the one the step's own calls show. Calls too small to show
+    a rate, or faster than the fixed cost, leave the model as it is."""
+    if blocks < OBSERVE_MIN_BLOCKS or not seconds > cost.cpu_overhead_s or not 0.0 < weight <= 1.0:
+        return cost
+    block_s = (seconds - cost.cpu_overhead_s) / blocks
+    block_s = (1.0 - weight) * cost.cpu_block_s + weight * block_s
+    return replace(cost, cpu_bytes_per_s=cost.block_bytes / block_s)
 
 
 def _best_of(fn, repeats: int) -> float:

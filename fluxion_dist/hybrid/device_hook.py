@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from fluxion_dist.attention.layout import num_blocks
-from fluxion_dist.hybrid.cost_model import CostModel
+from fluxion_dist.hybrid.cost_model import CostModel, observe_cpu
 from fluxion_dist.hybrid.device_pipeline import DevicePipeline, LayerOutcome, LayerPlan, copy_bytes
 from fluxion_dist.hybrid.operator import HybridAttentionError  # operator imports this module lazily
 from fluxion_dist.hybrid.step_plan import (blocks_after_append, demand_of, measures, plan_step, request_budgets,
@@ -99,6 +99,8 @@ class DevicePathState:
         # a split costs the host's lead over the GPU, about one layer's host time: measured on
         # the GPU-only calls, the calibrated launch overhead until then
         self.host_layer_s = cost.gpu_overhead_s
+        # the split's rates: the start-up model, its CPU rate then following the measured calls
+        self.cost = cost
 
     def forget(self, request_id: str) -> None:
         for key in [k for k in self.demand if k[0] == request_id]:
@@ -118,6 +120,8 @@ class DevicePathState:
             for b, rid in enumerate(request_ids):
                 self.demand[(rid, layer)] = c.demand[b]
         self.last_counts[layer] = (c.hits, c.uva + c.cpu, c.admitted)
+        if c.cpu:
+            self.cost = observe_cpu(self.cost, c.cpu, c.cpu_s)
 
     def learn_measured(self) -> None:
         """Take in the demand of every layer whose last call measured it and is done on the GPU
@@ -143,7 +147,8 @@ class DeviceStepHook:
         if num_blocks(int(self.pos_host.max()) + 1) > self.tables_host.shape[2]:
             raise HybridAttentionError(f"a sequence has fewer pages than its {int(self.pos_host.max()) + 1} tokens need")
         self.nb = blocks_after_append(self.pos_host)
-        self.outcomes: list[tuple[int, LayerOutcome, float, float]] = []  # layer, outcome, wall, budget used
+        # layer, outcome, wall, budget used, the cost model it was planned with
+        self.outcomes: list[tuple[int, LayerOutcome, float, float, CostModel]] = []
         self._used: list[np.ndarray] = []  # per layer call: [B] budget used per request
         self._caller: int | None = None  # the caller's CUDA stream, read at the step's first call
         self.step = state.steps
@@ -184,7 +189,7 @@ class DeviceStepHook:
         if op.mode == "static" or last is None:
             return op.static_cpu_fraction
         hits, misses, admits = last
-        return balanced_cpu_fraction(op.cost, hits, misses, admits=admits, switch_s=self.state.host_layer_s)
+        return balanced_cpu_fraction(self.state.cost, hits, misses, admits=admits, switch_s=self.state.host_layer_s)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         op, pipe, state = self.op, self.op.pipeline, self.state
@@ -235,21 +240,21 @@ class DeviceStepHook:
         wall = time.perf_counter() - t0
         if plan.cpu_fraction == 0 and q.is_cuda:
             state.host_layer_s += 0.1 * (wall - state.host_layer_s)
-        self.outcomes.append((layer, res, wall, used))
+        self.outcomes.append((layer, res, wall, used, state.cost))
         self._used.append(plan.k_rows.mean(axis=1) / self.nb)
         return result
 
     def report(self) -> StepReport:
         """What the step did (waits for its GPU work). Call before the next step's calls: the
         layers' buffers are rewritten then."""
-        cost, pipe = self.op.cost, self.op.pipeline
+        pipe = self.op.pipeline
         reports = []
-        for layer, res, wall, used in self.outcomes:
+        for layer, res, wall, used, cost in self.outcomes:  # cost: the model its split was planned with
             c = pipe.counts(layer, res)
             reports.append(LayerReport(
                 layer, used, c.cpu, c.hits, c.uva, c.admitted, c.evicted,
                 cost.cpu_time(c.cpu) if c.cpu else 0.0, cost.gpu_time(c.hits, c.uva, c.admitted), wall,
-                pipe.gpu_busy_s(res)))
+                pipe.gpu_busy_s(res), c.cpu_s if c.cpu else None))
         span = None
         if self.outcomes:
             span = cp.cuda.get_elapsed_time(self.outcomes[0][1].spans[0][0], self.outcomes[-1][1].end) / 1e3

@@ -41,6 +41,7 @@ Imports CuPy: import only where ``kernels.device.gpu_unavailable_reason()`` is N
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import cupy as cp
@@ -87,6 +88,7 @@ class LayerOutcome:
     state: "LayerState"
     plan: LayerPlan
     counts: "LayerCounts | None" = None  # read once
+    cpu_s: float = 0.0  # host time of the CPU partial (the team's attend), 0 without one
 
     @property
     def end(self) -> cp.cuda.Event:
@@ -101,6 +103,7 @@ class LayerCounts:
     admitted: int
     evicted: int
     demand: np.ndarray | None  # int64 [B, Hkv] far demand: top-p blocks outside the kept ones (a refresh)
+    cpu_s: float = 0.0  # measured host time of the CPU partial
 
 
 class DevicePipeline:
@@ -184,6 +187,7 @@ class DevicePipeline:
         measure = plan.measure_demand
         st.set_params(pos_host, plan)
         s, ev = self.compute, st.events
+        cpu_s = 0.0
         if after is None:
             s.record(ev[0])
         else:  # the start event doubles as the dependency on the caller: one call fewer per layer
@@ -205,7 +209,9 @@ class DevicePipeline:
                 team = self.cpu_team
                 if team.owner is not pos_host:
                     team.bind(self.kv_host, pos_host + 1, st.q_h.shape[1], st.scale, owner=pos_host)
+                t_cpu = time.perf_counter()
                 part = team.attend(st.q_h, tables_host, st.cpu_indptr_h, st.cpu_blocks_h[:n_cpu])
+                cpu_s = time.perf_counter() - t_cpu
                 st.set_cpu_partial(part.o, part.m, part.l)
             else:
                 st.set_cpu_partial(None, None, None)
@@ -214,7 +220,7 @@ class DevicePipeline:
             s.record(ev[1])
             spans = ((ev[0], ev[3]), (ev[4], ev[1]))
         st.last_end = ev[1]
-        return LayerOutcome(st.out, spans, st, plan)
+        return LayerOutcome(st.out, spans, st, plan, cpu_s=cpu_s)
 
     def counts(self, layer: int, outcome: LayerOutcome) -> LayerCounts:
         """The counts of a layer call (waits for its GPU work); read before the layer's next
@@ -233,7 +239,7 @@ class DevicePipeline:
         demand = None
         if plan.measure_demand:
             demand = st.demand_h.astype(np.int64).reshape(plan.k_rows.shape)
-        outcome.counts = LayerCounts(hits, uva, n_cpu, admitted, evicted, demand)
+        outcome.counts = LayerCounts(hits, uva, n_cpu, admitted, evicted, demand, outcome.cpu_s)
         return outcome.counts
 
     def _caches(self, plan: LayerPlan) -> bool:

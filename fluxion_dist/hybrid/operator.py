@@ -327,14 +327,16 @@ class StepHook:
             self.selections[layer] = (indptr.copy(), blocks.copy())
             if masks is not None:
                 self.token_masks[layer] = masks.copy()
+        t_cpu = time.perf_counter()
         out = merge_batch_partials([self._attend(qf, tables, seq_lens, indptr, blocks, scale, masks)])
         wall = time.perf_counter() - t0
+        cpu_s = time.perf_counter() - t_cpu
         per_row = np.diff(indptr).reshape(bsz, op.num_kv_heads)
         used = per_row.mean(axis=1) / nbs
         self._used.append(used)
         nnz = int(indptr[-1])
         self._reports.append(LayerReport(layer, float(used.mean()), nnz, 0, 0, 0, 0, op.cost.cpu_time(nnz), 0.0,
-                                         wall, None))
+                                         wall, None, cpu_s))
         return torch.from_numpy(out).to(device=q.device, dtype=q.dtype)
 
     def _attend(self, qf: np.ndarray, tables: np.ndarray, seq_lens: np.ndarray, indptr: np.ndarray,

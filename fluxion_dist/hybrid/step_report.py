@@ -21,6 +21,7 @@ class LayerReport:
     predicted_gpu_s: float
     wall_s: float  # from selection to the merged output
     gpu_busy_s: float | None  # measured (CUDA events) on a GPU, else None
+    measured_cpu_s: float | None = None  # host time of the CPU share's call; None: no CPU share
 
     @property
     def predicted_gpu_idle_s(self) -> float:
@@ -62,6 +63,14 @@ class StepReport:
         total = self._sum(max(r.predicted_cpu_s, r.predicted_gpu_s) for r in self.layers)
         busy = self._sum(r.predicted_gpu_s for r in self.layers)
         return 0.0 if busy == 0 or total == 0 else 1.0 - busy / total
+
+    @property
+    def predicted_cpu_s(self) -> float:
+        return self._sum(r.predicted_cpu_s for r in self.layers)
+
+    @property
+    def measured_cpu_s(self) -> float:
+        return self._sum(r.measured_cpu_s or 0.0 for r in self.layers)
 
     @property
     def gpu_busy_s(self) -> float | None:
