@@ -52,6 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks, pack_kv_blocks, to_bf16_bits  # noqa: E402
 from fluxion_dist.attention.synthetic import drifted_queries, make_synthetic_kv  # noqa: E402
+from fluxion_dist.config.loader import config_from_dict  # noqa: E402
 from fluxion_dist.config.schema import SparseConfig  # noqa: E402
 from fluxion_dist.hybrid import HybridAttention, HybridOptions, calibrate  # noqa: E402
 from fluxion_dist.hybrid.operator import HostArena  # noqa: E402
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         if "rescore_factor" in args.sparse_overrides:
             raise ValueError("set the rescoring factor with --rescore-factors")
         for f in args.rescore_factors:
-            SparseConfig(**args.sparse_overrides, rescore_factor=f)  # validated before anything runs
+            config_from_dict({**args.sparse_overrides, "rescore_factor": f}, SparseConfig)  # validated up front
     except Exception as e:
         p.error(str(e))
 

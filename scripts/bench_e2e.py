@@ -37,6 +37,8 @@ from decode_worker.engine import DecodeEngine  # noqa: E402
 from decode_worker.model_runner import ModelRunner  # noqa: E402
 from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks  # noqa: E402
 from fluxion_dist.config.schema import DecodeConfig, DeployConfig, ModelConfig, SparseConfig  # noqa: E402
+from fluxion_dist.config.loader import config_from_dict  # noqa: E402
+from fluxion_dist.quality.harness import parse_overrides  # noqa: E402
 from fluxion_dist.cpu.synthetic_arena import page_aligned  # noqa: E402
 from fluxion_dist.hybrid import CostModel, HostArena, calibrate  # noqa: E402
 from fluxion_dist.model.arch import ModelArch  # noqa: E402
@@ -162,11 +164,12 @@ def bench_threads() -> int:
 
 
 def tpot_hybrid(model, arch: ModelArch, pages: BenchPages, batch: int, policy: str, budget: float,
-                cost: CostModel, gpu: bool, warmup: int, steps: int, cache_blocks: int, eager: bool):
+                cost: CostModel, gpu: bool, warmup: int, steps: int, cache_blocks: int, eager: bool,
+                sparse: dict | None = None):
     # the operator a deployment of this policy builds (decode_worker.attention_setup), on this node
     cfg = DeployConfig(decode=DecodeConfig(num_gpus=1 if gpu else 0, max_batch_size=batch, enforce_eager=eager,
                                            sparse=SparseConfig(policy=policy, budget=budget, gpu_cache_blocks=cache_blocks,
-                                                               cpu_threads=bench_threads())))
+                                                               cpu_threads=bench_threads(), **(sparse or {}))))
     op = build_attention(cfg, arch, HostArena(pages.pages, pages.kmin, pages.kmax), cost)
     engine = DecodeEngine(model, pages, batch, op, enforce_eager=eager)
     for b in range(batch):
@@ -276,8 +279,15 @@ def main(argv=None) -> int:
     ap.add_argument("--host-ram-gib", type=float, default=None, help="host RAM the arena may use (default: 75%% of it)")
     ap.add_argument("--max-batch", type=int, default=64, help="the --hbm-limit-gib search stops here")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--sparse", action="append", default=[], metavar="KEY=VALUE",
+                    help="set another SparseConfig field of the hybrid rows (repeatable), e.g. cache_admission=reused")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, a few steps, every path once")
     args = ap.parse_args(argv)
+    try:
+        args.sparse_overrides = parse_overrides(args.sparse)
+        config_from_dict(args.sparse_overrides, SparseConfig)  # validated (field names, ranges, choices) up front
+    except Exception as e:
+        ap.error(str(e))
     if args.smoke:
         args.contexts, args.batches, args.steps, args.warmup = [200], [1, 2], 4, 1
         args.ttft_prompts, args.hbm_limit_gib, args.max_batch = [300], args.hbm_limit_gib or 1.0, 2
@@ -334,7 +344,8 @@ def main(argv=None) -> int:
             med = {}
             for policy in args.policies:
                 (m, p99), reports = tpot_hybrid(model, arch, pages, batch, policy, args.budget, cost, gpu,
-                                                args.warmup, args.steps, args.cache_blocks, args.enforce_eager)
+                                                args.warmup, args.steps, args.cache_blocks, args.enforce_eager,
+                                                args.sparse_overrides)
                 med[policy] = m
                 fl = floor_hybrid(reports, arch, weights, mach)
                 used = np.mean([r.budget_used for r in reports])
@@ -342,7 +353,9 @@ def main(argv=None) -> int:
                          for f in ("gpu_cached_blocks", "gpu_uva_blocks", "cpu_blocks")]
                 log(f"TPOT ctx={ctx} B={batch} {policy} | {m * 1e3:.2f} | {p99 * 1e3:.2f} | {fl * 1e3:.2f} | "
                     f"{m / fl:.2f} | budget used {used:.3f} | (block, head) runs per step: cached {where[0]:.0f}, "
-                    f"UVA {where[1]:.0f}, CPU {where[2]:.0f}")
+                    f"UVA {where[1]:.0f}, CPU {where[2]:.0f} | CPU ms per step predicted "
+                    f"{np.mean([r.predicted_cpu_s for r in reports]) * 1e3:.2f}, measured "
+                    f"{np.mean([r.measured_cpu_s for r in reports]) * 1e3:.2f}")
             del pages
             ratios = [f"{p}/dense_hbm {med[p] / med_a:.2f}" for p in med]
             ratios += [f"{p}/fluxion {med[p] / med['fluxion']:.2f}" for p in med if p != "fluxion" and "fluxion" in med]
@@ -386,13 +399,15 @@ def hbm_limit(args, model, arch, weights, cost, mach, gpu, host_cap) -> None:
     cupy_bytes = args.cache_blocks * BLOCK_TOKENS * arch.head_dim * 2 * 2
     per_host = kv_bytes(arch, ctx + extra)
     mirror = per_host // BLOCK_TOKENS  # the device's min/max mirror: 2 rows of d per 16-token block of K and V
+    if args.sparse_overrides.get("cache_admission") == "reused":  # + an int32 stamp per (block, head)
+        mirror += per_host // (2 * BLOCK_TOKENS * arch.head_dim * 2) * 4
     fit_b = int(min(host_cap // per_host, max(0, limit - weights - reserve - cupy_bytes) // max(mirror, 1)))
     fit_b = max(0, min(fit_b, args.max_batch))
     row = f"HBM limit ctx={ctx} fluxion: largest batch {fit_b} (host RAM bound {int(host_cap // per_host)})"
     if fit_b:
         pages = BenchPages(arch, fit_b, ctx, extra, gpu)
         (med, _), _ = tpot_hybrid(model, arch, pages, fit_b, "fluxion", args.budget, cost, gpu, args.warmup,
-                                  args.steps, args.cache_blocks, args.enforce_eager)
+                                  args.steps, args.cache_blocks, args.enforce_eager, args.sparse_overrides)
         row += f", {fit_b / med:.1f} tokens/s"
         del pages
     log(row)

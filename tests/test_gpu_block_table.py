@@ -33,9 +33,10 @@ def _selection(rng, seq_lens, heads, pages):
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.37, 1.0])
-@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("cached", [False, True, "reused"])
 @pytest.mark.parametrize("seq_lens,heads", [([1, 15, 17], 2), ([1000, 1333, 4000, 33], 8), ([20000], 1)])
 def test_classify_matches_reference(seq_lens, heads, cached, fraction):
+    """``cached="reused"``: admission by reuse, the stamps a random mix of the step before and older."""
     rng, seed = gpu_util.fresh_rng()
     pages = sum(-(-t // 16) for t in seq_lens) + 7
     tables, indptr, blocks = _selection(rng, seq_lens, heads, pages)
@@ -44,14 +45,22 @@ def test_classify_matches_reference(seq_lens, heads, cached, fraction):
     # spare capacity: tiles past nnz run too; two launches: each leaves its scratch at zero
     cap = blocks.size + 700
     padded = np.concatenate([blocks, np.zeros(cap - blocks.size, np.int32)])
-    want = route_entries_reference(indptr, blocks, tables, seq, heads, slot_of if cached else None, fraction)
+    stamp = 9
+    seen = None
+    if cached == "reused":
+        seen = rng.choice(np.array([stamp - 1, stamp - 2, -5], np.int32), pages * heads)
+    seen_want = None if seen is None else seen.copy()
+    want = route_entries_reference(indptr, blocks, tables, seq, heads, slot_of if cached else None, fraction,
+                                   seen_want, stamp)
     nnz = blocks.size
     for launch in range(2):
+        seen_dev = None if seen is None else cp.asarray(seen)  # each launch from the same stamps
         outs = (cp.full(cap, 77, cp.int32), cp.full(indptr.size, 77, cp.int32), cp.full(cap, 77, cp.int32),
                 cp.full(cap, 77, cp.int32), cp.full(4, 77, cp.int32))
         classify_entries(cp.asarray(indptr), cp.asarray(padded), cp.asarray(tables), cp.asarray(seq), heads=heads,
                          slot_of=cp.asarray(slot_of) if cached else None,
-                         cpu_fraction=cp.asarray([fraction], cp.float32), out=outs)
+                         cpu_fraction=cp.asarray([fraction], cp.float32), out=outs, last_seen=seen_dev,
+                         stamp=None if seen is None else cp.asarray([stamp], cp.int32))
         sel_slot, cpu_indptr, cpu_blocks, admit, counts = (cp.asnumpy(x) for x in outs)
         msg = f"seed {seed}, launch {launch}"
         np.testing.assert_array_equal(counts, want[4], err_msg=msg)
@@ -60,6 +69,8 @@ def test_classify_matches_reference(seq_lens, heads, cached, fraction):
         np.testing.assert_array_equal(cpu_blocks[:counts[2]], want[2], err_msg=msg)
         if cached:
             np.testing.assert_array_equal(admit[:counts[3]], want[3], err_msg=msg)
+        if seen is not None:
+            np.testing.assert_array_equal(cp.asnumpy(seen_dev), seen_want, err_msg=msg)
 
 
 def test_force_blocks_marks_sinks_and_window():

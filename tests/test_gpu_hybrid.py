@@ -75,6 +75,20 @@ def test_cache_never_serves_a_stale_block():
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
+def test_admission_by_reuse_changes_no_output():
+    """Admitting only the misses selected on the step before as well: the same outputs as
+    every-miss admission and as no cache; fewer copies, and still hits after a few steps."""
+    every, reports = _outputs("fluxion", steps=20)
+    reused, reports_r = _outputs("fluxion", steps=20, sparse={"cache_admission": "reused"})
+    assert all(x.cache_copies == 0 for x in reports_r[0].layers)  # nothing was selected before the first step
+    assert sum(r.gpu_cached_blocks for r in reports_r[2:]) > 0
+    copies = [sum(x.cache_copies for rep in rs for x in rep.layers) for rs in (reports, reports_r)]
+    assert copies[1] < copies[0]
+    for a, b in zip(every, reused):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
 def test_cuda_tensors_in_and_out():
     """A CUDA tensor in gives a CUDA tensor out, equal to the CPU-tensor call of a twin operator."""
     got = {}

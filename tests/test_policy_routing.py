@@ -74,3 +74,23 @@ def test_route_reference_puts_every_entry_in_one_place():
     assert counts.sum() - counts[3] == blocks.size
     assert (sel_slot == SLOT_CPU).sum() == counts[2] == cpu_blocks.size == cpu_indptr[-1]
     assert abs(counts[2] - 0.5 * (counts[1] + counts[2])) <= 1
+
+
+def test_admission_by_reuse_admits_only_what_the_step_before_selected():
+    """With stamps, a miss is admitted only if the step before selected it as well; every
+    selected key is stamped, and a key selected on two steps running is admitted on the second."""
+    rng = np.random.default_rng(4)
+    tables = rng.permutation(64).reshape(2, 32).astype(np.int32)
+    seq = np.array([512, 512], np.int32)
+    indptr = np.array([0, 6, 12, 18, 24], np.int32)
+    blocks = np.concatenate([np.sort(rng.choice(32, 6, replace=False)) for _ in range(4)]).astype(np.int32)
+    slot_of = np.full(128, -1, np.int32)
+    plain = route_entries_reference(indptr, blocks, tables, seq, 2, slot_of, 0.0)
+    seen = np.full(128, -1, np.int32)
+    first = route_entries_reference(indptr, blocks, tables, seq, 2, slot_of, 0.0, seen, 5)
+    assert first[4][3] == 0 and plain[4][3] == blocks.size  # nothing seen at step 4
+    keys = plain[3]
+    assert (seen[keys] == 5).all() and (np.delete(seen, keys) == -1).all()
+    second = route_entries_reference(indptr, blocks, tables, seq, 2, slot_of, 0.0, seen, 6)
+    np.testing.assert_array_equal(second[3], keys)
+    assert route_entries_reference(indptr, blocks, tables, seq, 2, slot_of, 0.0, seen, 8)[4][3] == 0  # a gap

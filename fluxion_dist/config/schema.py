@@ -149,6 +149,10 @@ class SparseConfig:
         "threads of the CPU attention path; 0: all cores of the worker", ge=0))
     gpu_cache_blocks: int = field(default=4096, metadata=doc(
         "16-token (block, head) slots in the GPU block cache", ge=0))
+    cache_admission: Literal["every_miss", "reused"] = field(default="every_miss", metadata=doc(
+        "which cache misses the GPU copies into the block cache: every_miss, or reused (only blocks the "
+        "layer also selected on its previous step: where selections move, most misses are read once and "
+        "their copies share PCIe with the UVA reads)"))
 
     def __post_init__(self) -> None:
         from fluxion_dist.errors import ConfigError

@@ -177,7 +177,8 @@ class DeviceStepHook:
         if factor:  # the rescoring stage's candidates (policy.select step 5)
             cand = candidate_rows(k_rows, self.pos_host + 1, factor).astype(np.int32)
             cand_bound = _bucket(int(cand.max()), width)
-        return LayerPlan(k_rows, bound, self._cpu_fraction(layer), op.use_cache, measure, cand, cand_bound), used
+        return LayerPlan(k_rows, bound, self._cpu_fraction(layer), op.use_cache, measure, cand, cand_bound,
+                         self.step), used
 
     def _cpu_fraction(self, layer: int) -> float:
         op = self.op

@@ -76,6 +76,7 @@ class LayerPlan:
     measure_demand: bool  # run the predictor's top-p pass
     cand_rows: np.ndarray | None = None  # int32 [B, Hkv] the rescoring stage's candidates; None: off
     max_cand_blocks: int = 0  # bound on cand_rows (sizes its buffers and grid), 0 when off
+    step: int = 0  # the operator's step count (admission by reuse compares it with the last selection's)
 
 
 @dataclass(slots=True)
@@ -111,7 +112,7 @@ class DevicePipeline:
 
     def __init__(self, kv_pages: np.ndarray, kmin: np.ndarray, kmax: np.ndarray, *, num_layers: int,
                  cache_slots: int, cpu_team: AttentionTeam, mass_target: float, sink_blocks: int,
-                 recent_blocks: int, use_graphs: bool = True) -> None:
+                 recent_blocks: int, use_graphs: bool = True, admit_reused: bool = False) -> None:
         pages, hkv, _, _, d = kv_pages.shape
         if pages * hkv >= 2**31:
             raise ValueError(f"{pages} pages x {hkv} heads overflow the table's int32 keys")
@@ -128,6 +129,8 @@ class DevicePipeline:
         self.slot_of = cp.full(pages * hkv, -1, cp.int32)
         self.owner = cp.full(total + 1, -1, cp.int32)  # [total]: where invalidations of uncached keys land
         self.ring = cp.zeros((num_layers, 1), cp.int32)  # next slot of each layer's ring (device side)
+        # admission by reuse: the step each (page, head) was last selected (pages are per layer)
+        self.last_seen = cp.full(pages * hkv, -2, cp.int32) if admit_reused and self.slots_per_layer else None
         self.filled = [0] * num_layers  # slots in use per layer, for the eviction counts (host side)
         self.compute = cp.cuda.Stream(non_blocking=True)
         self._states: list[dict[tuple, LayerState]] = [{} for _ in range(num_layers)]
@@ -296,8 +299,10 @@ class DevicePipeline:
                                       sink_blocks=self.sink_blocks, recent_blocks=self.recent_blocks,
                                       head_dim=st.q.shape[2])
         sel = select_topk(ranked, st.seq, st.k_rows, max_k=st.bound, buffers=st.sel)
+        reuse = use_cache and self.last_seen is not None
         classify_entries(sel.indptr, sel.blocks, tables, st.seq, heads=st.hkv, slot_of=self.slot_of if use_cache else None,
-                         cpu_fraction=st.frac, out=(st.sel_slot, st.cpu_indptr, st.cpu_blocks, st.admit_keys, st.counts))
+                         cpu_fraction=st.frac, out=(st.sel_slot, st.cpu_indptr, st.cpu_blocks, st.admit_keys, st.counts),
+                         last_seen=self.last_seen if reuse else None, stamp=st.stamp if reuse else None)
         to_host = [(st.counts, st.counts_h)]
         if for_cpu:  # what the CPU partial reads
             to_host += [(st.cpu_indptr, st.cpu_indptr_h), (st.cpu_blocks, st.cpu_blocks_h), (st.q, st.q_h)]

@@ -41,16 +41,17 @@ class LayerState:
         # attended, merge start
         self.events = tuple(cp.cuda.Event() for _ in range(5))
         # one pinned block the graph copies in first: io (the call's tensors, int64 [IO_WORDS])
-        # | params: pos [B] | k_rows [B*Hkv] | cand_rows [B*Hkv] (rescoring only) | cpu fraction
+        # | params: pos [B] | k_rows [B*Hkv] | cand_rows [B*Hkv] (rescoring only) | step | cpu fraction
         io_bytes = IO_WORDS * 8
-        self.block_h = cupyx.empty_pinned((io_bytes + 4 * (bsz + rows + cand_n + 1),), np.uint8)
+        self.block_h = cupyx.empty_pinned((io_bytes + 4 * (bsz + rows + cand_n + 2),), np.uint8)
         self.block = cp.empty(self.block_h.shape, cp.uint8)
         self.io_h, self.io = self.block_h[:io_bytes].view(np.int64), self.block[:io_bytes].view(cp.int64)
         self.params_h, self.params = self.block_h[io_bytes:].view(np.int32), self.block[io_bytes:].view(cp.int32)
         self._k_rows: np.ndarray | None = None  # the plan's array last written into params_h
         self.seq = self.params[:bsz]  # pos, then + 1 by the append
         self.k_rows = self.params[bsz:bsz + rows].reshape(bsz, hkv)
-        self.frac = self.params[bsz + rows + cand_n:].view(cp.float32)
+        self.stamp = self.params[bsz + rows + cand_n:bsz + rows + cand_n + 1]  # the step: admission by reuse
+        self.frac = self.params[bsz + rows + cand_n + 1:].view(cp.float32)
         # the rescoring stage: candidate counts, their CSR, exact log-sum-exps, dense exact scores
         self.cand_bound, self.cand = cand_bound, None
         if cand_bound:
@@ -89,7 +90,8 @@ class LayerState:
             self.params_h[bsz:bsz + plan.k_rows.size] = plan.k_rows.ravel()
             self._k_rows = plan.k_rows
         if self.cand is not None:
-            self.params_h[bsz + plan.k_rows.size:-1] = plan.cand_rows.ravel()
+            self.params_h[bsz + plan.k_rows.size:-2] = plan.cand_rows.ravel()
+        self.params_h[-2] = plan.step
         self.params_h.view(np.float32)[-1] = plan.cpu_fraction
 
     def set_cpu_partial(self, o: np.ndarray | None, m: np.ndarray | None, l: np.ndarray | None) -> None:

@@ -201,7 +201,8 @@ class HybridAttention:
                 arena.kv_pages, arena.kmin, arena.kmax, num_layers=options.num_layers,
                 cache_slots=config.gpu_cache_blocks if use_cache else 0, cpu_team=self.team,
                 mass_target=config.mass_target, sink_blocks=self.kept.sink_blocks,
-                recent_blocks=self.kept.recent_blocks, use_graphs=options.cuda_graphs)
+                recent_blocks=self.kept.recent_blocks, use_graphs=options.cuda_graphs,
+                admit_reused=config.cache_admission == "reused")
             self.device_state = DevicePathState(self.pipeline, cost)
         self._known: set[str] = set()
 

@@ -14,7 +14,9 @@
 //                   the misses, an evenly spread `cpu_fraction` go to the CPU (spread, so no
 //                   row is left all to one side), with their own CSR; cacheable misses (full
 //                   blocks: a partial last block is still being written) are listed for
-//                   admission, in entry order;
+//                   admission, in entry order; with a `last_seen` stamp table, only those
+//                   the layer also selected on its previous step (a block read once and
+//                   dropped is not worth its copy over the PCIe it shares with UVA reads);
 // admit_blocks      copies the listed runs from the arena (pinned host memory, through UVA)
 //                   into the next slots of the layer's ring, evicting their old owners
 //                   (how many, and where the ring stands, are read on the device).
@@ -62,7 +64,9 @@ __global__ void __launch_bounds__(SELECT_THREADS) classify_entries(
     int* __restrict__ counts,              // [4] out: hits, UVA reads, CPU, admissions
     unsigned int* __restrict__ counters,   // [2] (ticket, arrivals), zero at launch and left zero
     unsigned long long* __restrict__ status,  // [gridDim.x] look-back scratch, likewise
-    int* __restrict__ row_cpu)             // [rows] CPU entries per row, likewise
+    int* __restrict__ row_cpu,             // [rows] CPU entries per row, likewise
+    int* __restrict__ last_seen,           // [P * heads] step each key was last selected, or null
+    const int* __restrict__ stamp)         // [1] this step (read at run time), null with last_seen
 {
     __shared__ unsigned long long scan_tmp[SELECT_WARPS];
     __shared__ unsigned long long before_sh;
@@ -93,7 +97,12 @@ __global__ void __launch_bounds__(SELECT_THREADS) classify_entries(
         full = (blk + 1) * BLOCK_TOKENS <= seq_lens[b];
     }
     const bool miss = live && slot < 0;
-    const bool admit = miss && full && slot_of != nullptr;
+    bool admit = miss && full && slot_of != nullptr;
+    if (live && last_seen != nullptr) {  // a key is selected at most once per call: no race
+        const int now = *stamp;
+        admit = admit && last_seen[key] == now - 1;
+        last_seen[key] = now;
+    }
     // Misses in the low 32 bits, admissions in the high: one scan and one look-back for both.
     // The CPU's share needs no count of its own: of the first r misses, floor(r * frac) go
     // to the CPU (the per-miss rule below telescopes to that).

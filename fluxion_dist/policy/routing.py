@@ -47,8 +47,10 @@ def balanced_cpu_fraction(cost: CostModel, hits: int, misses: int, *, admits: in
 
 
 def route_entries_reference(indptr: np.ndarray, blocks: np.ndarray, block_tables: np.ndarray, seq_lens: np.ndarray,
-                            heads: int, slot_of: np.ndarray | None, cpu_fraction: float):
-    """NumPy oracle of ``classify_entries``: (sel_slot, cpu_indptr, cpu_blocks, admit_keys, counts)."""
+                            heads: int, slot_of: np.ndarray | None, cpu_fraction: float,
+                            last_seen: np.ndarray | None = None, stamp: int = 0):
+    """NumPy oracle of ``classify_entries``: (sel_slot, cpu_indptr, cpu_blocks, admit_keys, counts).
+    With ``last_seen`` (updated in place) only misses selected at ``stamp - 1`` are admitted."""
     rows = indptr.size - 1
     nnz = int(indptr[-1])
     row = np.repeat(np.arange(rows), np.diff(indptr))
@@ -61,6 +63,9 @@ def route_entries_reference(indptr: np.ndarray, blocks: np.ndarray, block_tables
     to_cpu = miss & (np.floor((r + 1) * np.float64(np.float32(cpu_fraction)))
                      > np.floor(r * np.float64(np.float32(cpu_fraction))))
     admit = miss & ((blk + 1) * BLOCK_TOKENS <= seq_lens[b]) & (slot_of is not None)
+    if last_seen is not None:
+        admit &= last_seen[key] == stamp - 1
+        last_seen[key] = stamp
     sel_slot = np.where(to_cpu, SLOT_CPU, slot).astype(np.int32)
     cpu_indptr = np.concatenate(([0], np.cumsum(np.bincount(row[to_cpu], minlength=rows)))).astype(np.int32)
     counts = np.array([nnz - miss.sum(), miss.sum() - to_cpu.sum(), to_cpu.sum(), admit.sum()], np.int32)
