@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,11 +34,10 @@ import torch  # noqa: E402
 from decode_worker.attention_setup import build_attention  # noqa: E402
 from decode_worker.engine import DecodeEngine  # noqa: E402
 from decode_worker.model_runner import ModelRunner  # noqa: E402
-from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks  # noqa: E402
+from fluxion_dist.attention.layout import BLOCK_TOKENS  # noqa: E402
 from fluxion_dist.config.schema import DecodeConfig, DeployConfig, ModelConfig, SparseConfig  # noqa: E402
 from fluxion_dist.config.loader import config_from_dict  # noqa: E402
 from fluxion_dist.quality.harness import parse_overrides  # noqa: E402
-from fluxion_dist.cpu.synthetic_arena import page_aligned  # noqa: E402
 from fluxion_dist.hybrid import CostModel, HostArena, calibrate  # noqa: E402
 from fluxion_dist.model.arch import ModelArch  # noqa: E402
 from fluxion_dist.model.hbm_kv import DenseHBMKV  # noqa: E402
@@ -47,89 +45,14 @@ from fluxion_dist.model.loader import checkpoint_dir, dummy_model, read_hf_confi
 from fluxion_dist.model.tiny import TINY_ARCH, tiny_model  # noqa: E402
 from fluxion_dist.sampling import SamplingParams  # noqa: E402
 from kv_store import KVGeometry, KVStore, StoreConfig  # noqa: E402
+from scripts.machine_probe import machine  # noqa: E402
+from scripts.synthetic_paged_kv import BenchPages  # noqa: E402
 
 GIB = 1 << 30
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-# ------------------------------------------------------------------ machine
-
-def machine(gpu: bool) -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor() or "unknown")
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    out = {"cpu": f"{cpu} x{os.cpu_count()}", "host_ram": host, "gpu": "none", "hbm_bw": None, "h2d_bw": None}
-    if gpu:
-        p = torch.cuda.get_device_properties(0)
-        out["gpu"] = f"{p.name} ({p.total_memory / GIB:.0f} GiB)"
-        out["hbm_total"] = p.total_memory
-        a = torch.empty(2 * GIB // 2, dtype=torch.int16, device="cuda")
-        b = torch.empty_like(a)
-        out["hbm_bw"] = 2 * a.nbytes / _time_gpu(lambda: b.copy_(a), 10)  # read + write
-        del a, b
-        h = torch.empty(GIB // 2, dtype=torch.int16, pin_memory=True)
-        d = torch.empty(h.shape, dtype=torch.int16, device="cuda")
-        out["h2d_bw"] = h.nbytes / _time_gpu(lambda: d.copy_(h, non_blocking=True), 5)
-        del h, d
-    return out
-
-
-def _time_gpu(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
-
-
-# ------------------------------------------------------------------ host KV arena
-
-class BenchPages:
-    """The engine's ``PagedKV`` over a synthetic arena: request ``b`` owns pages
-    ``[(b * L + layer) * nb, ... + nb)`` per layer (prompt and the decode steps' blocks)."""
-
-    def __init__(self, arch: ModelArch, batch: int, prompt_len: int, extra_tokens: int, gpu: bool) -> None:
-        L, hkv, d = arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim
-        self.nb = num_blocks(prompt_len + extra_tokens)
-        pages = batch * L * self.nb
-        self.pages = page_aligned(pages * hkv * 2 * BLOCK_TOKENS * d, np.uint16).reshape(pages, hkv, 2, BLOCK_TOKENS, d)
-        self.kmin = np.empty((pages, hkv, d), np.uint16)
-        self.kmax = np.empty((pages, hkv, d), np.uint16)
-        self.prompt_len, self.L = prompt_len, L
-        t0 = time.perf_counter()
-        _fill(self.pages, self.kmin, self.kmax, gpu)
-        self.fill_s = time.perf_counter() - t0
-        self._tables = {f"r{b}": [list(range((b * L + i) * self.nb, (b * L + i + 1) * self.nb)) for i in range(L)]
-                        for b in range(batch)}
-
-    def block_tables(self, request_id: str) -> list[list[int]]:
-        return self._tables[request_id]
-
-    def ensure_tokens(self, request_id: str, num_tokens: int) -> None:
-        if num_tokens > self.nb * BLOCK_TOKENS:
-            raise RuntimeError(f"{request_id}: {num_tokens} tokens exceed the {self.nb} blocks sized for the run")
-
-
-def _fill(pages: np.ndarray, kmin: np.ndarray, kmax: np.ndarray, gpu: bool, chunk: int = 2048) -> None:
-    """Random bf16 K/V (N(0, 1)), and each page's exact per-(head, dim) min/max of its K."""
-    host = torch.from_numpy(pages.view(np.int16))
-    lo, hi = torch.from_numpy(kmin.view(np.int16)), torch.from_numpy(kmax.view(np.int16))
-    if gpu:  # generated on the device, copied down: a pinned arena fills at PCIe speed
-        from fluxion_dist.kernels.uva import map_host_array
-        map_host_array(pages)  # page-locks it (the operator's pipeline finds it locked)
-    gen = torch.Generator(device="cuda" if gpu else "cpu").manual_seed(0)
-    for s in range(0, pages.shape[0], chunk):
-        n = min(chunk, pages.shape[0] - s)
-        x = torch.randn((n, *pages.shape[1:]), generator=gen, device=gen.device).to(torch.bfloat16)
-        k = x[:, :, 0]
-        lo[s:s + n].copy_(k.amin(dim=2).view(torch.int16))
-        hi[s:s + n].copy_(k.amax(dim=2).view(torch.int16))
-        host[s:s + n].copy_(x.view(torch.int16))
 
 
 # ------------------------------------------------------------------ TPOT
