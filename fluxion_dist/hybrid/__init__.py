@@ -10,8 +10,8 @@ One concept per module (the policy itself, plain functions, is ``fluxion_dist.po
   CuPy, everything up to the attention on the device (import only with a GPU);
 - ``merge``: host-side exact merge of partials;
 - ``step_report``: :class:`StepReport` / :class:`LayerReport`, what a step did per layer;
-- ``operator``: :class:`HybridAttention` (persistent) and its per-step CPU ``StepHook``, the
-  model's ``attend`` hook;
+- ``operator``: :class:`HybridAttention` (persistent), whose ``step`` gives the model's
+  ``attend`` hook: ``host_hook.StepHook`` on the CPU, ``device_hook.DeviceStepHook`` on a GPU;
 - ``paged_builder``: an arena and paged sequences from dense K/V (tests, benchmarks).
 
 Nothing here imports CuPy at module level.
@@ -19,8 +19,9 @@ Nothing here imports CuPy at module level.
 
 from fluxion_dist.hybrid.cost_model import CostModel, CostModelError, calibrate, measure_cpu
 from fluxion_dist.hybrid.merge import EmptyAttentionError, merge_batch_partials
+from fluxion_dist.hybrid.host_hook import StepHook
 from fluxion_dist.hybrid.operator import (HostArena, HybridAttention, HybridAttentionError, HybridOptions,
-                                          PagedSequenceView, StepHook)
+                                          PagedSequenceView)
 from fluxion_dist.hybrid.step_report import LayerReport, StepReport
 
 __all__ = [

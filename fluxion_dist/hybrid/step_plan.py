@@ -1,6 +1,6 @@
 """What both backends decide once per decode step, from the one policy: budgets and refreshes.
 
-The CPU path (``operator.StepHook``) and the GPU path (``device_hook.DeviceStepHook``) take
+The CPU path (``host_hook.StepHook``) and the GPU path (``device_hook.DeviceStepHook``) take
 their rows' block counts from :func:`plan_step` at the step's start, over every layer at once
 (``policy.budget.pooled_row_budgets``: the budget is the average over the step's layers and
 heads), and measure a layer's demand when :func:`measures` says so:
