@@ -52,13 +52,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks, pack_kv_blocks, to_bf16_bits  # noqa: E402
 from fluxion_dist.attention.synthetic import drifted_queries, make_synthetic_kv  # noqa: E402
-from fluxion_dist.config.loader import config_from_dict  # noqa: E402
+from fluxion_dist.config.loader import config_from_dict, parse_overrides  # noqa: E402
 from fluxion_dist.config.schema import SparseConfig  # noqa: E402
 from fluxion_dist.hybrid import HybridAttention, HybridOptions, calibrate  # noqa: E402
 from fluxion_dist.hybrid.operator import HostArena  # noqa: E402
 from fluxion_dist.hybrid.paged_builder import BuiltSequence, block_boxes  # noqa: E402
 from fluxion_dist.kernels.device import gpu_unavailable_reason  # noqa: E402
-from fluxion_dist.quality.harness import parse_overrides  # noqa: E402
 
 POLICIES = ("full", "quest_gpu", "cpu_only", "fixed_hybrid", "fluxion")
 HEAD_MIX = ("sink_local", "sink_local", "sink_local", "needle", "needle", "needle", "uniform", "uniform")

@@ -36,8 +36,7 @@ from decode_worker.engine import DecodeEngine  # noqa: E402
 from decode_worker.model_runner import ModelRunner  # noqa: E402
 from fluxion_dist.attention.layout import BLOCK_TOKENS  # noqa: E402
 from fluxion_dist.config.schema import DecodeConfig, DeployConfig, ModelConfig, SparseConfig  # noqa: E402
-from fluxion_dist.config.loader import config_from_dict  # noqa: E402
-from fluxion_dist.quality.harness import parse_overrides  # noqa: E402
+from fluxion_dist.config.loader import config_from_dict, parse_overrides  # noqa: E402
 from fluxion_dist.hybrid import CostModel, HostArena, calibrate  # noqa: E402
 from fluxion_dist.model.arch import ModelArch  # noqa: E402
 from fluxion_dist.model.hbm_kv import DenseHBMKV  # noqa: E402

@@ -118,6 +118,18 @@ def config_from_dict(data: Any, cls: type[T] = DeployConfig) -> T:
     return _build(cls, data, "")
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """Command-line ``--sparse KEY=VALUE`` items -> typed values (YAML scalars), for
+    :func:`config_from_dict` to validate: ``["floor_fraction=0.5", "head_predictor=false"]``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--sparse expects KEY=VALUE; got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def load_config(path: str | Path, cls: type[T] = DeployConfig) -> T:
     path = Path(path)
     try:

@@ -19,9 +19,8 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
-from fluxion_dist.config.loader import config_from_dict
+from fluxion_dist.config.loader import config_from_dict, parse_overrides
 from fluxion_dist.config.schema import SparseConfig
 from fluxion_dist.hybrid import CostModel
 from fluxion_dist.model.decoder import CausalLM, PrefillOutput
@@ -155,17 +154,6 @@ def deployment_sparse(budget: float, overrides: dict | None = None) -> SparseCon
                              f"and the budget from --budget")
     # the policy is set per runner; ``full`` validates the other fields
     return config_from_dict({**overrides, "policy": "full", "budget": budget}, SparseConfig)
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``["floor_fraction=0.5", "head_predictor=false"]`` -> typed values (YAML scalars)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--sparse expects KEY=VALUE; got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def make_runners(model: CausalLM, names: list[str], sparse: SparseConfig, cost: CostModel, *, max_tokens: int,
