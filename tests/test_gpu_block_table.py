@@ -36,7 +36,7 @@ def _selection(rng, seq_lens, heads, pages):
 @pytest.mark.parametrize("cached", [False, True, "reused"])
 @pytest.mark.parametrize("seq_lens,heads", [([1, 15, 17], 2), ([1000, 1333, 4000, 33], 8), ([20000], 1)])
 def test_classify_matches_reference(seq_lens, heads, cached, fraction):
-    """``cached="reused"``: admission by reuse, the stamps a random mix of the step before and older."""
+    """``cached="reused"``: admission by reuse within 2 steps, the stamps a random mix of 1, 2 and 14 steps back."""
     rng, seed = gpu_util.fresh_rng()
     pages = sum(-(-t // 16) for t in seq_lens) + 7
     tables, indptr, blocks = _selection(rng, seq_lens, heads, pages)
@@ -50,8 +50,9 @@ def test_classify_matches_reference(seq_lens, heads, cached, fraction):
     if cached == "reused":
         seen = rng.choice(np.array([stamp - 1, stamp - 2, -5], np.int32), pages * heads)
     seen_want = None if seen is None else seen.copy()
+    window = 2  # stamps 8 and 7 count as reuse, -5 does not
     want = route_entries_reference(indptr, blocks, tables, seq, heads, slot_of if cached else None, fraction,
-                                   seen_want, stamp)
+                                   seen_want, stamp, window)
     nnz = blocks.size
     for launch in range(2):
         seen_dev = None if seen is None else cp.asarray(seen)  # each launch from the same stamps
@@ -60,7 +61,7 @@ def test_classify_matches_reference(seq_lens, heads, cached, fraction):
         classify_entries(cp.asarray(indptr), cp.asarray(padded), cp.asarray(tables), cp.asarray(seq), heads=heads,
                          slot_of=cp.asarray(slot_of) if cached else None,
                          cpu_fraction=cp.asarray([fraction], cp.float32), out=outs, last_seen=seen_dev,
-                         stamp=None if seen is None else cp.asarray([stamp], cp.int32))
+                         stamp=None if seen is None else cp.asarray([stamp], cp.int32), window=window)
         sel_slot, cpu_indptr, cpu_blocks, admit, counts = (cp.asnumpy(x) for x in outs)
         msg = f"seed {seed}, launch {launch}"
         np.testing.assert_array_equal(counts, want[4], err_msg=msg)

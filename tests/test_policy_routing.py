@@ -94,3 +94,7 @@ def test_admission_by_reuse_admits_only_what_the_step_before_selected():
     second = route_entries_reference(indptr, blocks, tables, seq, 2, slot_of, 0.0, seen, 6)
     np.testing.assert_array_equal(second[3], keys)
     assert route_entries_reference(indptr, blocks, tables, seq, 2, slot_of, 0.0, seen, 8)[4][3] == 0  # a gap
+    seen[:] = 8
+    assert route_entries_reference(indptr, blocks, tables, seq, 2, slot_of, 0.0, seen, 11, window=3)[4][3] == 24
+    seen[:] = 8
+    assert route_entries_reference(indptr, blocks, tables, seq, 2, slot_of, 0.0, seen, 12, window=3)[4][3] == 0

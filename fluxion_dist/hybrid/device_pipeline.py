@@ -60,6 +60,7 @@ from fluxion_dist.kernels.scoring import quest_scores
 from fluxion_dist.kernels.selection import select_buffers, select_topk, select_topp
 from fluxion_dist.kernels.staging import stage_inputs, stage_output
 from fluxion_dist.kernels.uva import map_host_array
+from fluxion_dist.policy.routing import NEVER_SEEN
 
 
 _MAX_SHAPES = 8  # per layer: batch shapes x budget buckets
@@ -112,7 +113,7 @@ class DevicePipeline:
 
     def __init__(self, kv_pages: np.ndarray, kmin: np.ndarray, kmax: np.ndarray, *, num_layers: int,
                  cache_slots: int, cpu_team: AttentionTeam, mass_target: float, sink_blocks: int,
-                 recent_blocks: int, use_graphs: bool = True, admit_reused: bool = False) -> None:
+                 recent_blocks: int, use_graphs: bool = True, reuse_window: int = 0) -> None:
         pages, hkv, _, _, d = kv_pages.shape
         if pages * hkv >= 2**31:
             raise ValueError(f"{pages} pages x {hkv} heads overflow the table's int32 keys")
@@ -129,8 +130,11 @@ class DevicePipeline:
         self.slot_of = cp.full(pages * hkv, -1, cp.int32)
         self.owner = cp.full(total + 1, -1, cp.int32)  # [total]: where invalidations of uncached keys land
         self.ring = cp.zeros((num_layers, 1), cp.int32)  # next slot of each layer's ring (device side)
-        # admission by reuse: the step each (page, head) was last selected (pages are per layer)
-        self.last_seen = cp.full(pages * hkv, -2, cp.int32) if admit_reused and self.slots_per_layer else None
+        # admission by reuse (reuse_window > 0): the step each (page, head) was last selected
+        # (pages are per layer, so one table serves every layer)
+        self.reuse_window = reuse_window
+        self.last_seen = (cp.full(pages * hkv, NEVER_SEEN, cp.int32) if reuse_window > 0 and self.slots_per_layer
+                          else None)
         self.filled = [0] * num_layers  # slots in use per layer, for the eviction counts (host side)
         self.compute = cp.cuda.Stream(non_blocking=True)
         self._states: list[dict[tuple, LayerState]] = [{} for _ in range(num_layers)]
@@ -302,7 +306,8 @@ class DevicePipeline:
         reuse = use_cache and self.last_seen is not None
         classify_entries(sel.indptr, sel.blocks, tables, st.seq, heads=st.hkv, slot_of=self.slot_of if use_cache else None,
                          cpu_fraction=st.frac, out=(st.sel_slot, st.cpu_indptr, st.cpu_blocks, st.admit_keys, st.counts),
-                         last_seen=self.last_seen if reuse else None, stamp=st.stamp if reuse else None)
+                         last_seen=self.last_seen if reuse else None, stamp=st.stamp if reuse else None,
+                         window=max(self.reuse_window, 1))
         to_host = [(st.counts, st.counts_h)]
         if for_cpu:  # what the CPU partial reads
             to_host += [(st.cpu_indptr, st.cpu_indptr_h), (st.cpu_blocks, st.cpu_blocks_h), (st.q, st.q_h)]

@@ -194,7 +194,7 @@ class HybridAttention:
                 cache_slots=config.gpu_cache_blocks if use_cache else 0, cpu_team=self.team,
                 mass_target=config.mass_target, sink_blocks=self.kept.sink_blocks,
                 recent_blocks=self.kept.recent_blocks, use_graphs=options.cuda_graphs,
-                admit_reused=config.cache_admission == "reused")
+                reuse_window=config.cache_reuse_window if config.cache_admission == "reused" else 0)
             self.device_state = DevicePathState(self.pipeline, cost)
         self._known: set[str] = set()
 

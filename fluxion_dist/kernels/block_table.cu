@@ -15,8 +15,9 @@
 //                   row is left all to one side), with their own CSR; cacheable misses (full
 //                   blocks: a partial last block is still being written) are listed for
 //                   admission, in entry order; with a `last_seen` stamp table, only those
-//                   the layer also selected on its previous step (a block read once and
-//                   dropped is not worth its copy over the PCIe it shares with UVA reads);
+//                   the layer also selected within its last `window` steps (a block read
+//                   once and dropped is not worth its copy over the PCIe it shares with UVA
+//                   reads);
 // admit_blocks      copies the listed runs from the arena (pinned host memory, through UVA)
 //                   into the next slots of the layer's ring, evicting their old owners
 //                   (how many, and where the ring stands, are read on the device).
@@ -66,7 +67,8 @@ __global__ void __launch_bounds__(SELECT_THREADS) classify_entries(
     unsigned long long* __restrict__ status,  // [gridDim.x] look-back scratch, likewise
     int* __restrict__ row_cpu,             // [rows] CPU entries per row, likewise
     int* __restrict__ last_seen,           // [P * heads] step each key was last selected, or null
-    const int* __restrict__ stamp)         // [1] this step (read at run time), null with last_seen
+    const int* __restrict__ stamp,         // [1] this step (read at run time), null with last_seen
+    int window)                            // steps back a selection still counts as reuse
 {
     __shared__ unsigned long long scan_tmp[SELECT_WARPS];
     __shared__ unsigned long long before_sh;
@@ -100,7 +102,7 @@ __global__ void __launch_bounds__(SELECT_THREADS) classify_entries(
     bool admit = miss && full && slot_of != nullptr;
     if (live && last_seen != nullptr) {  // a key is selected at most once per call: no race
         const int now = *stamp;
-        admit = admit && last_seen[key] == now - 1;
+        admit = admit && now - last_seen[key] <= window;  // never-seen keys hold a far-past stamp
         last_seen[key] = now;
     }
     // Misses in the low 32 bits, admissions in the high: one scan and one look-back for both.

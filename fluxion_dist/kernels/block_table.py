@@ -39,7 +39,7 @@ def force_blocks(scores: cp.ndarray, seq_lens: cp.ndarray, *, sink_blocks: int, 
 def classify_entries(indptr: cp.ndarray, blocks: cp.ndarray, block_tables: cp.ndarray, seq_lens: cp.ndarray, *,
                      heads: int, slot_of: cp.ndarray | None, cpu_fraction: cp.ndarray,
                      out: tuple[cp.ndarray, cp.ndarray, cp.ndarray, cp.ndarray | None, cp.ndarray],
-                     last_seen: cp.ndarray | None = None, stamp: cp.ndarray | None = None) -> None:
+                     last_seen: cp.ndarray | None = None, stamp: cp.ndarray | None = None, window: int = 1) -> None:
     """Route every selected block: cache hit, UVA read or CPU (one launch, no host round trip).
 
     indptr int32 [R + 1], blocks int32 [>= nnz]: the selection, row ``b * heads + h``;
@@ -55,7 +55,8 @@ def classify_entries(indptr: cp.ndarray, blocks: cp.ndarray, block_tables: cp.nd
 
     ``last_seen`` (int32 [P * heads], with ``stamp`` int32 [1], both on the device): admission
     by reuse. Every selected key's entry becomes ``stamp``, and a miss is admitted only if its
-    entry was ``stamp - 1`` (selected on the step before as well).
+    entry was at least ``stamp - window`` (selected within the ``window`` steps before as well;
+    a never-selected key must hold a stamp far in the past, e.g. ``NEVER_SEEN``).
     """
     expect("indptr", indptr, np.int32, (None,))
     rows = indptr.shape[0] - 1
@@ -82,6 +83,8 @@ def classify_entries(indptr: cp.ndarray, blocks: cp.ndarray, block_tables: cp.nd
     if last_seen is not None:
         expect("last_seen", last_seen, np.int32, (None,))
         expect("stamp", stamp, np.int32, (1,))
+        if window < 1:
+            raise ValueError(f"window must be >= 1 step; got {window}")
     null = np.uint64(0)
     # a tile of entries per CTA, up to the lists' capacity (nnz itself is only on the device)
     tiles = max(1, -(-blocks.shape[0] // _CLASSIFY_THREADS))
@@ -90,7 +93,7 @@ def classify_entries(indptr: cp.ndarray, blocks: cp.ndarray, block_tables: cp.nd
         indptr, blocks, np.int32(rows), np.int32(heads), block_tables, np.int32(block_tables.shape[1]), seq_lens,
         slot_of if slot_of is not None else null, cpu_fraction, sel_slot, cpu_indptr, cpu_blocks,
         admit_keys if slot_of is not None else null, counts, counters, status, row_cpu,
-        last_seen if last_seen is not None else null, stamp if stamp is not None else null))
+        last_seen if last_seen is not None else null, stamp if stamp is not None else null, np.int32(window)))
 
 
 def admit_blocks(admit_keys: cp.ndarray, counts: cp.ndarray, ring: cp.ndarray, *, slot_base: int, slot_count: int,

@@ -16,6 +16,7 @@ from fluxion_dist.attention.layout import BLOCK_TOKENS
 from fluxion_dist.hybrid.cost_model import CostModel
 
 SLOT_UVA, SLOT_CPU = -1, -2
+NEVER_SEEN = -(1 << 30)  # admission by reuse: the stamp of a key never selected (steps count up from 0)
 
 
 def balanced_cpu_fraction(cost: CostModel, hits: int, misses: int, *, admits: int = 0,
@@ -48,9 +49,10 @@ def balanced_cpu_fraction(cost: CostModel, hits: int, misses: int, *, admits: in
 
 def route_entries_reference(indptr: np.ndarray, blocks: np.ndarray, block_tables: np.ndarray, seq_lens: np.ndarray,
                             heads: int, slot_of: np.ndarray | None, cpu_fraction: float,
-                            last_seen: np.ndarray | None = None, stamp: int = 0):
+                            last_seen: np.ndarray | None = None, stamp: int = 0, window: int = 1):
     """NumPy oracle of ``classify_entries``: (sel_slot, cpu_indptr, cpu_blocks, admit_keys, counts).
-    With ``last_seen`` (updated in place) only misses selected at ``stamp - 1`` are admitted."""
+    With ``last_seen`` (int32, updated in place) only misses selected within the ``window``
+    steps before ``stamp`` are admitted."""
     rows = indptr.size - 1
     nnz = int(indptr[-1])
     row = np.repeat(np.arange(rows), np.diff(indptr))
@@ -64,7 +66,7 @@ def route_entries_reference(indptr: np.ndarray, blocks: np.ndarray, block_tables
                      > np.floor(r * np.float64(np.float32(cpu_fraction))))
     admit = miss & ((blk + 1) * BLOCK_TOKENS <= seq_lens[b]) & (slot_of is not None)
     if last_seen is not None:
-        admit &= last_seen[key] == stamp - 1
+        admit &= stamp - last_seen[key].astype(np.int64) <= window
         last_seen[key] = stamp
     sel_slot = np.where(to_cpu, SLOT_CPU, slot).astype(np.int32)
     cpu_indptr = np.concatenate(([0], np.cumsum(np.bincount(row[to_cpu], minlength=rows)))).astype(np.int32)
