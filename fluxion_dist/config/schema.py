@@ -153,7 +153,7 @@ class SparseConfig:
         "which cache misses the GPU copies into the block cache: every_miss, or reused (only blocks the "
         "layer also selected within its last cache_reuse_window steps: where selections move, most misses "
         "are read once and their copies share PCIe with the UVA reads)"))
-    cache_reuse_window: int = field(default=1, metadata=doc(
+    cache_reuse_window: int = field(default=16, metadata=doc(
         "cache_admission reused: how many steps back an earlier selection of a block still counts", ge=1))
 
     def __post_init__(self) -> None:
