@@ -10,7 +10,10 @@ held-out``). Tasks start easy (codes of one or two digits, one-letter variable n
 variable tracking at one hop) and grow a step each time the code tasks (``GATED``) reach
 ``--level-gate`` at the current sizes: an answer is copied a token a digit, and the copy
 only forms while codes are short, so the sizes wait for it; they are full by ``--ramp``
-of the budget at the latest. Two phases, measured in *training time*, so a run ends on
+of the budget at the latest. Variable tracking's sizes (names of one to three letters,
+chains of one hop to four, its codes) follow a level of their own, earned the same way by
+its own accuracy, and full by ``--vt-ramp``: its lookup forms later than the needles', and
+not at all once its names and chains are long (docs/benchmarks.md). Two phases, measured in *training time*, so a run ends on
 schedule whatever the device's speed and one split over calls resumes exactly:
 
 1. short contexts (``--short``) until retrieval has formed: teacher-forced accuracy
@@ -60,6 +63,7 @@ DEFAULT_STAGES = ("0:1024x128;0.08:2048x64;0.18:4096x32;0.32:8192x16,4096x32;"
 SMOKE = dict(arch="tiny", device="cpu", short=(512, 4), stages="0:512x4", budget_minutes=60.0, call_steps=3,
              log_every=1, gate_cap=0.5, workers=0, warmup=2)
 GATED = ("niah_single", "niah_multikey")
+OWN_LEVEL = "vt_chains"  # its sizes follow a level its own accuracy earns
 _SHORT = {"niah_single": "s1", "niah_multikey": "mk", "niah_multivalue": "mv", "niah_multiquery": "mq",
           "vt_chains": "vt", "cwe": "cwe", "fwe": "fwe", "qa_facts": "qa"}
 
@@ -86,6 +90,11 @@ def level_at(trained: float, budget: float, ramp: float, earned: float = 0.0) ->
     made ahead at a slightly earlier time are the same)."""
     floor = 1.0 if ramp <= 0 else min(1.0, round(20 * trained / (ramp * budget)) / 20)
     return max(earned, floor)
+
+
+def next_level(level: float) -> float:
+    """The earned level after ``level``: its next third."""
+    return min(1.0, (math.floor(level * LEVEL_STEPS + 1e-9) + 1) / LEVEL_STEPS)
 
 
 def share_at(progress: float, start: float, end: float) -> float:
@@ -134,6 +143,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help=f"accuracy on {GATED} at the current task sizes that earns the next curriculum level")
     ap.add_argument("--ramp", type=float, default=0.6,
                     help="fraction of the budget by which tasks reach full size whatever they earned")
+    ap.add_argument("--vt-ramp", type=float, default=0.85,
+                    help=f"... the same for {OWN_LEVEL}, whose level its own accuracy earns")
     ap.add_argument("--haystack", choices=("mixed", "span"), default="mixed",
                     help="training haystacks: recombined passages with words replaced, or plain corpus spans")
     ap.add_argument("--eval-minutes", type=float, default=2.0, help="text loss on seen/held-out paragraphs this often")
@@ -183,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     step, trained, gate_at, earned = state.step, state.train_seconds, state.gate_seconds, state.level
+    earned_vt = state.vt_level
     budget = args.budget_minutes * 60  # may differ from the stored one: a run can be extended
     tv = load_text_vocab(tokenizer_dir)
     maker = BatchMaker(tokenizer_dir, state.seed, args.workers,
@@ -202,18 +214,18 @@ def main(argv: list[str] | None = None) -> int:
               f"(gap {got['held-out'] - got['seen']:+.3f}; {win}-token windows of plain paragraphs)", flush=True)
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt, model, opt, TrainerState(step, trained, state.seed, budget, gate_at, earned))
+        save_checkpoint(ckpt, model, opt, TrainerState(step, trained, state.seed, budget, gate_at, earned, earned_vt))
         write_text_tokenizer(ckpt, tokenizer_dir)
 
-    def spec_of(s: int) -> tuple[int, int, float]:
+    def spec_of(s: int) -> tuple[int, int, float, float]:
         return (*shape_at(args.short, stages, gate_at, trained, budget, s),
-                level_at(trained, budget, args.ramp, earned))
+                level_at(trained, budget, args.ramp, earned), level_at(trained, budget, args.vt_ramp, earned_vt))
 
     calls_steps = 0
     try:
         while (trained < budget and time.perf_counter() - t_call < args.call_minutes * 60
                and (args.call_steps == 0 or calls_steps < args.call_steps)):
-            (length, batch, level), samples = maker.get(step, spec_of)
+            (length, batch, level, vt_level), samples = maker.get(step, spec_of)
             t0 = time.perf_counter()
             if gate_at is None and trained >= args.gate_cap * budget:
                 gate_at = trained
@@ -248,15 +260,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"step {step:5d} | {100 * trained / budget:5.1f}% | len {length:5d}x{batch:<3d} | "
                       f"loss {float(loss_sum) / loss_n:.3f} lm {float(lm_sum) / loss_n:.3f} | "
                       + " ".join(f"{_SHORT[t]} {acc[t]:.2f}/{aloss[t]:.2f}" for t in RULER_TASKS)
-                      + f" | {tokens / dt / 1e3:5.0f}k tok/s | lr {opt.param_groups[0]['lr']:.1e} | lv {level:.2f} | "
+                      + f" | {tokens / dt / 1e3:5.0f}k tok/s | lr {opt.param_groups[0]['lr']:.1e} | lv {level:.2f} "
+                      f"vt {vt_level:.2f} | "
                       f"{time.perf_counter() - t_call:4.0f}s", flush=True)
                 # short codes are no evidence: the gate opens on full-size tasks only
                 if gate_at is None and level >= 1.0 and all(acc[t] >= args.gate for t in GATED):
                     gate_at = trained
                     print(f"phase 2 at step {step}: {GATED} reached {args.gate}", flush=True)
                 if level < 1.0 and all(acc[t] >= args.level_gate for t in GATED):
-                    earned = min(1.0, (math.floor(level * LEVEL_STEPS + 1e-9) + 1) / LEVEL_STEPS)
+                    earned = next_level(level)
                     print(f"curriculum level {earned:.2f} at step {step}: {GATED} reached {args.level_gate}",
+                          flush=True)
+                if vt_level < 1.0 and acc[OWN_LEVEL] >= args.level_gate:
+                    earned_vt = next_level(vt_level)
+                    print(f"{OWN_LEVEL} level {earned_vt:.2f} at step {step}: its accuracy reached {args.level_gate}",
                           flush=True)
                 tally.zero_()
                 loss_sum, lm_sum, loss_n, tokens = (torch.zeros((), device=device), torch.zeros((), device=device),

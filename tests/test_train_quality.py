@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fluxion_dist.config.schema import ModelConfig
 from fluxion_dist.model.loader import load_from_config
+from fluxion_dist.quality.corpus import CORPUS_DIR
 from fluxion_dist.quality.model import TEXT_ARCH, TINY_TEXT_ARCH, init_model, load_quality_model
 from fluxion_dist.quality.ruler_tasks import RULER_TASKS, make_ruler_sample, ruler_training_queries
 from fluxion_dist.quality.tasks import TaskSuite
@@ -226,12 +227,28 @@ def test_the_code_tasks_earn_the_curriculum_a_step_at_a_time(tmp_path, capsys):
     out = capsys.readouterr().out
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("curriculum level")] == [
         "curriculum level 0.33 at step 1", "curriculum level 0.67 at step 2", "curriculum level 1.00 at step 3"]
+    # variable tracking earns its own level the same way, from its own accuracy
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("vt_chains level")] == [
+        "vt_chains level 0.33 at step 1", "vt_chains level 0.67 at step 2", "vt_chains level 1.00 at step 3"]
     state = json.loads((tmp_path / "earned" / "checkpoint" / "trainer_state.json").read_text())
-    assert state["level"] == 1.0
+    assert state["level"] == 1.0 and state["vt_level"] == 1.0
     assert train_quality_model.main(args) == 0
     out = capsys.readouterr().out
     assert "curriculum level" not in out and "lv 1.00" in out
     assert train_quality_model.main(["--smoke", "--out", str(tmp_path / "held"), "--level-gate", "1.01",
                                      "--ramp", "100", *shape]) == 0
     out = capsys.readouterr().out
-    assert "curriculum level" not in out and "lv 0.00" in out
+    assert "curriculum level" not in out and "lv 0.00 vt 0.00" in out
+
+
+def test_variable_tracking_grows_with_its_own_level():
+    """A batch at the needles' full level but variable tracking's first: its samples still
+    ask for one hop under one-letter names; the other tasks are at full size."""
+    batch = make_batch(CORPUS_DIR, 0, 1, 2048, 12, level=1.0, vt_level=0.0)
+    vt = [a for smp in batch if smp.task == "vt_chains" for _, a in smp.texts]
+    assert vt and all(len(a.split()) == 2 and all(len(n) == 1 for n in a.split()) for a in vt)
+    codes = [a for smp in batch if smp.task == "niah_single" for _, a in smp.texts]
+    assert codes and all(len(c) == 5 for c in codes)
+    shared = make_batch(CORPUS_DIR, 0, 1, 2048, 12, level=1.0)  # vt_level None: the shared level
+    i = next(i for i, smp in enumerate(shared) if smp.task == "vt_chains")
+    assert shared[i].texts == make_batch(CORPUS_DIR, 0, 1, 2048, 12, level=1.0, vt_level=1.0)[i].texts

@@ -1,7 +1,8 @@
 """Training batches of RULER samples, made ahead of the GPU in worker processes.
 
 A batch is a pure function of (seed, step, spec), the spec being (length, batch,
-curriculum level): a resumed run draws the same samples for the same step. Its
+curriculum level, variable tracking's own level): a resumed run draws the same samples for
+the same step. Its
 haystacks are training ones (``train_haystack``: recombined passages with words
 replaced) unless the run asks for plain corpus spans. Making a 128-sample batch of short contexts takes about as
 long as the GPU's step on it, so ``BatchMaker`` keeps a few steps in flight in a process
@@ -29,13 +30,15 @@ CYCLE = ("niah_multikey", "vt_chains", "qa_facts", "niah_single", "cwe", "niah_m
 
 
 def make_batch(tokenizer_dir: Path, seed: int, step: int, length: int, batch: int, level: float = 1.0,
-               mix: HaystackMix | None = HaystackMix()) -> list[Sample]:
-    """``level``: the tasks' curriculum (``make_ruler_sample``); ``mix=None``: corpus-span haystacks."""
+               vt_level: float | None = None, mix: HaystackMix | None = HaystackMix()) -> list[Sample]:
+    """``level``: the tasks' curriculum (``make_ruler_sample``), ``vt_level`` variable tracking's
+    (None: the same); ``mix=None``: corpus-span haystacks."""
     tv = load_text_vocab(Path(tokenizer_dir))
     rng = np.random.default_rng([seed, step])
     tasks = [CYCLE[(step + i) % len(CYCLE)] for i in range(batch)]
-    return [make_ruler_sample(t, tv, rng, length, queries=ruler_training_queries(t), vary=True, level=level,
-                              mix=mix) for t in tasks]
+    return [make_ruler_sample(t, tv, rng, length, queries=ruler_training_queries(t), vary=True,
+                              level=vt_level if t == "vt_chains" and vt_level is not None else level, mix=mix)
+            for t in tasks]
 
 
 class BatchMaker:
@@ -47,10 +50,10 @@ class BatchMaker:
         self.tokenizer_dir, self.seed, self.depth, self.mix = Path(tokenizer_dir), seed, depth, mix
         self.pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
                      if workers > 0 else None)
-        self.queue: deque[tuple[int, tuple[int, int, float], Future]] = deque()
+        self.queue: deque[tuple[int, tuple, Future]] = deque()
 
-    def get(self, step: int, spec_of) -> tuple[tuple[int, int, float], list[Sample]]:
-        """``spec_of(step)`` -> (length, batch, level) for that step under the current schedule."""
+    def get(self, step: int, spec_of) -> tuple[tuple, list[Sample]]:
+        """``spec_of(step)`` -> (length, batch, level, vt_level) for that step under the current schedule."""
         if self.pool is None:
             spec = spec_of(step)
             return spec, make_batch(self.tokenizer_dir, self.seed, step, *spec, mix=self.mix)

@@ -39,6 +39,7 @@ class TrainerState:
     budget_seconds: float
     gate_seconds: float | None  # train_seconds when the short-context phase ended; None: not yet
     level: float = 0.0  # the curriculum level the code tasks have earned (the trainer's ``--level-gate``)
+    vt_level: float = 0.0  # variable tracking's own, earned by its accuracy
 
 
 def named_param_order(model: CausalLM, optimizer: torch.optim.Optimizer) -> list[str]:
