@@ -315,6 +315,35 @@ def test_bad_inputs_raise_typed_errors():
     op.close()
 
 
+def test_a_quality_target_reads_more_than_the_floor_and_no_more_than_the_cap():
+    """fluxion with max_output_error: once demand is measured every row holds at least
+    Quest's share (the floor) plus what its demand asks, and the request's average stays under
+    max_request_budget; the selection contains the fixed budget's (top-k of the same scores)."""
+    dec = Decode([3000, 2500], 2, 4, steps=4, seed=11)
+    sparse = {"max_output_error": 0.001, "max_request_budget": 0.3}
+    target = dec.operator("fluxion", "cpu", budget=0.05, sparse=sparse, record_selection=True)
+    fixed = dec.operator("fluxion", "cpu", budget=0.05, record_selection=True)  # the same arena: both
+    # append the same token to the same slot
+    used = []
+    for step in range(3):
+        hook = target.step(dec.seqs, dec.ids)
+        twin = fixed.step(dec.seqs, dec.ids)
+        for layer in range(dec.layers):
+            q, kn, vn = dec.layer_inputs(2)
+            for h in (hook, twin):
+                h(layer, torch.from_numpy(q), torch.from_numpy(kn), torch.from_numpy(vn))
+            if step:
+                (ip, bl), (ip0, bl0) = hook.selections[layer], twin.selections[layer]
+                for r in range(ip.size - 1):
+                    assert set(bl0[ip0[r]:ip0[r + 1]]) <= set(bl[ip[r]:ip[r + 1]])
+        used.append(hook.report().budget_per_request)
+        for s in dec.seqs:
+            s.seq_len += 1
+    assert all(0.05 - 1e-9 <= u <= 0.3 + 0.01 for u in used[-1]) and max(used[-1]) > 0.06
+    target.close()
+    fixed.close()
+
+
 def test_token_refinement_attends_the_best_tokens_of_the_candidates():
     """fluxion with token_refine_factor on the CPU: per row 16 k tokens (k: the plan's blocks),
     the sinks and window whole, the rest the highest exact scores (max over the group's query

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from fluxion_dist.policy.budget import (BudgetError, forced_count, kept_mask, pooled_row_budgets, share_blocks,
-                                        water_fill, water_fill_rows)
+from fluxion_dist.policy.budget import (BudgetError, demand_row_budgets, forced_count, kept_mask,
+                                        pooled_row_budgets, share_blocks, water_fill, water_fill_rows)
 
 OPTS = dict(sink_blocks=1, recent_blocks=9)
 
@@ -115,6 +115,31 @@ def test_no_demand_is_the_fixed_rule_and_budgets_are_per_request():
     full = pooled_row_budgets(demand * 0 + 5, np.array([500]).repeat(3), 1.0, floor_fraction=0.5,
                               head_predictor=True, **OPTS)
     assert np.all(full == 500)
+
+
+def test_a_quality_target_reads_each_rows_demand_under_the_cap():
+    """Under max_output_error every row reads its kept blocks plus its demand, whatever the
+    average comes to, until the request's rows together ask for more than the cap: then the
+    demand is water-filled (needles whole, dense rows cut); every row keeps its floor;
+    unmeasured or full requests keep the fixed rule at their budget."""
+    nb = np.array([1000, 1000, 500])
+    demand = np.zeros((2, 3, 2), np.int64)
+    demand[:, 0] = [[3, 0], [40, 7]]  # request 0: a little demand, far below 5%
+    demand[:, 1] = [[5, 990], [990, 990]]  # request 1: three dense rows, over a 25% cap
+    demand[0, 2, 1] = -1  # request 2: one row unmeasured
+    got = demand_row_budgets(demand, nb, 0.05, 0.25, floor_fraction=0.0, **OPTS)
+    kept = 10
+    np.testing.assert_array_equal(got[:, 0], kept + demand[:, 0])
+    assert got[:, 1].sum() == 250 * 4 and got[0, 1, 0] == kept + 5  # the cap, the needle row whole
+    assert got[:, 1].max() - np.sort(got[:, 1].ravel())[1] <= 1  # the dense rows share the rest
+    assert np.all(got[:, 2] == 25)  # the fixed share of 500 blocks at 5%
+    assert np.all(demand_row_budgets(demand, nb, [0.05, 0.05, 1.0], 0.25, floor_fraction=0.0, **OPTS)[:, 2] == 500)
+    assert np.all(got <= nb[None, :, None])
+    floored = demand_row_budgets(demand, nb, 0.05, 0.25, floor_fraction=1.0, **OPTS)  # at least Quest's share
+    assert np.all(floored[:, 0] == np.maximum(50, kept + demand[:, 0]))
+    assert floored[:, 1].sum() == 250 * 4 and floored[0, 1, 0] == 50
+    with pytest.raises(BudgetError, match="cap"):
+        demand_row_budgets(demand, nb, 0.05, 0.0, floor_fraction=0.0, **OPTS)
 
 
 def test_full_floors_without_the_predictor_are_the_fixed_rule():

@@ -141,6 +141,12 @@ class SparseConfig:
         "of them (sinks and window whole), so the budget buys tokens instead of blocks; >= 1 when on, "
         "not with rescore_factor; rejected on the GPU pipeline, which selects whole blocks (off by default: "
         "on the quality model it raised the output error and slowed the CPU step, docs/benchmarks.md)", ge=0))
+    max_output_error: float = field(default=0.0, metadata=doc(
+        "fluxion: a quality target instead of a fixed average budget; 0: off. Each row reads its sinks and "
+        "window plus the blocks its demand pass finds holding 1 - max_output_error of the estimated softmax "
+        "mass (the output's error is about the missing mass times the spread of the values), at least its "
+        "floor (floor_fraction of budget), the request's average capped at max_request_budget; budget is "
+        "also the share of a request whose demand is not measured yet. Overrides mass_target", ge=0, le=0.5))
     max_request_budget: float = field(default=0.25, metadata=doc(
         "largest budget a request's own sparse.budget may ask for", gt=0, le=1))
     sink_tokens: int = field(default=16, metadata=doc("leading tokens always attended", ge=0))

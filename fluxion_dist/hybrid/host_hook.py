@@ -24,8 +24,8 @@ from fluxion_dist.cpu.attention import BatchPartial
 from fluxion_dist.cpu.team import AttentionTeam
 from fluxion_dist.hybrid.merge import merge_batch_partials
 from fluxion_dist.hybrid.operator import HybridAttentionError
-from fluxion_dist.hybrid.step_plan import (blocks_after_append, demand_of, measures, plan_step, request_budgets,
-                                           rescore_factor, token_refine_factor)
+from fluxion_dist.hybrid.step_plan import (blocks_after_append, demand_mass, demand_of, measures, plan_step,
+                                           request_budgets, rescore_factor, token_refine_factor)
 from fluxion_dist.hybrid.step_report import LayerReport, StepReport
 from fluxion_dist.policy import select as twin
 
@@ -122,7 +122,7 @@ class StepHook:
         kv = np.ascontiguousarray(cpu_sel.kv_head_max(scores, hkv))  # [B, Hkv, W]
         rows = kv.reshape(-1, kv.shape[2])
         if measures(op.config, self.budgets, self.demand, self.step, layer, op.options.refresh_steps):
-            top = cpu_sel.select_topp(rows, op.config.mass_target, num_threads=threads, row_lens=row_lens,
+            top = cpu_sel.select_topp(rows, demand_mass(op.config), num_threads=threads, row_lens=row_lens,
                                       team=self.selection_team)
             far = twin.far_demand(top.indptr, top.ids, seq_lens, hkv, sink_blocks=op.kept.sink_blocks,
                                   recent_blocks=op.kept.recent_blocks)

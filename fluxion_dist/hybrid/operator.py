@@ -69,7 +69,7 @@ from fluxion_dist.config.schema import SparseConfig
 from fluxion_dist.cpu.team import AttentionTeam
 from fluxion_dist.errors import FluxionError
 from fluxion_dist.hybrid.cost_model import CostModel
-from fluxion_dist.hybrid.step_plan import KeptBlocks
+from fluxion_dist.hybrid.step_plan import KeptBlocks, demand_mass
 from fluxion_dist.policy.names import TRAITS
 from fluxion_dist.policy.request import RequestSparse
 
@@ -192,7 +192,7 @@ class HybridAttention:
             self.pipeline = DevicePipeline(
                 arena.kv_pages, arena.kmin, arena.kmax, num_layers=options.num_layers,
                 cache_slots=config.gpu_cache_blocks if use_cache else 0, cpu_team=self.team,
-                mass_target=config.mass_target, sink_blocks=self.kept.sink_blocks,
+                mass_target=demand_mass(config), sink_blocks=self.kept.sink_blocks,
                 recent_blocks=self.kept.recent_blocks, use_graphs=options.cuda_graphs,
                 reuse_window=config.cache_reuse_window if config.cache_admission == "reused" else 0)
             self.device_state = DevicePathState(self.pipeline, cost)

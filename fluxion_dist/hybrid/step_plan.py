@@ -9,7 +9,8 @@ heads), and measure a layer's demand when :func:`measures` says so:
 - ``fixed``: every row the fixed share of its request's budget; nothing measured;
 - ``fluxion``: pooled budgets from the demand known at the step's start (per request and
   layer, the far demand of the top-p pass at the mass target); a request not measured yet
-  gets the fixed share. A layer measures every ``refresh_steps`` steps, staggered over the
+  gets the fixed share. Under a quality target (``max_output_error``) every row reads its
+  demand at ``1 - max_output_error`` instead, capped per request (``demand_row_budgets``). A layer measures every ``refresh_steps`` steps, staggered over the
   layers so a step refreshes only some of them, and on every step where a request of the
   batch has no demand for it yet; never where demand cannot move a block (floors at the
   full share without the head predictor: then fluxion reads Quest's share per row).
@@ -28,7 +29,7 @@ import numpy as np
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS, num_blocks
 from fluxion_dist.config.schema import SparseConfig
-from fluxion_dist.policy.budget import pooled_row_budgets
+from fluxion_dist.policy.budget import demand_row_budgets, pooled_row_budgets
 from fluxion_dist.policy.names import traits
 from fluxion_dist.policy.request import RequestSparse
 
@@ -66,10 +67,19 @@ def demand_of(demand: dict[tuple[str, int], np.ndarray], request_ids: Sequence[s
     return out
 
 
+def demand_mass(config: SparseConfig) -> float:
+    """The estimated mass a row's demand must hold: ``1 - max_output_error`` under a quality
+    target, else ``mass_target``."""
+    return 1.0 - config.max_output_error if config.max_output_error > 0 else config.mass_target
+
+
 def plan_step(config: SparseConfig, kept: KeptBlocks, demand: np.ndarray | None, nb: np.ndarray,
               budgets: np.ndarray, num_layers: int, num_kv_heads: int) -> np.ndarray:
     """``int64 [L, B, Hkv]`` blocks per row for the step (kept blocks included)."""
     rule = traits(config.policy).selection
+    if rule == "fluxion" and config.max_output_error > 0 and demand is not None:
+        return demand_row_budgets(demand, nb, budgets, config.max_request_budget, sink_blocks=kept.sink_blocks,
+                                  recent_blocks=kept.recent_blocks, floor_fraction=config.floor_fraction)
     return pooled_row_budgets(demand if rule == "fluxion" else None, nb, budgets, sink_blocks=kept.sink_blocks,
                               recent_blocks=kept.recent_blocks, floor_fraction=config.floor_fraction,
                               head_predictor=config.head_predictor, num_layers=num_layers,
@@ -79,7 +89,7 @@ def plan_step(config: SparseConfig, kept: KeptBlocks, demand: np.ndarray | None,
 def demand_matters(config: SparseConfig) -> bool:
     """Whether demand can move a row's blocks: not with floors at the full share and no head
     predictor (every row then reads the fixed share, whatever it measures)."""
-    return config.floor_fraction < 1.0 or config.head_predictor
+    return config.floor_fraction < 1.0 or config.head_predictor or config.max_output_error > 0
 
 
 def measures(config: SparseConfig, budgets: np.ndarray, demand: np.ndarray | None, step: int, layer: int,

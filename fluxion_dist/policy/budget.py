@@ -17,6 +17,9 @@ the floors, across all layers and heads of the request (a needle head's few bloc
 squeezed by a dense head's long tail); what is left once every demand is met is spread evenly
 so the pool is spent. A request without measured demand gets the fixed rule.
 
+:func:`demand_row_budgets` is the rule under a quality target (``sparse.max_output_error``):
+every row its kept blocks plus its demand, a request's average capped, no pool to spend.
+
 Vectorised over the batch: the host runs it once per step over L x B x Hkv rows.
 """
 
@@ -134,3 +137,39 @@ def pooled_row_budgets(demand, nb, budget, *, sink_blocks: int, recent_blocks: i
         grant += water_fill_rows(n - grant, rest)
     out[known] = grant
     return out.reshape(bsz, layers, hkv).transpose(1, 0, 2)
+
+
+def demand_row_budgets(demand, nb, budget, cap, *, sink_blocks: int, recent_blocks: int,
+                       floor_fraction: float) -> np.ndarray:
+    """Blocks per row ``int64 [L, B, Hkv]`` under a quality target: each row its kept blocks
+    plus its measured ``demand`` (``[L, B, Hkv]``, as for :func:`pooled_row_budgets`), at least
+    its floor (``floor_fraction`` of its request's ``budget``, as pooled) and never above nb; a
+    request whose rows together ask for more than ``cap`` (its average budget's ceiling, one
+    float) of its blocks gets the demand beyond the floors water-filled under that many. A
+    request with any demand unmeasured (negative), or ``budget`` 1.0 (every block), gets the
+    fixed rule at its ``budget [B]``."""
+    demand = np.asarray(demand, dtype=np.int64)
+    nb = np.asarray(nb, dtype=np.int64)
+    if demand.ndim != 3 or demand.shape[1] != nb.size:
+        raise BudgetError(f"demand must be [L, B={nb.size}, Hkv]; got {demand.shape}")
+    if not 0 < cap <= 1:
+        raise BudgetError(f"cap must lie in (0, 1]; got {cap}")
+    layers, bsz, hkv = demand.shape
+    out = pooled_row_budgets(None, nb, budget, sink_blocks=sink_blocks, recent_blocks=recent_blocks,
+                             floor_fraction=1.0, head_predictor=False, num_layers=layers, num_kv_heads=hkv)
+    budget = np.broadcast_to(np.asarray(budget, dtype=np.float64), (bsz,))
+    dem = demand.transpose(1, 0, 2).reshape(bsz, layers * hkv)
+    use = (dem.min(axis=1) >= 0) & (budget < 1.0)
+    if not use.any():
+        return out
+    n, k = nb[use][:, None], np.minimum(nb[use], sink_blocks + recent_blocks)[:, None]
+    floor = k
+    if floor_fraction > 0:
+        floor = np.minimum(np.maximum(k, share_blocks(n, floor_fraction * budget[use][:, None])), n)
+    floor = np.broadcast_to(floor, dem[use].shape)  # one per row: the room below sums them
+    want = np.maximum(np.minimum(n, k + dem[use]) - floor, 0)  # beyond the floors
+    room = np.maximum(share_blocks(nb[use], cap) * layers * hkv - floor.sum(axis=1), 0)
+    grant = floor + water_fill_rows(want, room)
+    rows = out.transpose(1, 0, 2).reshape(bsz, layers * hkv)
+    rows[use] = grant
+    return rows.reshape(bsz, layers, hkv).transpose(1, 0, 2)
