@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(SELECT_THREADS) classify_entries(
     const int e = tile * SELECT_THREADS + tid;
     const bool live = e < nnz;
     int row = 0, blk = 0, key = 0, slot = SLOT_UVA;
-    bool full = false;
+    bool cacheable = false;  // a full block (a partial last one is still being written), reused if asked
     if (live) {
         int lo = 0, hi = rows;  // the last row starting at or before e: indptr[lo] <= e < indptr[hi]
         while (hi - lo > 1) {
@@ -96,15 +96,11 @@ __global__ void __launch_bounds__(SELECT_THREADS) classify_entries(
         blk = blocks[e];
         key = block_tables[(long long)b * max_blocks + blk] * heads + row % heads;
         if (slot_of != nullptr) slot = slot_of[key];
-        full = (blk + 1) * BLOCK_TOKENS <= seq_lens[b];
+        cacheable = (blk + 1) * BLOCK_TOKENS <= seq_lens[b];
+        if (last_seen != nullptr) cacheable = cacheable && *stamp - last_seen[key] <= window;
     }
     const bool miss = live && slot < 0;
-    bool admit = miss && full && slot_of != nullptr;
-    if (live && last_seen != nullptr) {  // a key is selected at most once per call: no race
-        const int now = *stamp;
-        admit = admit && now - last_seen[key] <= window;  // never-seen keys hold a far-past stamp
-        last_seen[key] = now;
-    }
+    const bool admit = miss && cacheable && slot_of != nullptr;
     // Misses in the low 32 bits, admissions in the high: one scan and one look-back for both.
     // The CPU's share needs no count of its own: of the first r misses, floor(r * frac) go
     // to the CPU (the per-miss rule below telescopes to that).
@@ -122,6 +118,7 @@ __global__ void __launch_bounds__(SELECT_THREADS) classify_entries(
             atomicAdd(&row_cpu[row], 1);
         }
         if (admit) admit_keys[at >> 32] = key;
+        if (last_seen != nullptr) last_seen[key] = *stamp;  // a key is selected at most once per call: no race
     }
 
     __threadfence();
