@@ -8,9 +8,8 @@ scores move). One table: torch SDPA full attention with all KV in HBM, each base
 policy (full over host KV, quest_gpu, cpu_only, fixed_hybrid at budget 0.05) and Fluxion;
 per-step time (the host's planning included), ratios, budget used, blocks per device, GPU
 idle (1 - attention kernel time measured with CUDA events / step wall time; and the cost
-model's prediction), and the CPU share's time per step as the cost model the split used
-predicted it and as the team's calls measured it (the split follows the measured rate,
-``cost_model.observe_cpu``). ``--rescore-factors 0 2`` runs fluxion once per factor (rows
+model's prediction), and the CPU share's time per step, predicted by the split's cost model
+(``cost_model.observe_cpu``) and measured. ``--rescore-factors 0 2`` runs fluxion once per factor (rows
 ``fluxion``, ``fluxion+rs2``: the rescoring stage's cost in the same table); ``--sparse
 KEY=VALUE`` sets any other SparseConfig field for every policy. Memory pressure:
 ``--cache-fraction 0.25`` sizes the GPU block cache at a quarter of the step's selected

@@ -52,7 +52,7 @@ from fluxion_dist.quality.corpus import CORPUS_DIR  # noqa: E402
 from fluxion_dist.quality.model import TEXT_ARCH, TINY_TEXT_ARCH, export_model, init_model, write_text_tokenizer  # noqa: E402
 from fluxion_dist.quality.ruler_tasks import RULER_TASKS  # noqa: E402
 from fluxion_dist.quality.text_vocab import load_text_vocab  # noqa: E402
-from fluxion_dist.quality.train_batches import BatchMaker  # noqa: E402
+from fluxion_dist.quality.train_batches import OWN_LEVEL_TASK, BatchMaker  # noqa: E402
 from fluxion_dist.quality.train_checkpoint import (TrainerState, has_checkpoint, load_checkpoint,  # noqa: E402
                                                    save_checkpoint)
 from fluxion_dist.quality.train_forward import lm_loss, text_loss  # noqa: E402
@@ -63,7 +63,6 @@ DEFAULT_STAGES = ("0:1024x128;0.08:2048x64;0.18:4096x32;0.32:8192x16,4096x32;"
 SMOKE = dict(arch="tiny", device="cpu", short=(512, 4), stages="0:512x4", budget_minutes=60.0, call_steps=3,
              log_every=1, gate_cap=0.5, workers=0, warmup=2)
 GATED = ("niah_single", "niah_multikey")
-OWN_LEVEL = "vt_chains"  # its sizes follow a level its own accuracy earns
 _SHORT = {"niah_single": "s1", "niah_multikey": "mk", "niah_multivalue": "mv", "niah_multiquery": "mq",
           "vt_chains": "vt", "cwe": "cwe", "fwe": "fwe", "qa_facts": "qa"}
 
@@ -144,7 +143,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ramp", type=float, default=0.6,
                     help="fraction of the budget by which tasks reach full size whatever they earned")
     ap.add_argument("--vt-ramp", type=float, default=0.85,
-                    help=f"... the same for {OWN_LEVEL}, whose level its own accuracy earns")
+                    help=f"... the same for {OWN_LEVEL_TASK}, whose level its own accuracy earns")
     ap.add_argument("--haystack", choices=("mixed", "span"), default="mixed",
                     help="training haystacks: recombined passages with words replaced, or plain corpus spans")
     ap.add_argument("--eval-minutes", type=float, default=2.0, help="text loss on seen/held-out paragraphs this often")
@@ -271,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                     earned = next_level(level)
                     print(f"curriculum level {earned:.2f} at step {step}: {GATED} reached {args.level_gate}",
                           flush=True)
-                if vt_level < 1.0 and acc[OWN_LEVEL] >= args.level_gate:
+                if vt_level < 1.0 and acc[OWN_LEVEL_TASK] >= args.level_gate:
                     earned_vt = next_level(vt_level)
-                    print(f"{OWN_LEVEL} level {earned_vt:.2f} at step {step}: its accuracy reached {args.level_gate}",
+                    print(f"{OWN_LEVEL_TASK} level {earned_vt:.2f} at step {step}: its accuracy reached {args.level_gate}",
                           flush=True)
                 tally.zero_()
                 loss_sum, lm_sum, loss_n, tokens = (torch.zeros((), device=device), torch.zeros((), device=device),

@@ -10,7 +10,8 @@ heads), and measure a layer's demand when :func:`measures` says so:
 - ``fluxion``: pooled budgets from the demand known at the step's start (per request and
   layer, the far demand of the top-p pass at the mass target); a request not measured yet
   gets the fixed share. Under a quality target (``max_output_error``) every row reads its
-  demand at ``1 - max_output_error`` instead, capped per request (``demand_row_budgets``). A layer measures every ``refresh_steps`` steps, staggered over the
+  demand at ``1 - max_output_error`` instead, capped per request (``demand_row_budgets``).
+  A layer measures every ``refresh_steps`` steps, staggered over the
   layers so a step refreshes only some of them, and on every step where a request of the
   batch has no demand for it yet; never where demand cannot move a block (floors at the
   full share without the head predictor: then fluxion reads Quest's share per row).

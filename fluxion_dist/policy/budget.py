@@ -81,6 +81,14 @@ def water_fill(demand, cap: int) -> np.ndarray:
     return water_fill_rows(np.asarray(demand, dtype=np.int64)[None], [cap])[0]
 
 
+def row_floors(kept, nb, budget, floor_fraction: float) -> np.ndarray:
+    """A row's floor: ``floor_fraction`` of its request's ``budget`` in blocks, never below its
+    ``kept`` blocks nor above its ``nb`` (arrays that broadcast together)."""
+    if floor_fraction <= 0:
+        return np.asarray(kept)
+    return np.minimum(np.maximum(kept, share_blocks(nb, floor_fraction * budget)), nb)
+
+
 def pooled_row_budgets(demand, nb, budget, *, sink_blocks: int, recent_blocks: int, floor_fraction: float,
                        head_predictor: bool, num_layers: int | None = None,
                        num_kv_heads: int | None = None) -> np.ndarray:
@@ -125,9 +133,7 @@ def pooled_row_budgets(demand, nb, budget, *, sink_blocks: int, recent_blocks: i
             return out.reshape(bsz, layers, hkv).transpose(1, 0, 2)
         dem, nb, kept, share, budget = dem[known], nb[known], kept[known], share[known], budget[known]
     k, n = kept[:, None], nb[:, None]
-    floor = k
-    if floor_fraction > 0:
-        floor = np.minimum(np.maximum(k, share_blocks(n, floor_fraction * budget[:, None])), n)
+    floor = row_floors(k, n, budget[:, None], floor_fraction)
     grant = np.where(dem == 0, k, floor) if head_predictor else np.repeat(floor, rows, axis=1)
     surplus = np.maximum(share * rows - grant.sum(axis=1), 0)
     extra = water_fill_rows(np.maximum(np.minimum(k + dem, n) - grant, 0), surplus)
@@ -163,10 +169,7 @@ def demand_row_budgets(demand, nb, budget, cap, *, sink_blocks: int, recent_bloc
     if not use.any():
         return out
     n, k = nb[use][:, None], np.minimum(nb[use], sink_blocks + recent_blocks)[:, None]
-    floor = k
-    if floor_fraction > 0:
-        floor = np.minimum(np.maximum(k, share_blocks(n, floor_fraction * budget[use][:, None])), n)
-    floor = np.broadcast_to(floor, dem[use].shape)  # one per row: the room below sums them
+    floor = np.broadcast_to(row_floors(k, n, budget[use][:, None], floor_fraction), dem[use].shape)
     want = np.maximum(np.minimum(n, k + dem[use]) - floor, 0)  # beyond the floors
     room = np.maximum(share_blocks(nb[use], cap) * layers * hkv - floor.sum(axis=1), 0)
     grant = floor + water_fill_rows(want, room)

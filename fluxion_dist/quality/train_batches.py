@@ -2,8 +2,7 @@
 
 A batch is a pure function of (seed, step, spec), the spec being (length, batch,
 curriculum level, variable tracking's own level): a resumed run draws the same samples for
-the same step. Its
-haystacks are training ones (``train_haystack``: recombined passages with words
+the same step. Its haystacks are training ones (``train_haystack``: recombined passages with words
 replaced) unless the run asks for plain corpus spans. Making a 128-sample batch of short contexts takes about as
 long as the GPU's step on it, so ``BatchMaker`` keeps a few steps in flight in a process
 pool (spawned, not forked: the parent holds a CUDA context).
@@ -29,15 +28,19 @@ CYCLE = ("niah_multikey", "vt_chains", "qa_facts", "niah_single", "cwe", "niah_m
          "niah_multikey", "vt_chains", "qa_facts", "niah_multiquery", "fwe", "cwe")
 
 
+# the task whose sizes follow a curriculum level of its own (the trainer earns it from its accuracy)
+OWN_LEVEL_TASK = "vt_chains"
+
+
 def make_batch(tokenizer_dir: Path, seed: int, step: int, length: int, batch: int, level: float = 1.0,
                vt_level: float | None = None, mix: HaystackMix | None = HaystackMix()) -> list[Sample]:
-    """``level``: the tasks' curriculum (``make_ruler_sample``), ``vt_level`` variable tracking's
-    (None: the same); ``mix=None``: corpus-span haystacks."""
+    """``level``: the tasks' curriculum (``make_ruler_sample``), ``vt_level`` that of
+    ``OWN_LEVEL_TASK`` (None: the same); ``mix=None``: corpus-span haystacks."""
     tv = load_text_vocab(Path(tokenizer_dir))
     rng = np.random.default_rng([seed, step])
     tasks = [CYCLE[(step + i) % len(CYCLE)] for i in range(batch)]
     return [make_ruler_sample(t, tv, rng, length, queries=ruler_training_queries(t), vary=True,
-                              level=vt_level if t == "vt_chains" and vt_level is not None else level, mix=mix)
+                              level=vt_level if t == OWN_LEVEL_TASK and vt_level is not None else level, mix=mix)
             for t in tasks]
 
 
