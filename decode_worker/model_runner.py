@@ -10,15 +10,22 @@ captured as ONE graph per padded batch size (1, 2, 4, ..., max_batch_size), on t
 use of that size: the eager run is that step (so capturing rewrites nothing), later steps copy
 their inputs and replay. The hybrid operator's hook does host work per layer call (its plan,
 the CPU share's wait for the routing) and replays its own per-layer graphs
-(``hybrid.device_pipeline``), so it is not captured: its steps replay *piecewise*, each
-layer's model pieces (norm + q/k/v + RoPE, and o_proj + MLP) as CUDA graphs per batch size,
-the hook called eagerly between them. ``enforce_eager`` turns both off. On the CPU every step
+(``hybrid.device_pipeline``), so it is not captured as such. It plans its whole step up front
+instead (``plan_whole_step``: every layer's rows, refreshes and CPU shares, with a key naming
+the graph's structure); the first time a key is seen the step replays *piecewise* (each
+layer's model pieces, norm + q/k/v + RoPE and o_proj + MLP, as CUDA graphs per batch size, the
+hook called eagerly between them, which warms the operator's own graphs); the second time the
+whole step (model pieces, operator work, the CPU share as a host node) is captured as one
+graph under that key, and later steps with the key replay it (``hybrid.step_graph``).
+``enforce_eager`` turns all of them off. On the CPU every step
 is eager.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -33,6 +40,9 @@ log = logging.getLogger(__name__)
 # keep making CUDA calls (an admitted request's block metadata goes to the device), which a
 # process-wide ("global") capture would fail; only this thread's calls can fail a thread-local one.
 _CAPTURE_MODE = "thread_local"
+# whole-step graphs kept per runner (a key per refresh phase and CPU-branch pattern: few repeat)
+_MAX_STEP_GRAPHS = 32
+_MAX_KEYS_SEEN = 1024
 
 
 def padded_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -69,8 +79,14 @@ class ModelRunner:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pieces: dict[int, _Pieces] = {}
         self._pieces_failed = False
+        self._steps: OrderedDict[tuple, _StepGraph] = OrderedDict()  # whole-step graphs, least recent first
+        self._steps_seen: set[tuple] = set()
+        self._steps_failed = False
+        self.step_graphs = True  # whole-step graphs for hooks that plan their step (benchmarks turn them off)
+        self.plan_s = 0.0  # host time in the hooks' whole-step planning, summed (benchmarks)
         self._pool = None
         self.graph_replays = 0  # steps served by a replay (tests, benchmarks)
+        self.step_graph_replays = 0  # of those, a hybrid hook's whole-step graphs
 
     def padded(self, n: int) -> int:
         if not 1 <= n <= self.max_batch_size:
@@ -93,6 +109,12 @@ class ModelRunner:
             bind(pos)
         if not graph:
             if self.use_graphs:
+                plan = getattr(attend, "plan_whole_step", None)
+                t0 = time.perf_counter()
+                key = plan(self.model.arch.num_attention_heads) if plan is not None and self.step_graphs else None
+                self.plan_s += time.perf_counter() - t0
+                if key is not None:
+                    return self._run_whole_step(ids, pos, attend, (n, key))
                 return self._run_pieces(ids, pos, attend)
             return self.model.decode_step(ids, pos, attend)[:n]
         key = (bs, id(attend))
@@ -152,6 +174,44 @@ class ModelRunner:
         self.graph_replays += 1
         return pw.logits
 
+    def _run_whole_step(self, ids: torch.Tensor, pos: torch.Tensor, attend, key: tuple) -> torch.Tensor:
+        entry = self._steps.get(key)
+        if entry is None:
+            if self._steps_failed or key not in self._steps_seen:
+                if len(self._steps_seen) >= _MAX_KEYS_SEEN:
+                    self._steps_seen.clear()
+                self._steps_seen.add(key)  # a first sight warms the layers' own graphs
+                return self._run_pieces(ids, pos, attend)
+            try:
+                entry = self._capture_step(ids, pos, attend)
+            except RuntimeError:
+                log.exception("whole-step CUDA-graph capture failed; replaying pieces from now on")
+                self._steps_failed = True
+                torch.cuda.synchronize()
+                return self._run_pieces(ids, pos, attend)
+            if len(self._steps) >= _MAX_STEP_GRAPHS:
+                self._steps.popitem(last=False)
+            self._steps[key] = entry
+        else:
+            self._steps.move_to_end(key)
+        attend.before_replay(entry.captured)
+        entry.graph.replay()
+        attend.after_replay(entry.captured)
+        self.graph_replays += 1
+        self.step_graph_replays += 1
+        return entry.logits[:ids.shape[0]]
+
+    def _capture_step(self, ids: torch.Tensor, pos: torch.Tensor, attend) -> "_StepGraph":
+        """Capture the planned step (the capture runs nothing: the replay that follows is the step)."""
+        torch.cuda.synchronize()
+        hook = attend.capture_hook()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool, stream=hook.stream, capture_error_mode=_CAPTURE_MODE):
+            logits = self.model.decode_step(ids, pos, hook)
+        if self._pool is None:
+            self._pool = g.pool()
+        return _StepGraph(g, logits, hook.captured)
+
     def _capture_pieces(self, ids: torch.Tensor, pos: torch.Tensor) -> "_Pieces":
         m, n = self.model, ids.shape[0]
         a = m.arch
@@ -190,6 +250,8 @@ class ModelRunner:
         """Drop the captured graphs (a hook they captured is going away)."""
         self._graphs.clear()
         self._pieces.clear()
+        self._steps.clear()
+        self._steps_seen.clear()
         self._pool = None
 
 
@@ -210,3 +272,13 @@ class _Pieces:
     sin: torch.Tensor
     attn: torch.Tensor
     logits: torch.Tensor
+
+
+@dataclass(slots=True)
+class _StepGraph:
+    """A hybrid hook's whole step as one graph; ``captured`` is what its replays need from the
+    hook (``hybrid.step_graph.CapturedLayer``: io words, the layer states it holds)."""
+
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor
+    captured: list

@@ -87,17 +87,22 @@ def bench_threads() -> int:
 
 def tpot_hybrid(model, arch: ModelArch, pages: BenchPages, batch: int, policy: str, budget: float,
                 cost: CostModel, gpu: bool, warmup: int, steps: int, cache_blocks: int, eager: bool,
-                sparse: dict | None = None):
+                sparse: dict | None = None, step_graphs: bool = True, no_cpu_share: bool = False):
     # the operator a deployment of this policy builds (decode_worker.attention_setup), on this node
     cfg = DeployConfig(decode=DecodeConfig(num_gpus=1 if gpu else 0, max_batch_size=batch, enforce_eager=eager,
                                            sparse=SparseConfig(policy=policy, budget=budget, gpu_cache_blocks=cache_blocks,
                                                                cpu_threads=bench_threads(), **(sparse or {}))))
     op = build_attention(cfg, arch, HostArena(pages.pages, pages.kmin, pages.kmax), cost)
     engine = DecodeEngine(model, pages, batch, op, enforce_eager=eager)
+    engine.runner.step_graphs = step_graphs
+    if no_cpu_share:
+        op.mode = "gpu_only"
     for b in range(batch):
         engine.add(f"r{b}", pages.prompt_len, 7, SamplingParams(max_tokens=warmup + steps + 2, ignore_eos=True), None)
     times, reports = [], []
     for i in range(warmup + steps):
+        if i == warmup:
+            engine.runner.plan_s = 0.0
         t0 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t0)
@@ -106,7 +111,7 @@ def tpot_hybrid(model, arch: ModelArch, pages: BenchPages, batch: int, policy: s
     for b in range(batch):
         engine.abort(f"r{b}")
     op.close()
-    return _stats(times[warmup:]), reports
+    return _stats(times[warmup:]), reports, engine.runner.plan_s / steps
 
 
 def kv_bytes(arch: ModelArch, tokens: int) -> int:
@@ -191,7 +196,9 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--steps", type=int, default=64, help="timed steps per row (>= 64 for a p99)")
-    ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (graph capture, cache fill)")
+    ap.add_argument("--warmup", type=int, default=24,
+                    help="untimed steps first (graph capture: a whole-step key is captured on its second sight, "
+                         "and keys cycle over refresh_steps; cache fill)")
     ap.add_argument("--budget", type=float, default=0.05, help="sparse budget of (b) and (c)")
     ap.add_argument("--cache-blocks", type=int, default=1 << 20, help="fluxion's GPU cache slots (8 KiB each at d=128)")
     ap.add_argument("--policies", nargs="+", default=["fluxion", "quest_gpu", "fixed_hybrid"])
@@ -201,6 +208,11 @@ def main(argv=None) -> int:
     ap.add_argument("--host-ram-gib", type=float, default=None, help="host RAM the arena may use (default: 75%% of it)")
     ap.add_argument("--max-batch", type=int, default=64, help="the --hbm-limit-gib search stops here")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--no-cpu-share", action="store_true",
+                    help="also time each hybrid policy with every miss read by the GPU (over UVA): what the CPU "
+                         "share buys")
+    ap.add_argument("--piecewise", action="store_true",
+                    help="also time each hybrid policy without whole-step graphs (per-layer replays), beside")
     ap.add_argument("--sparse", action="append", default=[], metavar="KEY=VALUE",
                     help="set another SparseConfig field of the hybrid rows (repeatable), e.g. cache_admission=reused")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, a few steps, every path once")
@@ -264,10 +276,16 @@ def main(argv=None) -> int:
             pages = BenchPages(arch, batch, ctx, extra, gpu)
             log(f"arena ctx={ctx} B={batch}: {pages.pages.nbytes / GIB:.1f} GiB filled in {pages.fill_s:.1f} s")
             med = {}
-            for policy in args.policies:
-                (m, p99), reports = tpot_hybrid(model, arch, pages, batch, policy, args.budget, cost, gpu,
-                                                args.warmup, args.steps, args.cache_blocks, args.enforce_eager,
-                                                args.sparse_overrides)
+            runs = [(p, True, False) for p in args.policies]
+            runs += [(p, False, False) for p in args.policies if args.piecewise]
+            runs += [(p, True, True) for p in args.policies if args.no_cpu_share]
+            for policy, whole, gpu_only in runs:
+                (m, p99), reports, plan_s = tpot_hybrid(model, arch, pages, batch, policy, args.budget, cost, gpu,
+                                                        args.warmup, args.steps, args.cache_blocks, args.enforce_eager,
+                                                        args.sparse_overrides, whole, gpu_only)
+                policy += "" if whole else "(piecewise)"
+                policy += "(no CPU share)" if gpu_only else ""
+                spans = [r.gpu_span_s for r in reports if r.gpu_span_s is not None]
                 med[policy] = m
                 fl = floor_hybrid(reports, arch, weights, mach)
                 used = np.mean([r.budget_used for r in reports])
@@ -277,7 +295,9 @@ def main(argv=None) -> int:
                     f"{m / fl:.2f} | budget used {used:.3f} | (block, head) runs per step: cached {where[0]:.0f}, "
                     f"UVA {where[1]:.0f}, CPU {where[2]:.0f} | CPU ms per step predicted "
                     f"{np.mean([r.predicted_cpu_s for r in reports]) * 1e3:.2f}, measured "
-                    f"{np.mean([r.measured_cpu_s for r in reports]) * 1e3:.2f}")
+                    f"{np.mean([r.measured_cpu_s for r in reports]) * 1e3:.2f} | whole-step graph replays "
+                    f"{sum(r.whole_step for r in reports)} of {len(reports)}, host planning {plan_s * 1e3:.2f} ms, "
+                    f"GPU span {np.median(spans) * 1e3 if spans else float('nan'):.2f} ms per step")
             del pages
             ratios = [f"{p}/dense_hbm {med[p] / med_a:.2f}" for p in med]
             ratios += [f"{p}/fluxion {med[p] / med['fluxion']:.2f}" for p in med if p != "fluxion" and "fluxion" in med]
@@ -328,7 +348,7 @@ def hbm_limit(args, model, arch, weights, cost, mach, gpu, host_cap) -> None:
     row = f"HBM limit ctx={ctx} fluxion: largest batch {fit_b} (host RAM bound {int(host_cap // per_host)})"
     if fit_b:
         pages = BenchPages(arch, fit_b, ctx, extra, gpu)
-        (med, _), _ = tpot_hybrid(model, arch, pages, fit_b, "fluxion", args.budget, cost, gpu, args.warmup,
+        (med, _), _, _ = tpot_hybrid(model, arch, pages, fit_b, "fluxion", args.budget, cost, gpu, args.warmup,
                                   args.steps, args.cache_blocks, args.enforce_eager, args.sparse_overrides)
         row += f", {fit_b / med:.1f} tokens/s"
         del pages

@@ -88,7 +88,7 @@ def test_runner_graph_replay_equals_eager_on_the_quality_model():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
-def _hybrid_engine(model, policy, budget=1.0, enforce_eager=False):
+def _hybrid_engine(model, policy, budget=1.0, enforce_eager=False, static_cpu_fraction=None):
     arch = model.arch
     geo = KVGeometry(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
     store = KVStore(StoreConfig(geo, 64 << 20, pin="auto"))
@@ -96,11 +96,12 @@ def _hybrid_engine(model, policy, budget=1.0, enforce_eager=False):
     cost = calibrate(arch.head_dim, arch.num_key_value_heads, arch.gqa_group, num_threads=2, gpu=True)
     op = HybridAttention(HostArena(pages.pages, pages.kmin, pages.kmax),
                          SparseConfig(policy=policy, budget=budget, mass_target=0.95), cost,
-                         HybridOptions(num_layers=arch.num_hidden_layers, cpu_threads=2, device="gpu"))
+                         HybridOptions(num_layers=arch.num_hidden_layers, cpu_threads=2, device="gpu",
+                                       static_cpu_fraction=static_cpu_fraction))
     return DecodeEngine(model, pages, 4, op, enforce_eager=enforce_eager), pages, store
 
 
-def _decode_one(model, engine, pages, store, prompt, steps):
+def _decode_one(model, engine, pages, store, prompt, steps, reports=None):
     pre = model.prefill(torch.tensor(prompt, device=CUDA))
     pages.admit("r", len(prompt), steps)
     store.put("r", len(prompt), [pack_layer(k, v) for k, v in zip(pre.keys, pre.values)])
@@ -109,8 +110,38 @@ def _decode_one(model, engine, pages, store, prompt, steps):
     got = [first]
     while engine.num_active:
         got += [ev.token for ev in engine.step()]
+        if reports is not None:
+            reports.append(engine.last_report)
     pages.release("r")
     return got
+
+
+@pytest.mark.parametrize("policy, budget, cpu_share", [("full", 1.0, None), ("fluxion", 0.1, None),
+                                                       ("fixed_hybrid", 0.2, 0.5)])
+def test_whole_step_graphs_equal_eager(policy, budget, cpu_share):
+    """Once a step's key repeats, the whole step (model pieces, the operator's work, the CPU
+    share as a host node) replays as one graph: the same tokens as the eager step, and the CPU
+    did its share inside the replays (fixed_hybrid: half of every layer's blocks)."""
+    model = _quality()
+    prompt = torch.randint(5, 1664, (2500,), generator=torch.Generator().manual_seed(9)).tolist()
+    runs = []
+    for eager in (True, False):
+        engine, pages, store = _hybrid_engine(model, policy, budget, enforce_eager=eager,
+                                              static_cpu_fraction=cpu_share)
+        reports = []
+        runs.append(_decode_one(model, engine, pages, store, prompt, 24, reports))
+        if not eager:
+            assert engine.runner.step_graph_replays >= 8, engine.runner.step_graph_replays
+            whole = [r for r in reports if r.whole_step]
+            assert len(whole) == engine.runner.step_graph_replays and all(r.gpu_span_s for r in whole)
+            assert all(r.gpu_busy_s is None for r in whole)  # no layer timed apart
+            if cpu_share:
+                assert all(sum(x.cpu_blocks for x in r.layers) > 0 for r in whole)
+                assert all(x.measured_cpu_s > 0 for r in whole for x in r.layers if x.cpu_blocks)
+        assert pages.occupancy()["used_pages"] == 0
+        engine.attention.close()
+        store.close()
+    assert runs[0] == runs[1]
 
 
 def test_piecewise_graphs_over_the_hybrid_operator_equal_eager():
@@ -144,11 +175,11 @@ def test_runner_over_the_hybrid_operator_on_the_gpu(policy, budget):
     while engine.num_active:
         got += [ev.token for ev in engine.step()]
         report = engine.last_report
-        assert report.measured_gpu_idle_fraction is not None  # the GPU ran the attention
+        assert report.gpu_span_s is not None  # the GPU ran the attention
         if policy == "fluxion":
             assert report.budget_used < 0.5
     pages.release("r")
-    assert engine.runner.graph_replays == 6  # 7 decode steps: every one after the first replays its pieces
+    assert engine.runner.graph_replays == 6  # 7 decode steps: every one after the first replays (pieces or whole)
     if policy == "full":
         runner = ModelRunner(model, 1)
         kv = DenseHBMKV(model.arch, 1, len(prompt) + 8, CUDA, 1)

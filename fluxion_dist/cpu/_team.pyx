@@ -37,6 +37,23 @@ cdef extern from "worker_team.h" nogil:
     void fx_team_hold(fx_team *t, int hold)
 
 
+cdef extern from "host_job.h" nogil:
+    ctypedef struct fx_host_job:
+        fx_team *team
+        fx_attn_job job
+        const int32_t *counts
+        int64_t capacity, parts
+        int members
+        float scale2
+        int64_t *i64
+        float *f32
+        int64_t last_entries, last_ns
+        int error
+        int64_t detail
+    void fx_host_job_run(void *arg) noexcept
+    int FX_HOST_OK, FX_HOST_BUSY, FX_HOST_FORKED, FX_HOST_BAD_CSR, FX_HOST_BAD_BLOCK, FX_HOST_TOO_MANY
+
+
 cdef extern from "read_fold.h" nogil:
     ctypedef struct fx_fold_job:
         const uint64_t *words
@@ -291,6 +308,15 @@ cdef class Team:
         self._run(fx_fold_work, &j, j.pieces - 1)
         return j.acc
 
+    def _host_job(self, cnp.ndarray kv_pages, cnp.ndarray seq_lens, cnp.ndarray block_tables, cnp.ndarray q,
+                  cnp.ndarray indptr, cnp.ndarray blocks, cnp.ndarray counts, cnp.ndarray o, cnp.ndarray m,
+                  cnp.ndarray l, float scale, int isa, int prefetch):
+        """A HostJob on this team over checked buffers (team.AttentionTeam.host_job)."""
+        if self.team == NULL:
+            raise RuntimeError("the team is closed")
+        return HostJob(self, kv_pages, seq_lens, block_tables, q, indptr, blocks, counts, o, m, l, scale, isa,
+                       prefetch)
+
     def hold_workers(self, bint hold):
         """Tests: while held, the workers join no call, as if the scheduler never ran them; the
         caller then does all the work."""
@@ -376,3 +402,103 @@ cdef class Team:
             j.ids, j.phase, j.next = &ids[0], 1, 0
             self._run(fx_rows_work, &j, R - 1)
         return indptr[R]
+
+
+cdef class HostJob:
+    """A layer's CPU share, run from a CUDA host node (host_job.h) or by ``run`` (tests, and
+    the host's own call). Holds the buffers it reads and writes, and the team."""
+
+    cdef fx_host_job *h
+    cdef object refs
+
+    def __cinit__(self, Team team, cnp.ndarray kv_pages, cnp.ndarray seq_lens, cnp.ndarray block_tables,
+                  cnp.ndarray q, cnp.ndarray indptr, cnp.ndarray blocks, cnp.ndarray counts, cnp.ndarray o,
+                  cnp.ndarray m, cnp.ndarray l, float scale, int isa, int prefetch):
+        cdef int64_t n_i64, n_f32
+        self.h = <fx_host_job *>malloc(sizeof(fx_host_job))
+        if self.h == NULL:
+            raise MemoryError("no memory for a host job")
+        self.refs = (team, kv_pages, seq_lens, block_tables, q, indptr, blocks, counts, o, m, l)
+        cdef fx_host_job *h = self.h
+        h.i64, h.f32 = NULL, NULL
+        h.team = team.team
+        h.job.a.kv = <const uint16_t *>cnp.PyArray_DATA(kv_pages)
+        h.job.a.num_pages = kv_pages.shape[0]
+        h.job.a.page_stride = kv_pages.strides[0] // 2
+        h.job.a.head_stride = kv_pages.strides[1] // 2
+        h.job.a.d = <int>kv_pages.shape[4]
+        h.job.hkv = kv_pages.shape[1]
+        h.job.B, h.job.hq = q.shape[0], q.shape[1]
+        h.job.a.g = <int>(h.job.hq // h.job.hkv)
+        h.job.rows = h.job.B * h.job.hkv
+        h.job.q = <const float *>cnp.PyArray_DATA(q)
+        h.job.bt = <const int32_t *>cnp.PyArray_DATA(block_tables)
+        h.job.bt_stride = block_tables.strides[0] // 4
+        h.job.seq_lens = <const int32_t *>cnp.PyArray_DATA(seq_lens)
+        h.job.indptr = <const int32_t *>cnp.PyArray_DATA(indptr)
+        h.job.blocks = <const int32_t *>cnp.PyArray_DATA(blocks)
+        h.job.masks = NULL
+        h.job.nnz = 0
+        h.job.o = <float *>cnp.PyArray_DATA(o)
+        h.job.m = <float *>cnp.PyArray_DATA(m)
+        h.job.l = <float *>cnp.PyArray_DATA(l)
+        h.job.isa, h.job.prefetch = isa, prefetch
+        h.counts = <const int32_t *>cnp.PyArray_DATA(counts)
+        h.capacity = blocks.shape[0]
+        h.parts, h.members = team.parts, team.num_threads
+        h.scale2 = scale * FX_LOG2E
+        h.last_entries, h.last_ns, h.error, h.detail = 0, 0, FX_HOST_OK, 0
+        fx_job_scratch(h.job.rows, h.parts, h.job.B * h.job.hq * h.job.a.d, h.job.a.g, h.job.a.d, h.members,
+                       &n_i64, &n_f32)
+        h.i64 = <int64_t *>malloc(max(n_i64, 1) * sizeof(int64_t))
+        h.f32 = <float *>fx_alloc(max(n_f32, 1) * sizeof(float))
+        if h.i64 == NULL or h.f32 == NULL:
+            raise MemoryError("no memory for a host job's scratch")
+
+    def __dealloc__(self):
+        if self.h != NULL:
+            free(self.h.i64)
+            free(self.h.f32)
+            free(self.h)
+
+    @property
+    def function(self) -> int:
+        """The address of the host function (a CUhostFn)."""
+        return <size_t>&fx_host_job_run
+
+    @property
+    def address(self) -> int:
+        """The host function's argument."""
+        return <size_t>self.h
+
+    @property
+    def last_entries(self) -> int:
+        """The CPU's (block, head) entries in the last call."""
+        return self.h.last_entries
+
+    @property
+    def last_seconds(self) -> float:
+        return self.h.last_ns * 1e-9
+
+    def run(self):
+        """Call the host function here, as a host node would."""
+        with nogil:
+            fx_host_job_run(self.h)
+
+    def take_error(self):
+        """None, or the error latched since the last take (an exception to raise), cleared."""
+        cdef int err = self.h.error
+        cdef int64_t detail = self.h.detail
+        self.h.error, self.h.detail = FX_HOST_OK, 0
+        if err == FX_HOST_OK:
+            return None
+        if err == FX_HOST_BAD_BLOCK:
+            team, kv, lens, bt, q, indptr, blocks = self.refs[:7]
+            dims = _checks.ArenaDims(q.shape[0], q.shape[1], kv.shape[1], kv.shape[4], kv.shape[0], bt.shape[1])
+            return _checks.bad_block(indptr, blocks, detail, dims, bt, lens)
+        if err == FX_HOST_BAD_CSR:
+            return ValueError(f"the CPU share's CSR is malformed at row {detail}")
+        if err == FX_HOST_TOO_MANY:
+            return ValueError(f"the CPU share names {detail} entries; its buffer holds {self.h.capacity}")
+        return RuntimeError("the team's threads belong to the process it was made in (this one forked since)"
+                            if err == FX_HOST_FORKED else "the team was running another call")

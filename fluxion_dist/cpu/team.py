@@ -116,6 +116,29 @@ class AttentionTeam:
         layer's ``block_tables [B, max_blocks]`` (i32, rows may be strided)."""
         return self._native.attend(q, block_tables, sel_indptr, sel_blocks, sel_masks)
 
+    def host_job(self, kv_pages: np.ndarray, seq_lens: np.ndarray, block_tables: np.ndarray, q: np.ndarray,
+                 sel_indptr: np.ndarray, sel_blocks: np.ndarray, counts: np.ndarray, out: BatchPartial,
+                 scale: float) -> _team.HostJob:
+        """A layer's CPU share as a function a CUDA host node calls (``cpu/host_job.h``): the
+        partial of ``q`` over the CSR ``sel_indptr`` / the first ``counts[2]`` of ``sel_blocks``
+        into ``out``'s arrays, as ``attend`` computes it. Every buffer is checked here, once, and
+        referenced: the caller rewrites ``seq_lens``, ``block_tables`` and ``q`` in place
+        between calls. The job runs on this team, so no other call may run on it meanwhile."""
+        if self.closed:
+            raise RuntimeError("the team is closed")
+        dims = _checks.arena(q, kv_pages, block_tables, seq_lens)
+        rows = dims.batch * dims.num_kv_heads
+        for name, x, dtype, shape in (("sel_indptr", sel_indptr, np.int32, (rows + 1,)),
+                                      ("sel_blocks", sel_blocks, np.int32, sel_blocks.shape[:1]),
+                                      ("counts", counts, np.int32, (4,)), ("out.o", out.o, np.float32, q.shape),
+                                      ("out.m", out.m, np.float32, q.shape[:2]),
+                                      ("out.l", out.l, np.float32, q.shape[:2])):
+            _checks.contiguous(name, _checks.array(name, x, dtype, len(shape)))
+            _checks.shape(name, x, shape)
+        isa_code = _checks.resolve_isa(self.isa, dims.head_dim)
+        return self.native._host_job(kv_pages, seq_lens, block_tables, q, sel_indptr, sel_blocks, counts, out.o,
+                                     out.m, out.l, _checks.finite_scale(scale), isa_code, self.prefetch)
+
     def scattered_read(self, words: np.ndarray, starts: np.ndarray, run_words: int) -> int:
         """The XOR fold of the ``run_words``-word runs of ``words`` (u64) at ``starts`` (i64), read
         on this team's threads with no arithmetic: a benchmark's ceiling for ``attend``'s

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from fluxion_dist.attention.layout import num_blocks
+from fluxion_dist.hybrid import step_graph
 from fluxion_dist.hybrid.cost_model import CostModel, observe_cpu
 from fluxion_dist.hybrid.device_pipeline import DevicePipeline, LayerOutcome, LayerPlan, copy_bytes
 from fluxion_dist.hybrid.operator import HybridAttentionError  # operator imports this module lazily
@@ -63,6 +64,7 @@ class DeviceTables:
         self.host: np.ndarray | None = None
         self.dev: cp.ndarray | None = None
         self.dev_layers: list[cp.ndarray] = []  # views of ``dev``, one per layer
+        self.generation = 0  # bumped when the arrays are made anew (graphs captured their addresses)
 
     def get(self, batch: Sequence["PagedSequenceView"], request_ids: Sequence[str],
             stream: cp.cuda.Stream) -> tuple[np.ndarray, list[cp.ndarray]]:
@@ -70,7 +72,12 @@ class DeviceTables:
         if key != self._key or self.host is None:
             layers = len(batch[0].block_tables)
             width = -(-max(n for _, n in key) // self.WIDTH_STEP) * self.WIDTH_STEP
-            host = np.zeros((layers, len(batch), width), np.int32)
+            shape = (layers, len(batch), width)
+            if self.host is None or self.host.shape != shape:
+                self.host = np.zeros(shape, np.int32)
+                self.generation += 1
+            host = self.host
+            host.fill(0)
             for b, s in enumerate(batch):
                 for layer, row in enumerate(s.block_tables):
                     host[layer, b, :len(row)] = row
@@ -80,7 +87,7 @@ class DeviceTables:
                     self.dev_layers = list(self.dev)
                 else:
                     self.dev.set(host, stream=stream)
-            self.host, self._key = host, key
+            self._key = key
         return self.host, self.dev_layers
 
 
@@ -96,6 +103,10 @@ class DevicePathState:
         self.last_counts: dict[int, tuple[int, int, int]] = {}  # layer -> hits, misses, admissions
         self.unread: dict[int, tuple[LayerOutcome, tuple[str, ...]]] = {}  # layer -> last call, its requests
         self.steps = 0
+        # kept across steps so whole-step graphs repeat (step_graph): each layer's list bound,
+        # and the step until which a layer keeps its CPU branch
+        self.bounds: dict[int, int] = {}
+        self.branch_until: dict[int, int] = {}
         # a split costs the host's lead over the GPU, about one layer's host time: measured on
         # the GPU-only calls, the calibrated launch overhead until then
         self.host_layer_s = cost.gpu_overhead_s
@@ -151,6 +162,8 @@ class DeviceStepHook:
         self.outcomes: list[tuple[int, LayerOutcome, float, float, CostModel]] = []
         self._used: list[np.ndarray] = []  # per layer call: [B] budget used per request
         self._caller: int | None = None  # the caller's CUDA stream, read at the step's first call
+        self.planned: dict = {}  # layer -> step_graph.PlannedLayer, once the whole step is planned
+        self.step_events: tuple = ()  # a whole-step replay's start and end
         self.step = state.steps
         state.steps += 1
 
@@ -162,9 +175,12 @@ class DeviceStepHook:
         self.demand = demand_of(state.demand, self.request_ids, layers, hkv)
         self.k_rows = plan_step(op.config, op.kept, self.demand, self.nb, self.budgets, layers, hkv).astype(np.int32)
 
-    def _plan(self, layer: int) -> tuple[LayerPlan, float]:
+    def plan_layer(self, layer: int) -> tuple[LayerPlan, float]:
         """The layer's plan (and its budget used), from the step's rows and the layer's last counts."""
         op = self.op
+        if layer in self.planned:
+            p = self.planned[layer]
+            return p.plan, p.used
         if self.k_rows is None:
             self._plan_step()
         k_rows = np.minimum(self.k_rows[layer], self.nb[:, None].astype(np.int32))
@@ -172,6 +188,10 @@ class DeviceStepHook:
         used = float((k_rows / self.nb[:, None]).mean())
         width = self.tables_host.shape[2]
         bound = _bucket(int(k_rows.max()), width)
+        last = self.state.bounds.get(layer, 0)
+        if bound < last < 4 * bound and last <= width:  # shrink only past a factor 4: fewer shapes
+            bound = last
+        self.state.bounds[layer] = bound
         cand, cand_bound = None, 0
         factor = rescore_factor(op.config, k_rows, self.nb)
         if factor:  # the rescoring stage's candidates (policy.select step 5)
@@ -199,7 +219,7 @@ class DeviceStepHook:
         t0 = time.perf_counter()
         # learning and planning happen here, per layer, while the GPU still runs earlier layers
         state.learn(layer)
-        plan, used = self._plan(layer)
+        plan, used = self.plan_layer(layer)
         st = pipe.prepare(layer, plan, bsz, q.shape[1], self.tables_host.shape[2])
         caller = None
         if q.is_cuda:
@@ -241,9 +261,29 @@ class DeviceStepHook:
         wall = time.perf_counter() - t0
         if plan.cpu_fraction == 0 and q.is_cuda:
             state.host_layer_s += 0.1 * (wall - state.host_layer_s)
-        self.outcomes.append((layer, res, wall, used, state.cost))
-        self._used.append(plan.k_rows.mean(axis=1) / self.nb)
+        self.record(layer, res, wall, used, plan)
         return result
+
+    def record(self, layer: int, res: LayerOutcome, wall: float, used: float, plan: LayerPlan) -> None:
+        self.outcomes.append((layer, res, wall, used, self.state.cost))
+        self._used.append(plan.k_rows.mean(axis=1) / self.nb)
+
+    # The whole-step graph (step_graph, driven by the model runner): plan, capture, replay.
+    def plan_whole_step(self, num_q_heads: int) -> tuple | None:
+        """Plan every layer now; the whole-step graph's key, or None where the step cannot be
+        one graph (the harness reads each layer's selection back)."""
+        if self.op.options.record_selection:
+            return None
+        return step_graph.plan(self, num_q_heads)
+
+    def capture_hook(self) -> "step_graph.CaptureHook":
+        return step_graph.CaptureHook(self)
+
+    def before_replay(self, captured) -> None:
+        step_graph.before_replay(self, captured)
+
+    def after_replay(self, captured) -> None:
+        step_graph.after_replay(self, captured)
 
     def report(self) -> StepReport:
         """What the step did (waits for its GPU work). Call before the next step's calls: the
@@ -260,7 +300,8 @@ class DeviceStepHook:
         if self.outcomes:
             span = cp.cuda.get_elapsed_time(self.outcomes[0][1].spans[0][0], self.outcomes[-1][1].end) / 1e3
         per_request = tuple(float(x) for x in np.mean(self._used, axis=0)) if self._used else ()
-        return StepReport(tuple(reports), gpu_span_s=span, budget_per_request=per_request)
+        whole = bool(self.outcomes) and self.outcomes[0][1].whole_step
+        return StepReport(tuple(reports), gpu_span_s=span, budget_per_request=per_request, whole_step=whole)
 
 
 def _bucket(k_max: int, width: int) -> int:

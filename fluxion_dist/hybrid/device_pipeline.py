@@ -43,16 +43,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cupy as cp
 import numpy as np
 
 from fluxion_dist.attention.layout import BLOCK_TOKENS
 from fluxion_dist.cpu.team import AttentionTeam
+from fluxion_dist.cpu.attention import BatchPartial
 from fluxion_dist.hybrid.far_demand import far_demand
 from fluxion_dist.hybrid.layer_state import LayerState
 from fluxion_dist.kernels.append import append_kv
 from fluxion_dist.kernels.attention import sparse_partial_attention as gpu_partial
+from fluxion_dist.kernels.host_node import launch_host_func
 from fluxion_dist.kernels.block_table import admit_blocks, classify_entries, force_blocks
 from fluxion_dist.kernels.merge import merge_attention
 from fluxion_dist.kernels.rescore import candidate_lse, candidate_scores
@@ -62,6 +65,9 @@ from fluxion_dist.kernels.staging import stage_inputs, stage_output
 from fluxion_dist.kernels.uva import map_host_array
 from fluxion_dist.policy.routing import NEVER_SEEN
 
+
+if TYPE_CHECKING:
+    from fluxion_dist.cpu._team import HostJob
 
 _MAX_SHAPES = 8  # per layer: batch shapes x budget buckets
 
@@ -91,6 +97,8 @@ class LayerOutcome:
     plan: LayerPlan
     counts: "LayerCounts | None" = None  # read once
     cpu_s: float = 0.0  # host time of the CPU partial (the team's attend), 0 without one
+    host_job: "HostJob | None" = None  # a whole-step graph's host node: its CPU partial, read once done
+    whole_step: bool = False  # replayed in a whole-step graph: its span is the step's, not the layer's
 
     @property
     def end(self) -> cp.cuda.Event:
@@ -137,6 +145,8 @@ class DevicePipeline:
                           else None)
         self.filled = [0] * num_layers  # slots in use per layer, for the eviction counts (host side)
         self.compute = cp.cuda.Stream(non_blocking=True)
+        self.side = cp.cuda.Stream(non_blocking=True)  # a whole-step graph's CPU branches fork onto it
+        self.lengths: dict[int, np.ndarray] = {}  # batch size -> the host jobs' lengths, rewritten per step
         self._states: list[dict[tuple, LayerState]] = [{} for _ in range(num_layers)]
         self.use_graphs = use_graphs
         self.states_built = 0  # layer states (buffers, then graphs) built: each costs milliseconds
@@ -201,12 +211,12 @@ class DevicePipeline:
             cp.cuda.runtime.eventRecord(ev[0].ptr, after)
             cp.cuda.runtime.streamWaitEvent(s.ptr, ev[0].ptr, 0)
         if plan.cpu_fraction <= 0:
-            self._replay(st, ("layer", measure), lambda: self._layer(st, layer, tables, use_cache, measure))
+            self._replay(st, ("layer", measure), lambda: self._layer(st, layer, tables, use_cache, measure, s))
             s.record(ev[1])
             spans = ((ev[0], ev[1]),)
         else:
             self._replay(st, ("select", measure),
-                         lambda: self._select(st, tables, use_cache, measure, for_cpu=True))
+                         lambda: self._select(st, tables, use_cache, measure, for_cpu=True, s=s))
             s.record(ev[2])
             self._replay(st, ("attend",), lambda: self._attend(st, layer, tables, use_cache))
             s.record(ev[3])
@@ -223,11 +233,53 @@ class DevicePipeline:
             else:
                 st.set_cpu_partial(None, None, None)
             s.record(ev[4])
-            self._replay(st, ("merge",), lambda: self._merge(st))
+            self._replay(st, ("merge",), lambda: (self._cpu_partial_in(st, s), self._merge(st)))
             s.record(ev[1])
             spans = ((ev[0], ev[3]), (ev[4], ev[1]))
         st.last_end = ev[1]
         return LayerOutcome(st.out, spans, st, plan, cpu_s=cpu_s)
+
+    def capture_layer(self, layer: int, plan: LayerPlan, st: "LayerState", tables: cp.ndarray,
+                      tables_host: np.ndarray, stream: cp.cuda.Stream, cpu_branch: bool) -> "HostJob | None":
+        """Queue the layer's body on ``stream`` while a CUDA graph captures it (the model runner's
+        whole-step graph): the work of ``run_layer`` with no event, wait or host call, over the
+        parameters the host writes into ``st`` before each replay (``st.set_params``, the io
+        words, ``self.lengths``). With ``cpu_branch`` the routing forks a branch onto ``side``:
+        a host node runs the CPU partial over its share (none when the plan's fraction is 0)
+        and the copies of its partial follow, joined before the merge, while the GPU attends
+        its own share. Returns that branch's host job."""
+        use_cache, measure = self._caches(plan), plan.measure_demand
+        with stream:
+            if not cpu_branch:
+                self._layer(st, layer, tables, use_cache, measure, stream)
+                return None
+            job = self._host_job(st, tables_host)
+            self._select(st, tables, use_cache, measure, for_cpu=True, s=stream)
+            fork, join = st.branch_events
+            stream.record(fork)
+            self.side.wait_event(fork)
+            launch_host_func(self.side.ptr, job.function, job.address)
+            self._cpu_partial_in(st, self.side)
+            self.side.record(join)
+            self._attend(st, layer, tables, use_cache)
+            stream.wait_event(join)
+            self._merge(st)
+        return job
+
+    def _host_job(self, st: "LayerState", tables_host: np.ndarray) -> "HostJob":
+        """The state's host job over these tables (made again when the table array is new; a
+        graph captured with the old one holds it)."""
+        bsz = st.key[0]
+        lengths = self.lengths.get(bsz)
+        if lengths is None:
+            lengths = self.lengths[bsz] = np.zeros(bsz, np.int32)
+        where = (tables_host.ctypes.data, tables_host.shape)
+        if st.host_job is None or st.host_job_tables != where:
+            st.host_job = self.cpu_team.host_job(self.kv_host, lengths, tables_host, st.q_h, st.cpu_indptr_h,
+                                                 st.cpu_blocks_h, st.counts_h, BatchPartial(st.o_h, st.m_h, st.l_h),
+                                                 st.scale)
+            st.host_job_tables = where
+        return st.host_job
 
     def counts(self, layer: int, outcome: LayerOutcome) -> LayerCounts:
         """The counts of a layer call (waits for its GPU work); read before the layer's next
@@ -238,6 +290,12 @@ class DevicePipeline:
         st, plan = outcome.state, outcome.plan
         st.last_end = None  # its latest call (the contract: counts are read before the next one) is done
         hits, uva, n_cpu, n_admit = st.counts_h.tolist()
+        cpu_s = outcome.cpu_s
+        if outcome.host_job is not None:
+            err = outcome.host_job.take_error()
+            if err is not None:
+                raise err
+            cpu_s = outcome.host_job.last_seconds
         admitted = evicted = 0
         if self._caches(plan):
             admitted = min(n_admit, self.slots_per_layer)
@@ -246,7 +304,7 @@ class DevicePipeline:
         demand = None
         if plan.measure_demand:
             demand = st.demand_h.astype(np.int64).reshape(plan.k_rows.shape)
-        outcome.counts = LayerCounts(hits, uva, n_cpu, admitted, evicted, demand, outcome.cpu_s)
+        outcome.counts = LayerCounts(hits, uva, n_cpu, admitted, evicted, demand, cpu_s)
         return outcome.counts
 
     def _caches(self, plan: LayerPlan) -> bool:
@@ -254,8 +312,11 @@ class DevicePipeline:
         return plan.use_cache and self.slots_per_layer > 0
 
     @staticmethod
-    def gpu_busy_s(outcome: LayerOutcome) -> float:
-        """The layer call's GPU work (its spans' CUDA events); read before the layer's next call."""
+    def gpu_busy_s(outcome: LayerOutcome) -> float | None:
+        """The layer call's GPU work (its spans' CUDA events); read before the layer's next call.
+        None in a whole-step graph (its layers are not timed apart)."""
+        if outcome.whole_step:
+            return None
         outcome.end.synchronize()
         return sum(cp.cuda.get_elapsed_time(a, b) for a, b in outcome.spans) / 1e3
 
@@ -277,8 +338,8 @@ class DevicePipeline:
                 st.graphs[name] = graph
         graph.launch(self.compute)
 
-    def _select(self, st: "LayerState", tables: cp.ndarray, use_cache: bool, measure: bool, for_cpu: bool) -> None:
-        s = self.compute
+    def _select(self, st: "LayerState", tables: cp.ndarray, use_cache: bool, measure: bool, for_cpu: bool,
+                s: cp.cuda.Stream) -> None:
         copy_bytes(st.block.data.ptr, st.block_h.ctypes.data, st.block.nbytes, s.ptr)
         stage_inputs(st.io, st.q, st.k_new, st.v_new)
         append_kv(st.k_new, st.v_new, st.seq, tables, self.kmin, self.kmax, slots=st.no_slots, cache_pool=None,
@@ -323,16 +384,20 @@ class DevicePipeline:
                          slot_count=self.slots_per_layer, slot_of=self.slot_of, owner=self.owner,
                          kv_pages=self.kv_dev, pool=self.pool)
 
-    def _merge(self, st: "LayerState") -> None:
-        s = self.compute
+    @staticmethod
+    def _cpu_partial_in(st: "LayerState", s: cp.cuda.Stream) -> None:
         for dst, src in ((st.o[1], st.o_h), (st.m[1], st.m_h), (st.l[1], st.l_h)):
             copy_bytes(dst.data.ptr, src.ctypes.data, dst.nbytes, s.ptr)
+
+    @staticmethod
+    def _merge(st: "LayerState") -> None:
         merge_attention(st.o, st.m, st.l, out_dtype="float32", out=st.out)
         stage_output(st.io, st.out)
 
-    def _layer(self, st: "LayerState", layer: int, tables: cp.ndarray, use_cache: bool, measure: bool) -> None:
+    def _layer(self, st: "LayerState", layer: int, tables: cp.ndarray, use_cache: bool, measure: bool,
+               s: cp.cuda.Stream) -> None:
         """The GPU-only layer: nothing for the CPU, so the merge normalises the GPU partial alone."""
-        self._select(st, tables, use_cache, measure, for_cpu=False)
+        self._select(st, tables, use_cache, measure, for_cpu=False, s=s)
         self._attend(st, layer, tables, use_cache)
         merge_attention(st.o[:1], st.m[:1], st.l[:1], out_dtype="float32", out=st.out)
         stage_output(st.io, st.out)
