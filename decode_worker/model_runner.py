@@ -10,14 +10,14 @@ captured as ONE graph per padded batch size (1, 2, 4, ..., max_batch_size), on t
 use of that size: the eager run is that step (so capturing rewrites nothing), later steps copy
 their inputs and replay. The hybrid operator's hook does host work per layer call (its plan,
 the CPU share's wait for the routing) and replays its own per-layer graphs
-(``hybrid.device_pipeline``), so it is not captured as such. It plans its whole step up front
-instead (``plan_whole_step``: every layer's rows, refreshes and CPU shares, with a key naming
-the graph's structure); the first time a key is seen the step replays *piecewise* (each
-layer's model pieces, norm + q/k/v + RoPE and o_proj + MLP, as CUDA graphs per batch size, the
-hook called eagerly between them, which warms the operator's own graphs); the second time the
-whole step (model pieces, operator work, the CPU share as a host node) is captured as one
-graph under that key, and later steps with the key replay it (``hybrid.step_graph``).
-``enforce_eager`` turns all of them off. On the CPU every step
+(``hybrid.device_pipeline``), so it is not captured as such. It plans its layers a segment (``_SEGMENT_LAYERS``) at a time
+instead (``plan_layers``: rows, refreshes and CPU shares, with a key naming the segment graph's
+structure). A batch size's first step replays *piecewise* (each layer's model pieces, norm +
+q/k/v + RoPE and o_proj + MLP, as CUDA graphs per batch size, the hook called eagerly between
+them; this captures the pieces and warms the operator's own graphs); later, a segment whose
+key is seen the first time replays piecewise, the second time it is captured as one graph
+(model pieces, operator work, the CPU share as a host node) and later sights replay it, while
+the host plans the next segment (``hybrid.step_graph``). ``enforce_eager`` turns all of them off. On the CPU every step
 is eager.
 """
 
@@ -40,8 +40,11 @@ log = logging.getLogger(__name__)
 # keep making CUDA calls (an admitted request's block metadata goes to the device), which a
 # process-wide ("global") capture would fail; only this thread's calls can fail a thread-local one.
 _CAPTURE_MODE = "thread_local"
-# whole-step graphs kept per runner (a key per refresh phase and CPU-branch pattern: few repeat)
-_MAX_STEP_GRAPHS = 32
+# A hybrid step replays as segments of this many layers: the host plans one while the GPU runs
+# the one before, so only the first segment's planning is exposed.
+_SEGMENT_LAYERS = 8
+# segment graphs kept per runner (a key per segment, refresh phase and CPU-branch pattern)
+_MAX_STEP_GRAPHS = 128
 _MAX_KEYS_SEEN = 1024
 
 
@@ -79,14 +82,14 @@ class ModelRunner:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pieces: dict[int, _Pieces] = {}
         self._pieces_failed = False
-        self._steps: OrderedDict[tuple, _StepGraph] = OrderedDict()  # whole-step graphs, least recent first
+        self._steps: OrderedDict[tuple, _StepGraph] = OrderedDict()  # segment graphs, least recent first
         self._steps_seen: set[tuple] = set()
         self._steps_failed = False
-        self.step_graphs = True  # whole-step graphs for hooks that plan their step (benchmarks turn them off)
-        self.plan_s = 0.0  # host time in the hooks' whole-step planning, summed (benchmarks)
+        self.step_graphs = True  # segment graphs for hooks that plan their layers (benchmarks turn them off)
+        self.plan_s = 0.0  # host time in the hooks' segment planning, summed (benchmarks)
         self._pool = None
         self.graph_replays = 0  # steps served by a replay (tests, benchmarks)
-        self.step_graph_replays = 0  # of those, a hybrid hook's whole-step graphs
+        self.step_graph_replays = 0  # of those, hybrid steps whose every segment replayed as one graph
 
     def padded(self, n: int) -> int:
         if not 1 <= n <= self.max_batch_size:
@@ -109,12 +112,8 @@ class ModelRunner:
             bind(pos)
         if not graph:
             if self.use_graphs:
-                plan = getattr(attend, "plan_whole_step", None)
-                t0 = time.perf_counter()
-                key = plan(self.model.arch.num_attention_heads) if plan is not None and self.step_graphs else None
-                self.plan_s += time.perf_counter() - t0
-                if key is not None:
-                    return self._run_whole_step(ids, pos, attend, (n, key))
+                if self.step_graphs and hasattr(attend, "plan_layers") and n in self._pieces:
+                    return self._run_segments(ids, pos, attend)
                 return self._run_pieces(ids, pos, attend)
             return self.model.decode_step(ids, pos, attend)[:n]
         key = (bs, id(attend))
@@ -174,43 +173,82 @@ class ModelRunner:
         self.graph_replays += 1
         return pw.logits
 
-    def _run_whole_step(self, ids: torch.Tensor, pos: torch.Tensor, attend, key: tuple) -> torch.Tensor:
-        entry = self._steps.get(key)
-        if entry is None:
-            if self._steps_failed or key not in self._steps_seen:
-                if len(self._steps_seen) >= _MAX_KEYS_SEEN:
-                    self._steps_seen.clear()
-                self._steps_seen.add(key)  # a first sight warms the layers' own graphs
-                return self._run_pieces(ids, pos, attend)
-            try:
-                entry = self._capture_step(ids, pos, attend)
-            except RuntimeError:
-                log.exception("whole-step CUDA-graph capture failed; replaying pieces from now on")
-                self._steps_failed = True
-                torch.cuda.synchronize()
-                return self._run_pieces(ids, pos, attend)
-            if len(self._steps) >= _MAX_STEP_GRAPHS:
-                self._steps.popitem(last=False)
-            self._steps[key] = entry
-        else:
-            self._steps.move_to_end(key)
-        attend.before_replay(entry.captured)
-        entry.graph.replay()
-        attend.after_replay(entry.captured)
+    def _run_segments(self, ids: torch.Tensor, pos: torch.Tensor, attend) -> torch.Tensor:
+        """The step as segments of ``_SEGMENT_LAYERS`` layers over the pieces' static buffers: the
+        hook plans a segment's layers while the GPU runs the previous segment, and a segment whose
+        key was seen before replays as one graph (captured on its second sight), else piecewise."""
+        n, pw, m = ids.shape[0], self._pieces[ids.shape[0]], self.model
+        layers, hq = m.arch.num_hidden_layers, m.arch.num_attention_heads
+        bounds = [*range(0, layers, _SEGMENT_LAYERS), layers]
+        whole = True
+        for si, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            t0 = time.perf_counter()
+            key = attend.plan_layers(a, b, hq)
+            self.plan_s += time.perf_counter() - t0
+            entry = self._segment((n, si, key), ids, pos, attend, pw, a, b) if key is not None else None
+            if entry is None:
+                whole = False
+                if a == 0:
+                    pw.embed.replay()
+                for i in range(a, b):
+                    pw.qkv[i].replay()
+                    pw.attn.copy_(attend(i, *pw.qkv_out[i]))
+                    pw.rest[i].replay()
+                if b == layers:
+                    pw.head.replay()
+            else:
+                attend.before_replay(entry.captured)
+                entry.graph.replay()
+                attend.after_replay(entry.captured)
         self.graph_replays += 1
-        self.step_graph_replays += 1
-        return entry.logits[:ids.shape[0]]
+        self.step_graph_replays += whole
+        return pw.logits
 
-    def _capture_step(self, ids: torch.Tensor, pos: torch.Tensor, attend) -> "_StepGraph":
-        """Capture the planned step (the capture runs nothing: the replay that follows is the step)."""
+    def _segment(self, key: tuple, ids, pos, attend, pw: "_Pieces", a: int, b: int) -> "_StepGraph | None":
+        """The segment's graph; None where it runs piecewise this time (first sight, or capture failed)."""
+        entry = self._steps.get(key)
+        if entry is not None:
+            self._steps.move_to_end(key)
+            return entry
+        if self._steps_failed or key not in self._steps_seen:
+            if len(self._steps_seen) >= _MAX_KEYS_SEEN:
+                self._steps_seen.clear()
+            self._steps_seen.add(key)  # a first sight warms the layers' own graphs
+            return None
+        try:
+            entry = self._capture_segment(ids, pos, attend, pw, a, b)
+        except RuntimeError:
+            log.exception("segment CUDA-graph capture failed; replaying pieces from now on")
+            self._steps_failed = True
+            torch.cuda.synchronize()
+            return None
+        if len(self._steps) >= _MAX_STEP_GRAPHS:
+            self._steps.popitem(last=False)
+        self._steps[key] = entry
+        return entry
+
+    def _capture_segment(self, ids, pos, attend, pw: "_Pieces", a: int, b: int) -> "_StepGraph":
+        """Capture layers [a, b) (the embedding first if a == 0, the logits last if b is the last
+        layer) over the pieces' static buffers. The capture runs nothing: the replay that follows
+        is the step's."""
+        m = self.model
         torch.cuda.synchronize()
         hook = attend.capture_hook()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool, stream=hook.stream, capture_error_mode=_CAPTURE_MODE):
-            logits = self.model.decode_step(ids, pos, hook)
+            if a == 0:
+                e, c, s = m.decode_embed(ids, pos)
+                pw.hidden.copy_(e)
+                pw.cos.copy_(c)
+                pw.sin.copy_(s)
+            for i in range(a, b):
+                q, k, v = m.decode_qkv(i, pw.hidden, pw.cos, pw.sin)
+                pw.hidden.copy_(m.decode_rest(i, pw.hidden, hook(i, q, k, v)))
+            if b == m.arch.num_hidden_layers:
+                pw.logits.copy_(m.decode_logits(pw.hidden))
         if self._pool is None:
             self._pool = g.pool()
-        return _StepGraph(g, logits, hook.captured)
+        return _StepGraph(g, hook.captured)
 
     def _capture_pieces(self, ids: torch.Tensor, pos: torch.Tensor) -> "_Pieces":
         m, n = self.model, ids.shape[0]
@@ -276,9 +314,8 @@ class _Pieces:
 
 @dataclass(slots=True)
 class _StepGraph:
-    """A hybrid hook's whole step as one graph; ``captured`` is what its replays need from the
+    """A segment of a hybrid step as one graph; ``captured`` is what its replays need from the
     hook (``hybrid.step_graph.CapturedLayer``: io words, the layer states it holds)."""
 
     graph: torch.cuda.CUDAGraph
-    logits: torch.Tensor
     captured: list

@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--steps", type=int, default=64, help="timed steps per row (>= 64 for a p99)")
     ap.add_argument("--warmup", type=int, default=24,
-                    help="untimed steps first (graph capture: a whole-step key is captured on its second sight, "
+                    help="untimed steps first (graph capture: a segment key is captured on its second sight, "
                          "and keys cycle over refresh_steps; cache fill)")
     ap.add_argument("--budget", type=float, default=0.05, help="sparse budget of (b) and (c)")
     ap.add_argument("--cache-blocks", type=int, default=1 << 20, help="fluxion's GPU cache slots (8 KiB each at d=128)")
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
                     help="also time each hybrid policy with every miss read by the GPU (over UVA): what the CPU "
                          "share buys")
     ap.add_argument("--piecewise", action="store_true",
-                    help="also time each hybrid policy without whole-step graphs (per-layer replays), beside")
+                    help="also time each hybrid policy without segment graphs (per-layer replays), beside")
     ap.add_argument("--sparse", action="append", default=[], metavar="KEY=VALUE",
                     help="set another SparseConfig field of the hybrid rows (repeatable), e.g. cache_admission=reused")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, a few steps, every path once")
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
                     f"{m / fl:.2f} | budget used {used:.3f} | (block, head) runs per step: cached {where[0]:.0f}, "
                     f"UVA {where[1]:.0f}, CPU {where[2]:.0f} | CPU ms per step predicted "
                     f"{np.mean([r.predicted_cpu_s for r in reports]) * 1e3:.2f}, measured "
-                    f"{np.mean([r.measured_cpu_s for r in reports]) * 1e3:.2f} | whole-step graph replays "
+                    f"{np.mean([r.measured_cpu_s for r in reports]) * 1e3:.2f} | steps all in segment graphs "
                     f"{sum(r.whole_step for r in reports)} of {len(reports)}, host planning {plan_s * 1e3:.2f} ms, "
                     f"GPU span {np.median(spans) * 1e3 if spans else float('nan'):.2f} ms per step")
             del pages

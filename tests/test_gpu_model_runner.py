@@ -15,6 +15,7 @@ from tests import gpu_util
 gpu_util.skip_unless_gpu()
 
 from decode_worker.engine import DecodeEngine  # noqa: E402
+from decode_worker import model_runner  # noqa: E402
 from decode_worker.model_runner import ModelRunner  # noqa: E402
 from decode_worker.sequence_pages import SequencePages  # noqa: E402
 from fluxion_dist.config.schema import ModelConfig, SparseConfig  # noqa: E402
@@ -118,10 +119,12 @@ def _decode_one(model, engine, pages, store, prompt, steps, reports=None):
 
 @pytest.mark.parametrize("policy, budget, cpu_share", [("full", 1.0, None), ("fluxion", 0.1, None),
                                                        ("fixed_hybrid", 0.2, 0.5)])
-def test_whole_step_graphs_equal_eager(policy, budget, cpu_share):
-    """Once a step's key repeats, the whole step (model pieces, the operator's work, the CPU
-    share as a host node) replays as one graph: the same tokens as the eager step, and the CPU
-    did its share inside the replays (fixed_hybrid: half of every layer's blocks)."""
+def test_segment_graphs_equal_eager(policy, budget, cpu_share, monkeypatch):
+    """Once a segment's key repeats, its layers (model pieces, the operator's work, the CPU
+    share as a host node) replay as one graph: the same tokens as the eager step, and the CPU
+    did its share inside the replays (fixed_hybrid: half of every layer's blocks). Segments of
+    4 of the model's 6 layers: a step of two graphs, each planned while the other may run."""
+    monkeypatch.setattr(model_runner, "_SEGMENT_LAYERS", 4)
     model = _quality()
     prompt = torch.randint(5, 1664, (2500,), generator=torch.Generator().manual_seed(9)).tolist()
     runs = []

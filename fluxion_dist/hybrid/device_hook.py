@@ -103,7 +103,7 @@ class DevicePathState:
         self.last_counts: dict[int, tuple[int, int, int]] = {}  # layer -> hits, misses, admissions
         self.unread: dict[int, tuple[LayerOutcome, tuple[str, ...]]] = {}  # layer -> last call, its requests
         self.steps = 0
-        # kept across steps so whole-step graphs repeat (step_graph): each layer's list bound,
+        # kept across steps so segment graphs repeat (step_graph): each layer's list bound,
         # and the step until which a layer keeps its CPU branch
         self.bounds: dict[int, int] = {}
         self.branch_until: dict[int, int] = {}
@@ -162,8 +162,8 @@ class DeviceStepHook:
         self.outcomes: list[tuple[int, LayerOutcome, float, float, CostModel]] = []
         self._used: list[np.ndarray] = []  # per layer call: [B] budget used per request
         self._caller: int | None = None  # the caller's CUDA stream, read at the step's first call
-        self.planned: dict = {}  # layer -> step_graph.PlannedLayer, once the whole step is planned
-        self.step_events: tuple = ()  # a whole-step replay's start and end
+        self.planned: dict = {}  # layer -> step_graph.PlannedLayer, once its segment is planned
+        self.segment_events: tuple = ()  # the last segment replay's start and end
         self.step = state.steps
         state.steps += 1
 
@@ -268,13 +268,13 @@ class DeviceStepHook:
         self.outcomes.append((layer, res, wall, used, self.state.cost))
         self._used.append(plan.k_rows.mean(axis=1) / self.nb)
 
-    # The whole-step graph (step_graph, driven by the model runner): plan, capture, replay.
-    def plan_whole_step(self, num_q_heads: int) -> tuple | None:
-        """Plan every layer now; the whole-step graph's key, or None where the step cannot be
-        one graph (the harness reads each layer's selection back)."""
+    # Segment graphs (step_graph, driven by the model runner): plan, capture, replay.
+    def plan_layers(self, first: int, end: int, num_q_heads: int) -> tuple | None:
+        """Plan layers [first, end) now; the segment graph's key, or None where the layers cannot
+        be one graph (the harness reads each layer's selection back)."""
         if self.op.options.record_selection:
             return None
-        return step_graph.plan(self, num_q_heads)
+        return step_graph.plan(self, num_q_heads, first, end)
 
     def capture_hook(self) -> "step_graph.CaptureHook":
         return step_graph.CaptureHook(self)
@@ -300,7 +300,7 @@ class DeviceStepHook:
         if self.outcomes:
             span = cp.cuda.get_elapsed_time(self.outcomes[0][1].spans[0][0], self.outcomes[-1][1].end) / 1e3
         per_request = tuple(float(x) for x in np.mean(self._used, axis=0)) if self._used else ()
-        whole = bool(self.outcomes) and self.outcomes[0][1].whole_step
+        whole = bool(self.outcomes) and all(res.in_segment_graph for _, res, *_ in self.outcomes)
         return StepReport(tuple(reports), gpu_span_s=span, budget_per_request=per_request, whole_step=whole)
 
 

@@ -97,8 +97,8 @@ class LayerOutcome:
     plan: LayerPlan
     counts: "LayerCounts | None" = None  # read once
     cpu_s: float = 0.0  # host time of the CPU partial (the team's attend), 0 without one
-    host_job: "HostJob | None" = None  # a whole-step graph's host node: its CPU partial, read once done
-    whole_step: bool = False  # replayed in a whole-step graph: its span is the step's, not the layer's
+    host_job: "HostJob | None" = None  # a segment graph's host node: its CPU partial, read once done
+    in_segment_graph: bool = False  # replayed in a segment graph: its span is the segment's, not the layer's
 
     @property
     def end(self) -> cp.cuda.Event:
@@ -145,7 +145,7 @@ class DevicePipeline:
                           else None)
         self.filled = [0] * num_layers  # slots in use per layer, for the eviction counts (host side)
         self.compute = cp.cuda.Stream(non_blocking=True)
-        self.side = cp.cuda.Stream(non_blocking=True)  # a whole-step graph's CPU branches fork onto it
+        self.side = cp.cuda.Stream(non_blocking=True)  # a segment graph's CPU branches fork onto it
         self.lengths: dict[int, np.ndarray] = {}  # batch size -> the host jobs' lengths, rewritten per step
         self._states: list[dict[tuple, LayerState]] = [{} for _ in range(num_layers)]
         self.use_graphs = use_graphs
@@ -242,7 +242,7 @@ class DevicePipeline:
     def capture_layer(self, layer: int, plan: LayerPlan, st: "LayerState", tables: cp.ndarray,
                       tables_host: np.ndarray, stream: cp.cuda.Stream, cpu_branch: bool) -> "HostJob | None":
         """Queue the layer's body on ``stream`` while a CUDA graph captures it (the model runner's
-        whole-step graph): the work of ``run_layer`` with no event, wait or host call, over the
+        segment graph): the work of ``run_layer`` with no event, wait or host call, over the
         parameters the host writes into ``st`` before each replay (``st.set_params``, the io
         words, ``self.lengths``). With ``cpu_branch`` the routing forks a branch onto ``side``:
         a host node runs the CPU partial over its share (none when the plan's fraction is 0)
@@ -314,8 +314,8 @@ class DevicePipeline:
     @staticmethod
     def gpu_busy_s(outcome: LayerOutcome) -> float | None:
         """The layer call's GPU work (its spans' CUDA events); read before the layer's next call.
-        None in a whole-step graph (its layers are not timed apart)."""
-        if outcome.whole_step:
+        None in a segment graph (its layers are not timed apart)."""
+        if outcome.in_segment_graph:
             return None
         outcome.end.synchronize()
         return sum(cp.cuda.get_elapsed_time(a, b) for a, b in outcome.spans) / 1e3

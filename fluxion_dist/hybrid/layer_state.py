@@ -40,7 +40,7 @@ class LayerState:
         # reused call to call (read by ``counts`` before the next call): start, end, routed,
         # attended, merge start
         self.events = tuple(cp.cuda.Event() for _ in range(5))
-        # a whole-step graph's CPU branch: fork after the routing, join before the merge
+        # a segment graph's CPU branch: fork after the routing, join before the merge
         self.branch_events = tuple(cp.cuda.Event(disable_timing=True) for _ in range(2))
         self.host_job = None  # that branch's host node's job (cpu.team.AttentionTeam.host_job)
         self.host_job_tables: tuple | None = None  # the address and shape of the table rows it reads

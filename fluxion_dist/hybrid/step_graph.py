@@ -1,24 +1,28 @@
-"""The GPU path's decode step as one CUDA graph: every layer's model pieces and operator work.
+"""The GPU path's decode step as a few CUDA graphs: each holds a segment of layers, with every
+layer's model pieces and operator work.
 
-Life of a whole-step graph (driven by ``decode_worker.model_runner.ModelRunner``):
+Life of a segment graph (driven by ``decode_worker.model_runner.ModelRunner``, a step being a
+few segments of consecutive layers):
 
-1. ``plan``: at the step's start the hook learns every layer's last counts (the previous step
-   is done: its tokens were sampled) and plans every layer at once: rows, demand refreshes,
-   CPU fractions, list bounds; each layer's state is prepared and its pinned parameters are
-   written. The key names what the graph's structure depends on: per layer its state (shape
-   and buffers), whether it refreshes demand, and whether it has a CPU branch.
-2. first sight of a key: the step runs piecewise (the layers' own graphs warm); second sight:
-   the runner captures the step through ``capture_hook``, whose layer calls queue the
-   pipeline's bodies (``DevicePipeline.capture_layer``) on the capturing stream.
+1. ``plan``: the hook learns the segment's layers' last counts (the previous step is done: its
+   tokens were sampled) and plans them: rows (the step's pooled plan, made at its first
+   segment), demand refreshes, CPU fractions, list bounds; each layer's state is prepared and
+   its pinned parameters are written. The host plans a segment while the GPU runs the one
+   before. The key names what the graph's structure depends on: per layer its state (shape and
+   buffers), whether it refreshes demand, and whether it has a CPU branch.
+2. first sight of a key: the segment runs piecewise (the layers' own graphs warm); second
+   sight: the runner captures it through ``capture_hook``, whose layer calls queue the
+   pipeline's bodies (``DevicePipeline.capture_layer``) on the pipeline's stream.
 3. each replay: ``before_replay`` writes the io words (the graph's q, k, v and output
    addresses) into every layer's parameters, the graph runs, ``after_replay`` records the
-   step's end and hands each layer's outcome to the state, read at the next step's plan.
+   segment's end and hands each layer's outcome to the state, read at the next step's plan.
 
 A layer's CPU branch is a host node (``cpu/host_job.h``) on a side stream: the CPU partial runs
-while the GPU attends its own share, so a step with CPU work needs no host wait either. A
-layer keeps its branch for ``BRANCH_STEPS`` steps after its last CPU share, and its list bound
-shrinks only past a factor 4, so keys repeat (the refresh stagger cycles over
-``refresh_steps``) and few graphs are captured.
+while the GPU attends its own share, so a layer with CPU work needs no host wait either. A
+node costs the GPU a round trip to the host even when it has nothing to do, so a layer keeps
+its branch only ``BRANCH_STEPS`` steps after its last CPU share; its list bound shrinks only
+past a factor 4. Keys then repeat (the refresh stagger cycles over ``refresh_steps``) and few
+graphs are captured.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ if TYPE_CHECKING:
     from fluxion_dist.hybrid.device_hook import DeviceStepHook
     from fluxion_dist.hybrid.layer_state import LayerState
 
-BRANCH_STEPS = 64
+BRANCH_STEPS = 16
 
 
 @dataclass(slots=True)
@@ -59,15 +63,16 @@ class CapturedLayer:
     tensors: tuple[torch.Tensor, ...]
 
 
-def plan(hook: "DeviceStepHook", num_q_heads: int) -> tuple:
-    """Plan every layer of the step now; returns the whole-step graph's key."""
-    op, state, pipe = hook.op, hook.state, hook.op.pipeline
-    for layer in range(op.options.num_layers):
+def plan(hook: "DeviceStepHook", num_q_heads: int, first: int, end: int) -> tuple:
+    """Plan layers [first, end) of the step now; returns their segment graph's key."""
+    state, pipe = hook.state, hook.op.pipeline
+    for layer in range(first, end):
         state.learn(layer)
     bsz, width = len(hook.batch), hook.tables_host.shape[2]
-    pipe.lengths.setdefault(bsz, np.zeros(bsz, np.int32))[:] = hook.pos_host + 1
-    planned, key = {}, [state.tables.generation, bsz]
-    for layer in range(op.options.num_layers):
+    if first == 0:
+        pipe.lengths.setdefault(bsz, np.zeros(bsz, np.int32))[:] = hook.pos_host + 1
+    planned, key = hook.planned, [state.tables.generation, bsz]
+    for layer in range(first, end):
         p, used = hook.plan_layer(layer)
         if p.cpu_fraction > 0:
             state.branch_until[layer] = hook.step + BRANCH_STEPS
@@ -76,12 +81,11 @@ def plan(hook: "DeviceStepHook", num_q_heads: int) -> tuple:
         st.set_params(hook.pos_host, p)
         planned[layer] = PlannedLayer(p, used, st, branch)
         key.append((id(st), p.measure_demand, branch))
-    hook.planned = planned
     return tuple(key)
 
 
 class CaptureHook:
-    """The attend hook while the runner captures the step: queues each layer's body on the
+    """The attend hook while the runner captures a segment: queues each layer's body on the
     capturing stream and keeps what a replay needs."""
 
     def __init__(self, hook: "DeviceStepHook") -> None:
@@ -111,19 +115,20 @@ class CaptureHook:
 def before_replay(hook: "DeviceStepHook", captured: list[CapturedLayer]) -> None:
     for c in captured:
         c.state.io_h[:] = c.io
-    hook.step_events = (cp.cuda.Event(), cp.cuda.Event())
-    cp.cuda.runtime.eventRecord(hook.step_events[0].ptr, torch.cuda.current_stream().cuda_stream)
+    hook.segment_events = (cp.cuda.Event(), cp.cuda.Event())
+    cp.cuda.runtime.eventRecord(hook.segment_events[0].ptr, torch.cuda.current_stream().cuda_stream)
 
 
 def after_replay(hook: "DeviceStepHook", captured: list[CapturedLayer]) -> None:
-    """Hand every layer's outcome to the state (its counts are read at the next step's plan)."""
+    """Hand the segment's layers' outcomes to the state (their counts are read at the next
+    step's plan)."""
     state = hook.state
-    start, end = hook.step_events
+    start, end = hook.segment_events
     cp.cuda.runtime.eventRecord(end.ptr, torch.cuda.current_stream().cuda_stream)
     for c in captured:
         p = hook.planned[c.layer]
         c.state.last_end = end
-        res = LayerOutcome(c.state.out, ((start, end),), c.state, p.plan, host_job=c.host_job, whole_step=True)
+        res = LayerOutcome(c.state.out, ((start, end),), c.state, p.plan, host_job=c.host_job, in_segment_graph=True)
         state.unread[c.layer] = (res, hook.request_ids)
         hook.record(c.layer, res, 0.0, p.used, p.plan)
 

@@ -37,7 +37,7 @@ class StepReport:
     gpu_span_s: float | None = None
     # per request of the batch: the fraction of its KV read this step, averaged over layers and KV heads
     budget_per_request: tuple[float, ...] = ()
-    whole_step: bool = False  # the step replayed as one CUDA graph (hybrid.step_graph): no layer timed apart
+    whole_step: bool = False  # every layer replayed inside segment graphs (hybrid.step_graph): none timed apart
 
     def _sum(self, values) -> float:
         return float(sum(values))
