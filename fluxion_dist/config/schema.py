@@ -200,9 +200,8 @@ class DecodeConfig:
         "Ray restarts of a dead actor; -1: for as long as the deployment lives", ge=-1))
     enforce_eager: bool = field(default=False, metadata=doc(
         "GPU decode: launch every kernel eagerly instead of replaying CUDA graphs (the dense step as "
-        "one graph per padded batch size; a hybrid step's model pieces per layer, and the operator's layers, "
-        "as a graph each) (debugging; "
-        "the CPU always runs eagerly)"))
+        "one graph per padded batch size; a hybrid step as graphs of 8 layers, the operator's work and "
+        "its CPU share inside) (debugging; the CPU always runs eagerly)"))
     sparse: SparseConfig = field(default_factory=SparseConfig, metadata=doc("decode attention policy"))
 
 
