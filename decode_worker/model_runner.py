@@ -246,6 +246,7 @@ class ModelRunner:
                 pw.hidden.copy_(m.decode_rest(i, pw.hidden, hook(i, q, k, v)))
             if b == m.arch.num_hidden_layers:
                 pw.logits.copy_(m.decode_logits(pw.hidden))
+            hook.finish()
         if self._pool is None:
             self._pool = g.pool()
         return _StepGraph(g, hook.captured)

@@ -19,7 +19,8 @@ the state's io block, ``run_layer``):
    the list of misses to admit into the cache;
 5. the GPU partial over hits (pool) and UVA reads (in place); CPU entries are skipped;
 6. the misses are admitted into the cache after the attention that may read the slots they
-   evict (how many is read on the device);
+   evict (how many is read on the device); in a segment graph on a branch of its own, so the
+   copies cross PCIe while the later layers compute;
 7. the exact merge of the GPU partial with the CPU's, if any, written to the caller's output.
 
 Two ways through it, chosen by the host's plan (``LayerPlan.cpu_fraction``):
@@ -146,6 +147,9 @@ class DevicePipeline:
         self.filled = [0] * num_layers  # slots in use per layer, for the eviction counts (host side)
         self.compute = cp.cuda.Stream(non_blocking=True)
         self.side = cp.cuda.Stream(non_blocking=True)  # a segment graph's CPU branches fork onto it
+        self.admit_side = cp.cuda.Stream(non_blocking=True)  # and its cache admissions onto this one
+        self._admits_done = cp.cuda.Event(disable_timing=True)
+        self.admits_open = False  # admissions forked in the segment being captured, not joined yet
         self.lengths: dict[int, np.ndarray] = {}  # batch size -> the host jobs' lengths, rewritten per step
         self._states: list[dict[tuple, LayerState]] = [{} for _ in range(num_layers)]
         self.use_graphs = use_graphs
@@ -247,21 +251,22 @@ class DevicePipeline:
         words, ``self.lengths``). With ``cpu_branch`` the routing forks a branch onto ``side``:
         a host node runs the CPU partial over its share (none when the plan's fraction is 0)
         and the copies of its partial follow, joined before the merge, while the GPU attends
-        its own share. Returns that branch's host job."""
+        its own share. The cache admission forks onto ``admit_side``, joined at the segment's
+        end (``join_side_work``). Returns the CPU branch's host job."""
         use_cache, measure = self._caches(plan), plan.measure_demand
         with stream:
             if not cpu_branch:
-                self._layer(st, layer, tables, use_cache, measure, stream)
+                self._layer(st, layer, tables, use_cache, measure, stream, admit_aside=True)
                 return None
             job = self._host_job(st, tables_host)
             self._select(st, tables, use_cache, measure, for_cpu=True, s=stream)
-            fork, join = st.branch_events
+            fork, join, _ = st.branch_events
             stream.record(fork)
             self.side.wait_event(fork)
             launch_host_func(self.side.ptr, job.function, job.address)
             self._cpu_partial_in(st, self.side)
             self.side.record(join)
-            self._attend(st, layer, tables, use_cache)
+            self._attend(st, layer, tables, use_cache, admit_aside=True)
             stream.wait_event(join)
             self._merge(st)
         return job
@@ -375,14 +380,35 @@ class DevicePipeline:
         for src, dst in to_host:
             copy_bytes(dst.ctypes.data, src.data.ptr, dst.nbytes, s.ptr)
 
-    def _attend(self, st: "LayerState", layer: int, tables: cp.ndarray, use_cache: bool) -> None:
+    def _attend(self, st: "LayerState", layer: int, tables: cp.ndarray, use_cache: bool,
+                admit_aside: bool = False) -> None:
         gpu_partial(st.q, self.kv_dev, tables, st.seq, st.sel.indptr, st.sel.blocks, scale=st.scale,
                     max_row_blocks=st.bound, sel_slot=st.sel_slot, cache_pool=self.pool,
                     out=(st.o[0], st.m[0], st.l[0]), parts=st.parts)
-        if use_cache:  # after the attention, which may read the slots this evicts
-            admit_blocks(st.admit_keys, st.counts, self.ring[layer], slot_base=layer * self.slots_per_layer,
-                         slot_count=self.slots_per_layer, slot_of=self.slot_of, owner=self.owner,
-                         kv_pages=self.kv_dev, pool=self.pool)
+        if not use_cache:
+            return
+        # after the attention, which may read the slots this evicts
+        admit = lambda: admit_blocks(st.admit_keys, st.counts, self.ring[layer],  # noqa: E731
+                                     slot_base=layer * self.slots_per_layer, slot_count=self.slots_per_layer,
+                                     slot_of=self.slot_of, owner=self.owner, kv_pages=self.kv_dev, pool=self.pool)
+        if not admit_aside:
+            admit()
+            return
+        # In a segment graph the copy-in (PCIe) runs beside the later layers (HBM): only this
+        # layer's next call reads its slots, and the segment joins the branch before it ends.
+        # Other layers' calls touch other keys, slots and ring entries.
+        cp.cuda.get_current_stream().record(st.branch_events[2])
+        self.admit_side.wait_event(st.branch_events[2])
+        with self.admit_side:
+            admit()
+        self.admits_open = True
+
+    def join_side_work(self, stream: cp.cuda.Stream) -> None:
+        """End a segment's capture: ``stream`` waits for the admissions forked aside."""
+        if self.admits_open:
+            self.admit_side.record(self._admits_done)
+            stream.wait_event(self._admits_done)
+            self.admits_open = False
 
     @staticmethod
     def _cpu_partial_in(st: "LayerState", s: cp.cuda.Stream) -> None:
@@ -395,10 +421,10 @@ class DevicePipeline:
         stage_output(st.io, st.out)
 
     def _layer(self, st: "LayerState", layer: int, tables: cp.ndarray, use_cache: bool, measure: bool,
-               s: cp.cuda.Stream) -> None:
+               s: cp.cuda.Stream, admit_aside: bool = False) -> None:
         """The GPU-only layer: nothing for the CPU, so the merge normalises the GPU partial alone."""
         self._select(st, tables, use_cache, measure, for_cpu=False, s=s)
-        self._attend(st, layer, tables, use_cache)
+        self._attend(st, layer, tables, use_cache, admit_aside)
         merge_attention(st.o[:1], st.m[:1], st.l[:1], out_dtype="float32", out=st.out)
         stage_output(st.io, st.out)
 

@@ -40,8 +40,9 @@ class LayerState:
         # reused call to call (read by ``counts`` before the next call): start, end, routed,
         # attended, merge start
         self.events = tuple(cp.cuda.Event() for _ in range(5))
-        # a segment graph's CPU branch: fork after the routing, join before the merge
-        self.branch_events = tuple(cp.cuda.Event(disable_timing=True) for _ in range(2))
+        # a segment graph's CPU branch: fork after the routing, join before the merge; its
+        # admission branch: fork after the attention
+        self.branch_events = tuple(cp.cuda.Event(disable_timing=True) for _ in range(3))
         self.host_job = None  # that branch's host node's job (cpu.team.AttentionTeam.host_job)
         self.host_job_tables: tuple | None = None  # the address and shape of the table rows it reads
         # one pinned block the graph copies in first: io (the call's tensors, int64 [IO_WORDS])

@@ -94,6 +94,7 @@ class CaptureHook:
         # the capture runs on the pipeline's stream: the kernels' per-stream scratch
         # (kernels.counters) exists for it already, and allocating during a capture fails
         self.stream = torch.cuda.ExternalStream(hook.op.pipeline.compute.ptr)
+        hook.op.pipeline.admits_open = False  # a failed capture may have left one open
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         hook = self.hook
@@ -110,6 +111,11 @@ class CaptureHook:
                                  pipe.compute, p.cpu_branch)
         self.captured.append(CapturedLayer(layer, p.state, io, job, (q_src, k_src, v_src, out)))
         return out if out.dtype == q.dtype else out.to(q.dtype)
+
+    def finish(self) -> None:
+        """Before the capture ends: join the branches the layers left open (cache admissions)."""
+        pipe = self.hook.op.pipeline
+        pipe.join_side_work(pipe.compute)
 
 
 def before_replay(hook: "DeviceStepHook", captured: list[CapturedLayer]) -> None:
