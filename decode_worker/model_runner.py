@@ -84,6 +84,7 @@ class ModelRunner:
         self._pieces_failed = False
         self._steps: OrderedDict[tuple, _StepGraph] = OrderedDict()  # segment graphs, least recent first
         self._steps_seen: set[tuple] = set()
+        self._steps_epoch = None
         self._steps_failed = False
         self.step_graphs = True  # segment graphs for hooks that plan their layers (benchmarks turn them off)
         self.plan_s = 0.0  # host time in the hooks' segment planning, summed (benchmarks)
@@ -179,6 +180,10 @@ class ModelRunner:
         key was seen before replays as one graph (captured on its second sight), else piecewise."""
         n, pw, m = ids.shape[0], self._pieces[ids.shape[0]], self.model
         layers, hq = m.arch.num_hidden_layers, m.arch.num_attention_heads
+        if attend.graph_epoch != self._steps_epoch:  # the old graphs hold buffers they alone can use
+            self._steps.clear()
+            self._steps_seen.clear()
+            self._steps_epoch = attend.graph_epoch
         bounds = [*range(0, layers, _SEGMENT_LAYERS), layers]
         whole = True
         for si, (a, b) in enumerate(zip(bounds, bounds[1:])):

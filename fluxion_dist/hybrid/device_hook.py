@@ -276,6 +276,12 @@ class DeviceStepHook:
             return None
         return step_graph.plan(self, num_q_heads, first, end)
 
+    @property
+    def graph_epoch(self) -> tuple:
+        """Segment graphs of another epoch can never replay (they captured block tables since
+        made anew): the runner drops them."""
+        return id(self.state), self.state.tables.generation
+
     def capture_hook(self) -> "step_graph.CaptureHook":
         return step_graph.CaptureHook(self)
 

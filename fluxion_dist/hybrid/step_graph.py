@@ -71,7 +71,7 @@ def plan(hook: "DeviceStepHook", num_q_heads: int, first: int, end: int) -> tupl
     bsz, width = len(hook.batch), hook.tables_host.shape[2]
     if first == 0:
         pipe.lengths.setdefault(bsz, np.zeros(bsz, np.int32))[:] = hook.pos_host + 1
-    planned, key = hook.planned, [state.tables.generation, bsz]
+    planned, key = hook.planned, [bsz]
     for layer in range(first, end):
         p, used = hook.plan_layer(layer)
         if p.cpu_fraction > 0:
@@ -105,7 +105,6 @@ class CaptureHook:
         out = torch.empty(q.shape, dtype=q_src.dtype, device=q.device)
         io = io_words(q_src.data_ptr(), k_src.data_ptr(), v_src.data_ptr(), out.data_ptr(), _name(q_src.dtype),
                       _name(out.dtype))
-        p.state.io_h[:] = io
         pipe = hook.op.pipeline
         job = pipe.capture_layer(layer, p.plan, p.state, hook.tables_layers[layer], hook.tables_host[layer],
                                  pipe.compute, p.cpu_branch)
