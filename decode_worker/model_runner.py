@@ -10,15 +10,15 @@ captured as ONE graph per padded batch size (1, 2, 4, ..., max_batch_size), on t
 use of that size: the eager run is that step (so capturing rewrites nothing), later steps copy
 their inputs and replay. The hybrid operator's hook does host work per layer call (its plan,
 the CPU share's wait for the routing) and replays its own per-layer graphs
-(``hybrid.device_pipeline``), so it is not captured as such. It plans its layers a segment (``_SEGMENT_LAYERS``) at a time
-instead (``plan_layers``: rows, refreshes and CPU shares, with a key naming the segment graph's
-structure). A batch size's first step replays *piecewise* (each layer's model pieces, norm +
-q/k/v + RoPE and o_proj + MLP, as CUDA graphs per batch size, the hook called eagerly between
-them; this captures the pieces and warms the operator's own graphs); later, a segment whose
-key is seen the first time replays piecewise, the second time it is captured as one graph
-(model pieces, operator work, the CPU share as a host node) and later sights replay it, while
-the host plans the next segment (``hybrid.step_graph``). ``enforce_eager`` turns all of them off. On the CPU every step
-is eager.
+(``hybrid.device_pipeline``), so it is not captured as such. It plans its layers a segment
+(``_SEGMENT_LAYERS``) at a time instead (``plan_layers``: rows, refreshes and CPU shares, with
+a key naming the segment graph's structure). A batch size's first step replays *piecewise*
+(each layer's model pieces, norm + q/k/v + RoPE and o_proj + MLP, as CUDA graphs per batch
+size, the hook called eagerly between them; this captures the pieces and warms the operator's
+own graphs); later, a segment whose key is seen the first time replays piecewise, the second
+time it is captured as one graph (model pieces, operator work, the CPU share as a host node)
+and later sights replay it, while the host plans the next segment (``hybrid.step_graph``).
+``enforce_eager`` turns all of them off. On the CPU every step is eager.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ _CAPTURE_MODE = "thread_local"
 # the one before, so only the first segment's planning is exposed.
 _SEGMENT_LAYERS = 8
 # segment graphs kept per runner (a key per segment, refresh phase and CPU-branch pattern)
-_MAX_STEP_GRAPHS = 128
+_MAX_SEGMENT_GRAPHS = 128
 _MAX_KEYS_SEEN = 1024
 
 
@@ -82,10 +82,10 @@ class ModelRunner:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pieces: dict[int, _Pieces] = {}
         self._pieces_failed = False
-        self._steps: OrderedDict[tuple, _StepGraph] = OrderedDict()  # segment graphs, least recent first
-        self._steps_seen: set[tuple] = set()
-        self._steps_epoch = None
-        self._steps_failed = False
+        self._segments: OrderedDict[tuple, _SegmentGraph] = OrderedDict()  # segment graphs, least recent first
+        self._segments_seen: set[tuple] = set()
+        self._segments_epoch = None
+        self._segments_failed = False
         self.step_graphs = True  # segment graphs for hooks that plan their layers (benchmarks turn them off)
         self.plan_s = 0.0  # host time in the hooks' segment planning, summed (benchmarks)
         self._pool = None
@@ -180,10 +180,10 @@ class ModelRunner:
         key was seen before replays as one graph (captured on its second sight), else piecewise."""
         n, pw, m = ids.shape[0], self._pieces[ids.shape[0]], self.model
         layers, hq = m.arch.num_hidden_layers, m.arch.num_attention_heads
-        if attend.graph_epoch != self._steps_epoch:  # the old graphs hold buffers they alone can use
-            self._steps.clear()
-            self._steps_seen.clear()
-            self._steps_epoch = attend.graph_epoch
+        if attend.graph_epoch != self._segments_epoch:  # the old graphs hold buffers they alone can use
+            self._segments.clear()
+            self._segments_seen.clear()
+            self._segments_epoch = attend.graph_epoch
         bounds = [*range(0, layers, _SEGMENT_LAYERS), layers]
         whole = True
         for si, (a, b) in enumerate(zip(bounds, bounds[1:])):
@@ -209,30 +209,30 @@ class ModelRunner:
         self.step_graph_replays += whole
         return pw.logits
 
-    def _segment(self, key: tuple, ids, pos, attend, pw: "_Pieces", a: int, b: int) -> "_StepGraph | None":
+    def _segment(self, key: tuple, ids, pos, attend, pw: "_Pieces", a: int, b: int) -> "_SegmentGraph | None":
         """The segment's graph; None where it runs piecewise this time (first sight, or capture failed)."""
-        entry = self._steps.get(key)
+        entry = self._segments.get(key)
         if entry is not None:
-            self._steps.move_to_end(key)
+            self._segments.move_to_end(key)
             return entry
-        if self._steps_failed or key not in self._steps_seen:
-            if len(self._steps_seen) >= _MAX_KEYS_SEEN:
-                self._steps_seen.clear()
-            self._steps_seen.add(key)  # a first sight warms the layers' own graphs
+        if self._segments_failed or key not in self._segments_seen:
+            if len(self._segments_seen) >= _MAX_KEYS_SEEN:
+                self._segments_seen.clear()
+            self._segments_seen.add(key)  # a first sight warms the layers' own graphs
             return None
         try:
             entry = self._capture_segment(ids, pos, attend, pw, a, b)
         except RuntimeError:
             log.exception("segment CUDA-graph capture failed; replaying pieces from now on")
-            self._steps_failed = True
+            self._segments_failed = True
             torch.cuda.synchronize()
             return None
-        if len(self._steps) >= _MAX_STEP_GRAPHS:
-            self._steps.popitem(last=False)
-        self._steps[key] = entry
+        if len(self._segments) >= _MAX_SEGMENT_GRAPHS:
+            self._segments.popitem(last=False)
+        self._segments[key] = entry
         return entry
 
-    def _capture_segment(self, ids, pos, attend, pw: "_Pieces", a: int, b: int) -> "_StepGraph":
+    def _capture_segment(self, ids, pos, attend, pw: "_Pieces", a: int, b: int) -> "_SegmentGraph":
         """Capture layers [a, b) (the embedding first if a == 0, the logits last if b is the last
         layer) over the pieces' static buffers. The capture runs nothing: the replay that follows
         is the step's."""
@@ -254,7 +254,7 @@ class ModelRunner:
             hook.finish()
         if self._pool is None:
             self._pool = g.pool()
-        return _StepGraph(g, hook.captured)
+        return _SegmentGraph(g, hook.captured)
 
     def _capture_pieces(self, ids: torch.Tensor, pos: torch.Tensor) -> "_Pieces":
         m, n = self.model, ids.shape[0]
@@ -294,8 +294,8 @@ class ModelRunner:
         """Drop the captured graphs (a hook they captured is going away)."""
         self._graphs.clear()
         self._pieces.clear()
-        self._steps.clear()
-        self._steps_seen.clear()
+        self._segments.clear()
+        self._segments_seen.clear()
         self._pool = None
 
 
@@ -319,7 +319,7 @@ class _Pieces:
 
 
 @dataclass(slots=True)
-class _StepGraph:
+class _SegmentGraph:
     """A segment of a hybrid step as one graph; ``captured`` is what its replays need from the
     hook (``hybrid.step_graph.CapturedLayer``: io words, the layer states it holds)."""
 

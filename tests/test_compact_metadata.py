@@ -9,7 +9,7 @@ import pytest
 from fluxion_dist.attention import reference
 from fluxion_dist.attention.layout import from_bf16_bits, to_bf16_bits
 from fluxion_dist.kernels.compact_metadata import (MAX_MAGNITUDE, QMAX, CompactMetadata, dequantize,
-                                                   nbytes_per_row, quantize)
+                                                   mirror_boxes, nbytes_per_row, outward_bf16, quantize)
 
 
 def boxes(rng, p, hkv, d, spread=1.0):
@@ -157,3 +157,31 @@ def test_rejects_what_it_cannot_mirror():
     with pytest.raises(ValueError, match="shape"):
         quantize(ok, ok[:1])
     assert isinstance(quantize(ok, one), CompactMetadata)
+
+
+@pytest.mark.parametrize("spread", [1e-3, 1.0, 40.0])
+def test_mirror_boxes_contain_the_mirror_within_one_bf16_step(spread):
+    """The bf16 boxes a bf16 scorer reads to emulate the mirror (the quality harness's int8
+    variant): each contains the mirror's box, which contains the bf16 box, and is at most one
+    bf16 step wider than the mirror's on each side."""
+    rng = np.random.default_rng()
+    kmin, kmax = boxes(rng, 40, 4, 64, spread)
+    lo, hi = dequantize(quantize(kmin, kmax))
+    mlo_bits, mhi_bits = mirror_boxes(kmin, kmax)
+    mlo, mhi = f32(mlo_bits), f32(mhi_bits)
+    assert mlo_bits.dtype == mhi_bits.dtype == np.uint16
+    assert np.all(mlo <= lo) and np.all(mhi >= hi), "the bf16 box must contain the mirror's"
+    assert np.all(mlo <= f32(kmin)) and np.all(mhi >= f32(kmax))
+    # one bf16 step: 2^-7 of the magnitude (the significand's 8 bits)
+    assert np.all(lo - mlo <= np.abs(lo) * 2.0 ** -7) and np.all(mhi - hi <= np.abs(hi) * 2.0 ** -7)
+    exact = to_bf16_bits(lo).reshape(lo.shape)  # a mirror value that is bf16 already stays
+    same = f32(exact) == lo
+    assert np.array_equal(mlo_bits[same], exact[same])
+
+
+def test_outward_bf16_directions():
+    x = np.array([1.0 + 2.0 ** -10, -(1.0 + 2.0 ** -10), 0.0, -0.0, 2.0, -3.0], np.float32)
+    lo_bits, hi_bits = outward_bf16(x, x)
+    lo, hi = f32(lo_bits), f32(hi_bits)
+    assert lo.tolist() == [1.0, -(1.0 + 2.0 ** -7), 0.0, 0.0, 2.0, -3.0]
+    assert hi.tolist() == [1.0 + 2.0 ** -7, -1.0, 0.0, 0.0, 2.0, -3.0]

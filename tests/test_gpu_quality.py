@@ -57,7 +57,7 @@ def test_full_on_the_gpu_is_the_dense_models_greedy_decode(model, cost):
             prompt = torch.from_numpy(s.prompt()).to(CUDA)
             pre = Prefilled(model, prompt)
             stats = FidelityStats(model.arch)
-            got = runner.decode(model, prompt, pre.packed, len(s.answer()) + 1, stats)
+            got = runner.decode(model, prompt, pre.packed_as(), len(s.answer()) + 1, stats)
             tokens = torch.cat([prompt, torch.tensor(got[:-1], device=CUDA)])
             pred = dense_prefill(model, tokens).logits.argmax(-1)[prompt.numel() - 1:].tolist()
             assert got == pred, (task, length)
@@ -87,7 +87,7 @@ def test_the_recorded_selection_is_what_the_pipeline_attended(model, cost, polic
         s = make_sample("kv_retrieval", np.random.default_rng(3), 5003)
         prompt = torch.from_numpy(s.prompt()).to(CUDA)
         pre = Prefilled(model, prompt)
-        seq, rid = runner.begin(pre.packed)
+        seq, rid = runner.begin(pre.packed_as())
         tok = prompt[-1:]
         for step in range(3):  # fluxion's first step measures demand; the next ones use it
             stats = FidelityStats(arch)

@@ -296,7 +296,7 @@ def test_full_through_the_operator_is_the_dense_models_greedy_decode(shipped):
             prompt = torch.from_numpy(s.prompt())
             pre = Prefilled(shipped, prompt)
             stats = FidelityStats(shipped.arch)
-            got = runner.decode(shipped, prompt, pre.packed, len(s.answer()) + 1, stats)
+            got = runner.decode(shipped, prompt, pre.packed_as(), len(s.answer()) + 1, stats)
             # teacher forcing with its own answer: the dense model predicts every token it decoded
             tokens = torch.cat([prompt, torch.tensor(got[:-1])])
             pred = dense_prefill(shipped, tokens).logits.argmax(-1)[prompt.numel() - 1:].tolist()
@@ -331,7 +331,7 @@ def test_fidelity_is_read_back_from_the_operators_selection(shipped, policy, bud
         s = make_sample("kv_retrieval", np.random.default_rng(9), 689)
         prompt = torch.from_numpy(s.prompt())
         pre = Prefilled(shipped, prompt)
-        seq, rid = runner.begin(pre.packed)
+        seq, rid = runner.begin(pre.packed_as())
         stats = FidelityStats(arch)
         rec = _Recorder(runner.hook(seq, rid, stats))
         with torch.inference_mode():

@@ -147,6 +147,27 @@ def dequantize(meta: CompactMetadata) -> tuple[np.ndarray, np.ndarray]:
     return v[..., 0, :].reshape(p, hkv, d), v[..., 1, :].reshape(p, hkv, d)
 
 
+def outward_bf16(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 boxes -> bf16 bits ``kmin, kmax`` of the smallest bf16 box containing each (the
+    min rounded down, the max rounded up). Finite inputs below bf16's largest value."""
+    out = []
+    for x, up in ((np.asarray(lo, np.float32), False), (np.asarray(hi, np.float32), True)):
+        bits = x.view(np.uint32)
+        kept = (bits >> 16).astype(np.uint16)
+        inexact = (bits & 0xFFFF) != 0
+        # truncation moves toward zero: away from it is one more in magnitude, the same sign
+        away = inexact & ((x > 0) if up else (x < 0))
+        out.append(kept + away.astype(np.uint16))
+    return out[0], out[1]
+
+
+def mirror_boxes(kmin: np.ndarray, kmax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """bf16-bit boxes containing the mirror's (``quantize`` then ``dequantize``, rounded outward
+    to bf16): what a bf16 scorer (the CPU path, the quality harness) reads to select as the
+    mirror would, up to one more bf16 step outward."""
+    return outward_bf16(*dequantize(quantize(kmin, kmax)))
+
+
 _WARPS = 4  # QUANT_WARPS in compact_metadata.cu
 
 

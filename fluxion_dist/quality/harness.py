@@ -26,8 +26,8 @@ from fluxion_dist.hybrid import CostModel
 from fluxion_dist.model.decoder import CausalLM, PrefillOutput
 from fluxion_dist.quality.decode_hook import PolicyAttention
 from fluxion_dist.quality.fidelity import FidelityStats
-from fluxion_dist.quality.operator_decode import OperatorRunner, PackedPrefill, pack_prefill
-from fluxion_dist.quality.policies import ORACLES, OracleTopK, check_policy_names, split_variant
+from fluxion_dist.quality.operator_decode import OperatorRunner, PackedPrefill, pack_prefill, with_mirror_boxes
+from fluxion_dist.quality.policies import METADATA, ORACLES, OracleTopK, check_policy_names, split_variant
 from fluxion_dist.quality.tasks import ALL_TASKS, SHIPPED_SUITE, Sample, TaskName, TaskSuite
 
 
@@ -90,13 +90,14 @@ class Prefilled:
     def __init__(self, model: CausalLM, prompt: torch.Tensor) -> None:
         self.prompt = prompt
         self.output = dense_prefill(model, prompt[:-1])
-        self._packed: PackedPrefill | None = None
+        self._packed: dict[str, PackedPrefill] = {}
 
-    @property
-    def packed(self) -> PackedPrefill:
-        if self._packed is None:
-            self._packed = pack_prefill(self.output)
-        return self._packed
+    def packed_as(self, metadata: str = "bf16") -> PackedPrefill:
+        """The packed prefill with its boxes as ``metadata`` says (``policies.METADATA``)."""
+        if metadata not in self._packed:
+            self._packed[metadata] = (pack_prefill(self.output) if metadata == "bf16"
+                                      else with_mirror_boxes(self.packed_as("bf16")))
+        return self._packed[metadata]
 
 
 class Runner(Protocol):
@@ -110,12 +111,12 @@ class Runner(Protocol):
 class OperatorPolicy:
     """A deployment policy, decoded by ``HybridAttention``."""
 
-    def __init__(self, runner: OperatorRunner) -> None:
-        self.runner, self.name = runner, runner.name
+    def __init__(self, runner: OperatorRunner, metadata: str = "bf16") -> None:
+        self.runner, self.name, self.metadata = runner, runner.name, metadata
 
     def run(self, model: CausalLM, pre: Prefilled, answer_len: int, stats: FidelityStats) -> list[int]:
         with torch.inference_mode():
-            return self.runner.decode(model, pre.prompt, pre.packed, answer_len, stats)
+            return self.runner.decode(model, pre.prompt, pre.packed_as(self.metadata), answer_len, stats)
 
     def close(self) -> None:
         self.runner.close()
@@ -166,11 +167,15 @@ def make_runners(model: CausalLM, names: list[str], sparse: SparseConfig, cost: 
                 runners.append(OraclePolicy(sparse.budget, compute))
             else:
                 base, items = split_variant(name)
-                runner = OperatorRunner(model.arch, dataclasses.replace(sparse, policy=base, **parse_overrides(items)),
+                overrides = parse_overrides(items)
+                metadata = overrides.pop("metadata", "bf16")
+                if metadata not in METADATA:
+                    raise ValueError(f"{name}: metadata={metadata!r}; allowed: {', '.join(METADATA)}")
+                runner = OperatorRunner(model.arch, dataclasses.replace(sparse, policy=base, **overrides),
                                         cost, max_tokens=max_tokens, compute=compute, device=device,
                                         cpu_threads=cpu_threads)
                 runner.name = name
-                runners.append(OperatorPolicy(runner))
+                runners.append(OperatorPolicy(runner, metadata))
     except Exception:
         for r in runners:
             r.close()

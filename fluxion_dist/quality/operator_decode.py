@@ -22,6 +22,7 @@ pipeline (``device="auto"``), here the CPU path.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ import torch
 from fluxion_dist.attention.layout import BLOCK_TOKENS, from_bf16_bits, num_blocks
 from fluxion_dist.config.schema import SparseConfig
 from fluxion_dist.hybrid import CostModel, HostArena, HybridAttention, HybridOptions
+from fluxion_dist.kernels.compact_metadata import mirror_boxes
 from fluxion_dist.model.arch import ModelArch
 from fluxion_dist.model.decoder import CausalLM, PrefillOutput
 from fluxion_dist.quality.decode_hook import block_minmax
@@ -77,6 +79,14 @@ def pack_prefill(prefill: PrefillOutput) -> PackedPrefill:
         keys.append(kb)
         values.append(vb)
     return PackedPrefill(prefill.keys[0].shape[0], tuple(pages), tuple(lo), tuple(hi), tuple(keys), tuple(values))
+
+
+def with_mirror_boxes(packed: PackedPrefill) -> PackedPrefill:
+    """The same prefill with the int8 mirror's boxes (``compact_metadata.mirror_boxes``) in place
+    of the bf16 ones: the blocks the GPU's compact scoring would rank, as bf16 boxes (at most one
+    bf16 step wider)."""
+    boxes = [mirror_boxes(lo, hi) for lo, hi in zip(packed.kmin, packed.kmax)]
+    return dataclasses.replace(packed, kmin=tuple(b[0] for b in boxes), kmax=tuple(b[1] for b in boxes))
 
 
 @dataclass(slots=True)

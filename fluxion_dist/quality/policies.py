@@ -24,10 +24,17 @@ HARNESS_POLICIES: tuple[str, ...] = (*POLICIES, *ORACLES)
 DEFAULT_POLICIES = ("full", "quest_gpu", "fluxion", "oracle_topk")
 
 
+METADATA = ("bf16", "int8")
+"""The prompt's Quest boxes a variant's arena holds (``metadata=...``, the harness's own key):
+bf16, as the store writes them, or the boxes of the int8 mirror
+(``kernels.compact_metadata.mirror_boxes``): what the GPU's compact scoring would select."""
+
+
 def split_variant(name: str) -> tuple[str, list[str]]:
     """``"fluxion:token_refine_factor=2,recent_tokens=256"`` -> ``("fluxion", [KEY=VALUE, ...])``:
     a deployment policy with SparseConfig fields of its own, so one run compares a switch on
-    and off (the overrides are parsed and validated where the runner is made)."""
+    and off (the overrides are parsed and validated where the runner is made; ``metadata``,
+    see METADATA, is the harness's)."""
     base, _, rest = name.partition(":")
     return base, [item for item in rest.split(",") if item]
 
