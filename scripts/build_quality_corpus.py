@@ -1,20 +1,26 @@
-"""Build the quality model's natural-text corpus from Debian's ``r-cran-janeaustenr``.
+"""Build the quality model's natural-text corpus from two Debian packages, one file each in
+``fluxion_dist/data/quality_corpus`` (one paragraph a line, xz):
 
-The package's ``data/Rdata.rdb`` is a run of records, each a 4-byte big-endian
-uncompressed length then a zlib stream of R's XDR serialisation; the six novels
-are character vectors (one element per line). This parses that format directly
-(no R needed), joins lines into paragraphs, and writes
-``fluxion_dist/data/quality_corpus/austen.txt.xz`` (one paragraph a line)::
+- ``austen.txt.xz`` from ``r-cran-janeaustenr``: its ``data/Rdata.rdb`` is a run of records,
+  each a 4-byte big-endian uncompressed length then a zlib stream of R's XDR serialisation;
+  the six novels are character vectors (one element per line). This parses that format
+  directly (no R needed) and joins lines into paragraphs.
+- ``kjv.txt.xz`` from ``sword-text-kjv``: a SWORD zText module, per testament a ``.bzs``
+  index of (offset, size, uncompressed size) little-endian uint32 triples into a ``.bzz`` run
+  of zlib blocks (one per book) of OSIS markup. Notes and titles are dropped, the other tags
+  stripped; a paragraph runs from one pilcrow (or chapter) to the next.
 
-    python scripts/build_quality_corpus.py            # apt-get download, then extract
-    python scripts/build_quality_corpus.py --deb PATH # from a downloaded .deb
+    python scripts/build_quality_corpus.py                 # apt-get download both, then extract
+    python scripts/build_quality_corpus.py --source kjv --deb PATH  # one source from a .deb
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import html
 import lzma
+import re
 import struct
 import subprocess
 import sys
@@ -24,6 +30,7 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "fluxion_dist" / "data" / "quality_corpus"
 RDB = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
+ZTEXT = "usr/share/sword/modules/texts/ztext/engKJV2006eb"
 
 
 class RReader:
@@ -122,23 +129,59 @@ def extract(rdb: bytes) -> list[str]:
     return paras
 
 
+def ztext_blocks(bzs: bytes, bzz: bytes):
+    """The decompressed blocks of one zText testament, in order."""
+    for i in range(len(bzs) // 12):
+        off, size, _ = struct.unpack_from("<III", bzs, 12 * i)
+        if size:
+            yield zlib.decompress(bzz[off:off + size]).decode("utf-8")
+
+
+def osis_paragraphs(osis: str) -> list[str]:
+    text = re.sub(r"<note\b.*?</note>", "", osis, flags=re.S)
+    text = re.sub(r"<title\b.*?</title>", "\n", text, flags=re.S)
+    text = re.sub(r"<chapter\b[^>]*/>", "\n", text).replace("\u00b6", "\n")
+    text = html.unescape(re.sub(r"<[^>]+>", "", text))
+    return [p for p in (" ".join(line.split()) for line in text.split("\n")) if p]
+
+
+def kjv(module: Path) -> list[str]:
+    paras = []
+    for testament in ("ot", "nt"):
+        for block in ztext_blocks((module / f"{testament}.bzs").read_bytes(), (module / f"{testament}.bzz").read_bytes()):
+            paras += osis_paragraphs(block)
+    return paras
+
+
+SOURCES = {  # name -> (Debian package, extract(unpacked package root) -> paragraphs)
+    "austen": ("r-cran-janeaustenr", lambda root: extract((root / RDB).read_bytes())),
+    "kjv": ("sword-text-kjv", lambda root: kjv(root / ZTEXT)),
+}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--deb", type=Path)
+    ap.add_argument("--source", choices=[*SOURCES, "all"], default="all")
+    ap.add_argument("--deb", type=Path, help="the source's downloaded .deb (one source only)")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        deb = args.deb
-        if deb is None:
-            subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp, check=True)
-            deb = next(Path(tmp).glob("r-cran-janeaustenr_*.deb"))
-        subprocess.run(["dpkg-deb", "-x", str(deb), f"{tmp}/x"], check=True)
-        rdb = Path(f"{tmp}/x/{RDB}").read_bytes()
-        print(f"{deb.name} sha256 {hashlib.sha256(deb.read_bytes()).hexdigest()}")
-    text = "\n".join(extract(rdb)) + "\n"
+    names = list(SOURCES) if args.source == "all" else [args.source]
+    if args.deb is not None and len(names) > 1:
+        ap.error("--deb names one package: pick its --source")
     OUT.mkdir(parents=True, exist_ok=True)
-    blob = lzma.compress(text.encode("utf-8"), preset=9)
-    (OUT / "austen.txt.xz").write_bytes(blob)
-    print(f"{len(text.split())} words, {len(blob)} bytes xz, sha256 {hashlib.sha256(blob).hexdigest()}")
+    for name in names:
+        package, read = SOURCES[name]
+        with tempfile.TemporaryDirectory() as tmp:
+            deb = args.deb
+            if deb is None:
+                subprocess.run(["apt-get", "download", package], cwd=tmp, check=True)
+                deb = next(Path(tmp).glob(f"{package}_*.deb"))
+            subprocess.run(["dpkg-deb", "-x", str(deb), f"{tmp}/x"], check=True)
+            print(f"{deb.name} sha256 {hashlib.sha256(deb.read_bytes()).hexdigest()}")
+            text = "\n".join(read(Path(f"{tmp}/x"))) + "\n"
+        blob = lzma.compress(text.encode("utf-8"), preset=9)
+        (OUT / f"{name}.txt.xz").write_bytes(blob)
+        print(f"{name}.txt.xz: {len(text.split())} words, {len(blob)} bytes xz, "
+              f"sha256 {hashlib.sha256(blob).hexdigest()}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Train the v2 quality model (``quality.model.TEXT_ARCH``) on natural text with the RULER tasks.
 
-The loss is next-token cross-entropy over the samples (Austen haystacks with facts
+The loss is next-token cross-entropy over the samples (corpus haystacks with facts
 spliced in): the mean over the answer tokens (each ending in ``<eoa>``) makes
 ``--answer-share`` of it, rising to ``--answer-share-end`` by the end of the budget, and
 the mean over the text the rest. The haystacks are recombined passages with words

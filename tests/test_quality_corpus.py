@@ -1,17 +1,34 @@
 import sys
 from pathlib import Path
 
-from fluxion_dist.quality.corpus import SPECIAL, load_paragraphs, train_tokenizer
+from fluxion_dist.quality.corpus import SOURCES, SPECIAL, load_paragraphs, train_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 def test_shipped_corpus_reads():
-    paras = load_paragraphs()
-    assert paras[0] == "SENSE AND SENSIBILITY" or "EMMA" in paras[:5] or len(paras) > 10000
-    words = sum(len(p.split()) for p in paras)
-    assert 700_000 < words < 740_000
-    assert any("Elizabeth Bennet" in p for p in paras)
+    austen, kjv = (load_paragraphs(path) for path in SOURCES)
+    assert 700_000 < sum(len(p.split()) for p in austen) < 740_000
+    assert any("Elizabeth Bennet" in p for p in austen)
+    assert 780_000 < sum(len(p.split()) for p in kjv) < 800_000
+    assert kjv[0].startswith("In the beginning God created the heaven and the earth.")
+    assert not any("<" in p or "\u00b6" in p for p in kjv), "markup or pilcrows left"
+    assert load_paragraphs() == austen + kjv
+
+
+def test_osis_reader_strips_markup_and_cuts_paragraphs():
+    from build_quality_corpus import osis_paragraphs, ztext_blocks
+    import struct
+    import zlib
+
+    osis = ('<title type="main">Book</title><chapter n="1"/> In the <w lemma="x">beginning</w>.'
+            '<note placement="foot">a note</note> Then &amp; now. \u00b6 A new <transChange>one</transChange>.'
+            '<chapter n="2"/>Two.')
+    assert osis_paragraphs(osis) == ["In the beginning. Then & now.", "A new one.", "Two."]
+    blocks = [zlib.compress(b"first"), zlib.compress("second \u00b6".encode())]
+    index = struct.pack("<III", 0, len(blocks[0]), 5) + struct.pack("<III", 0, 0, 0) + \
+        struct.pack("<III", len(blocks[0]), len(blocks[1]), 9)
+    assert list(ztext_blocks(index, b"".join(blocks))) == ["first", "second \u00b6"]
 
 
 def test_r_reader_parses_character_vector():

@@ -1,4 +1,5 @@
-"""The shipped natural-text corpus (``data/quality_corpus``) and the BPE tokenizer trained on it."""
+"""The shipped natural-text corpus (``data/quality_corpus``: one file per source, see its
+SOURCE.md) and the BPE tokenizer trained on it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,14 @@ CORPUS_DIR = Path(__file__).resolve().parents[1] / "data" / "quality_corpus"
 SPECIAL = ("<pad>", "<unk>", "<bos>", "<eos>", "<eoa>")  # <eoa>: end of answer
 
 
-def load_paragraphs(path: Path = CORPUS_DIR / "austen.txt.xz") -> list[str]:
-    return lzma.decompress(path.read_bytes()).decode("utf-8").splitlines()
+SOURCES = (CORPUS_DIR / "austen.txt.xz", CORPUS_DIR / "kjv.txt.xz")
+"""The corpus, in order: the six Austen novels, then the King James Bible."""
+
+
+def load_paragraphs(paths: Path | tuple[Path, ...] = SOURCES) -> list[str]:
+    """The paragraphs of one source file, or of several in order."""
+    paths = (paths,) if isinstance(paths, Path) else paths
+    return [line for path in paths for line in lzma.decompress(path.read_bytes()).decode("utf-8").splitlines()]
 
 
 def train_tokenizer(paragraphs: list[str], vocab_size: int = 6144):

@@ -3,7 +3,7 @@
 Which questions follows from what ships in ``data/quality_model`` (``TaskSuite.for_model``):
 the v1 word-vocabulary model gets kv / passkey / variable-tracking questions in its
 made-up words; a v2 model (byte-level BPE with ``<eoa>``) gets RULER questions over
-the Austen text, and its answers end at ``<eoa>``, the eos_token_id in its config.json,
+the corpus text, and its answers end at ``<eoa>``, the eos_token_id in its config.json,
 so the server stops there. Shipping v2 is copying its checkpoint directory's
 config.json, model.safetensors, tokenizer.json and tokenizer_config.json over the
 shipped ones: nothing here changes.

@@ -1,6 +1,6 @@
 """RULER-style long-context tasks inside natural text, at any context length.
 
-Each sample is ``<bos>``, a span of the Austen corpus (in the BPE's tokens) with fact
+Each sample is ``<bos>``, a span of the corpus (in the BPE's tokens) with fact
 sentences spliced in at sentence boundaries, then one or more ``Question: ... Answer:``
 lines, each followed by its answer and ``<eoa>`` (inside the answer span, so a model
 learns to stop). As in RULER (Hsieh et al. 2024), the families are:

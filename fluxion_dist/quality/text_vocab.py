@@ -1,6 +1,6 @@
 """A model's BPE tokenizer bound to the natural-text corpus, as the RULER tasks use them.
 
-The haystacks of ``ruler_tasks`` are spans of the Austen corpus in token space, and
+The haystacks of ``ruler_tasks`` are spans of the corpus (Austen, the KJV) in token space, and
 facts are spliced in between tokens. Splicing only where the byte-level
 pre-tokenizer itself splits (before a token that begins with a space, after a
 sentence end) keeps a sample's token ids equal to what the tokenizer makes of its
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fluxion_dist.quality.corpus import CORPUS_DIR, SPECIAL, load_paragraphs
+from fluxion_dist.quality.corpus import CORPUS_DIR, SOURCES, SPECIAL, load_paragraphs
 
 EOA_TOKEN = "<eoa>"
 _SPACE = "\u0120"  # byte-level BPE spells a leading space as this character
@@ -91,14 +91,14 @@ def _cache_path(tokenizer_bytes: bytes, corpus_bytes: bytes) -> Path:
     return root / f"quality_corpus_{digest}.npy"
 
 
-def _tokenize_corpus(tok, tokenizer_bytes: bytes, corpus_path: Path) -> np.ndarray:
+def _tokenize_corpus(tok, tokenizer_bytes: bytes, corpus_paths: tuple[Path, ...]) -> np.ndarray:
     """The corpus' ids (uint16), cached on disk: tokenizing it takes seconds, a test run needs it often."""
-    cache = _cache_path(tokenizer_bytes, corpus_path.read_bytes())
+    cache = _cache_path(tokenizer_bytes, b"".join(p.read_bytes() for p in corpus_paths))
     if cache.is_file():
         return np.load(cache)
     newline = tok.token_to_id(_NEWLINE)
     ids: list[int] = []
-    for enc in tok.encode_batch(load_paragraphs(corpus_path), add_special_tokens=False):
+    for enc in tok.encode_batch(load_paragraphs(corpus_paths), add_special_tokens=False):
         ids += enc.ids
         ids.append(newline)
     out = np.asarray(ids, dtype=np.uint16)
@@ -112,13 +112,13 @@ def _tokenize_corpus(tok, tokenizer_bytes: bytes, corpus_path: Path) -> np.ndarr
     return out
 
 
-def load_text_vocab(tokenizer_dir: Path = CORPUS_DIR, corpus_path: Path = CORPUS_DIR / "austen.txt.xz") -> TextVocab:
-    """The BPE of ``tokenizer_dir`` over the corpus; one per process and resolved path."""
-    return _load(Path(tokenizer_dir).resolve(), Path(corpus_path).resolve())
+def load_text_vocab(tokenizer_dir: Path = CORPUS_DIR, corpus_paths: tuple[Path, ...] = SOURCES) -> TextVocab:
+    """The BPE of ``tokenizer_dir`` over the corpus; one per process and resolved paths."""
+    return _load(Path(tokenizer_dir).resolve(), tuple(Path(p).resolve() for p in corpus_paths))
 
 
 @functools.cache
-def _load(tokenizer_dir: Path, corpus_path: Path) -> TextVocab:
+def _load(tokenizer_dir: Path, corpus_paths: tuple[Path, ...]) -> TextVocab:
     from tokenizers import Tokenizer
 
     path = Path(tokenizer_dir) / "tokenizer.json"
@@ -127,7 +127,7 @@ def _load(tokenizer_dir: Path, corpus_path: Path) -> TextVocab:
     ids = {s: tok.token_to_id(s) for s in SPECIAL}
     if ids[EOA_TOKEN] is None or ids["<bos>"] is None:
         raise ValueError(f"{path}: a text task tokenizer needs <bos> and {EOA_TOKEN} tokens")
-    corpus = _tokenize_corpus(tok, raw, Path(corpus_path)).astype(np.int64)
+    corpus = _tokenize_corpus(tok, raw, corpus_paths).astype(np.int64)
     pieces = [tok.id_to_token(i) for i in range(tok.get_vocab_size())]
     spaced = np.array([p.startswith(_SPACE) for p in pieces])
     ends = np.array([p.endswith(_SENTENCE_END) for p in pieces])

@@ -1,13 +1,14 @@
-"""Training haystacks: corpus passages recombined across the novels, with words replaced.
+"""Training haystacks: corpus passages recombined across its books, with words replaced.
 
-The corpus is under a million tokens and a GPU run reads hundreds of millions, so a
+The corpus is about two million tokens and a GPU run reads hundreds of millions, so a
 contiguous span of it as every haystack lets the model learn the text by heart: its
 text loss falls far below what the language allows while retrieval never forms. A
 training haystack is instead
 
 1. passages of a few sentences (``HaystackMix.min_passage``-``max_passage`` tokens,
-   cut at sentence or paragraph boundaries) from random places anywhere in the six
-   novels, so the context around any point differs from sample to sample, and
+   cut at sentence or paragraph boundaries) from random places anywhere in the corpus
+   (the Austen novels, the King James Bible), so the context around any point differs
+   from sample to sample, and
 2. a word replaced by a random word of the corpus every ``max_gap // 2``-``max_gap``
    words, so no run of ``max_gap`` words is ever the corpus verbatim, and two haystacks
    share a run only as long as the random words happen to agree;
