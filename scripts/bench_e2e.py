@@ -9,7 +9,10 @@ the arena in pinned host memory filled with random bf16 K/V and their exact Ques
 GPU prefill alone vs prefill + pinned D2H + host-store write, and vs the same with each layer
 pushed over UCX (shared memory) to a loopback decode store as it lands, the prefill worker's
 pipeline (``decode_peer``; needs ucxx). ``--hbm-limit-gib`` emulates a
-smaller card. ``--smoke``: a tiny shape on the CPU, a few steps, every path once (CI).
+smaller card. Each hybrid row prints the host's planning time and the GPU's span per step
+(the gap to the TPOT is host time the GPU waits for); ``--piecewise`` and ``--no-cpu-share``
+add the same policy without segment graphs and without a CPU share, beside. ``--smoke``: a
+tiny shape on the CPU, a few steps, every path once (CI).
 
     python3 scripts/bench_e2e.py --shape llama-3.1-8b --contexts 32768 131072 --batches 1 4
 """
